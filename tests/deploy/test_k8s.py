@@ -1,0 +1,208 @@
+"""Offline checks of the Kubernetes manifests: schema validity and the hardening rules."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from .conftest import SECRET_NAMES, unavailable
+
+NAMESPACE = "cachestack"
+K8S_VERSION = "1.32.0"  # the kubectl installed here
+SECRET_DIR = "/run/secrets"
+WORKLOADS = {"postgres": "StatefulSet", "redis": "StatefulSet", "service": "Deployment"}
+
+Obj = dict[str, Any]
+
+
+def find(objects: list[Obj], kind: str, name: str | None = None) -> list[Obj]:
+    return [
+        o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
+    ]
+
+
+def one(objects: list[Obj], kind: str, name: str) -> Obj:
+    found = find(objects, kind, name)
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def pod_spec(objects: list[Obj], app: str) -> Obj:
+    return one(objects, WORKLOADS[app], app)["spec"]["template"]["spec"]
+
+
+def containers(spec: Obj) -> list[Obj]:
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def test_every_object_passes_strict_schema_validation(k8s_objects: list[Obj]) -> None:
+    try:
+        import kubernetes_validate
+    except ImportError:
+        unavailable("kubernetes-validate is not installed (pip install kubernetes-validate)")
+    for obj in k8s_objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_everything_lives_in_the_namespace(k8s_objects: list[Obj]) -> None:
+    one(k8s_objects, "Namespace", NAMESPACE)
+    for obj in k8s_objects:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"]["namespace"] == NAMESPACE, obj["metadata"]["name"]
+        assert obj["metadata"]["labels"]["org.cachestack.project"] == "cachestack"
+
+
+def test_secrets_come_from_the_generator_with_the_file_contents(k8s_objects: list[Obj]) -> None:
+    data: dict[str, str] = {}
+    for secret in find(k8s_objects, "Secret"):
+        assert "stringData" not in secret
+        data.update(secret["data"])
+    assert sorted(data) == sorted(SECRET_NAMES)
+    for name in SECRET_NAMES:
+        assert base64.b64decode(data[name]).decode() == f"test-{name}"
+
+
+@pytest.mark.parametrize("app", sorted(WORKLOADS))
+def test_pods_are_hardened(k8s_objects: list[Obj], app: str) -> None:
+    spec = pod_spec(k8s_objects, app)
+    pod_sc = spec["securityContext"]
+    assert pod_sc["runAsNonRoot"] is True
+    assert pod_sc["runAsUser"] != 0
+    assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert spec["automountServiceAccountToken"] is False
+    assert "hostNetwork" not in spec and "hostPID" not in spec
+    for container in containers(spec):
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        assert not sc.get("privileged", False)
+        resources = container["resources"]
+        assert {"cpu", "memory"} <= resources["requests"].keys()
+        assert {"cpu", "memory"} <= resources["limits"].keys()
+        tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+        assert tmp, f"{app}: a writable /tmp is needed with a read-only root filesystem"
+
+
+@pytest.mark.parametrize("app", sorted(WORKLOADS))
+def test_secrets_are_read_only_files_never_env(k8s_objects: list[Obj], app: str) -> None:
+    spec = pod_spec(k8s_objects, app)
+    secret_volumes = {}
+    for volume in spec["volumes"]:
+        if "secret" in volume:
+            secret_volumes[volume["name"]] = volume["secret"]
+        elif "projected" in volume and any("secret" in s for s in volume["projected"]["sources"]):
+            secret_volumes[volume["name"]] = volume["projected"]
+    assert len(secret_volumes) == 1, f"{app}: one secrets volume at {SECRET_DIR}"
+    for source in secret_volumes.values():
+        assert source["defaultMode"] in (0o400, 0o440)
+        assert not any(item.get("mode") for item in source.get("items", []))
+    assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"]
+    for container in containers(spec):
+        for env in container.get("env", []):
+            assert "secretKeyRef" not in env.get("valueFrom", {}), env["name"]
+            value = env.get("value", "")
+            assert not any(f"test-{name}" in value for name in SECRET_NAMES), env["name"]
+            assert "://" not in value or urlsplit(value).password is None, env["name"]
+        assert not any("secretRef" in e for e in container.get("envFrom", []))
+        for mount in container["volumeMounts"]:
+            assert "subPath" not in mount and "subPathExpr" not in mount
+            if mount["name"] in secret_volumes:
+                assert mount["mountPath"] == SECRET_DIR
+                assert mount["readOnly"] is True
+
+
+def test_service_deployment_probes_replicas_and_budget(k8s_objects: list[Obj]) -> None:
+    deployment = one(k8s_objects, "Deployment", "service")
+    assert deployment["spec"]["replicas"] == 2
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert [p["containerPort"] for p in container["ports"]] == [8000]
+    service = one(k8s_objects, "Service", "service")
+    assert [p["port"] for p in service["spec"]["ports"]] == [8000]
+    pdb = one(k8s_objects, "PodDisruptionBudget", "service")
+    assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+    assert pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]
+
+
+@pytest.mark.parametrize(
+    ("app", "mount"), [("postgres", "/var/lib/postgresql/data"), ("redis", "/data")]
+)
+def test_stateful_parts_keep_their_data_on_a_volume_claim(
+    k8s_objects: list[Obj], app: str, mount: str
+) -> None:
+    statefulset = one(k8s_objects, "StatefulSet", app)
+    claims = [c["metadata"]["name"] for c in statefulset["spec"]["volumeClaimTemplates"]]
+    mounts = {
+        m["name"]: m["mountPath"] for m in containers(pod_spec(k8s_objects, app))[0]["volumeMounts"]
+    }
+    assert [mounts[c] for c in claims] == [mount]
+
+
+def test_redis_is_append_only_and_its_password_stays_off_the_command_line(
+    k8s_objects: list[Obj],
+) -> None:
+    command = " ".join(pod_spec(k8s_objects, "redis")["containers"][0]["command"])
+    assert "--appendonly yes" in command
+    assert "requirepass" not in command.split("redis-server", 1)[1]
+    assert "> /tmp/redis.conf" in command
+
+
+def _selects(policy: Obj, labels: dict[str, str]) -> bool:
+    wanted = policy["spec"]["podSelector"].get("matchLabels", {})
+    return all(labels.get(k) == v for k, v in wanted.items())
+
+
+def _labels(k8s_objects: list[Obj], app: str) -> dict[str, str]:
+    return one(k8s_objects, WORKLOADS[app], app)["spec"]["template"]["metadata"]["labels"]
+
+
+def test_network_policies_deny_by_default(k8s_objects: list[Obj]) -> None:
+    policies = find(k8s_objects, "NetworkPolicy")
+    deny = [
+        p
+        for p in policies
+        if p["spec"]["podSelector"] == {}
+        and sorted(p["spec"]["policyTypes"]) == ["Egress", "Ingress"]
+        and not p["spec"].get("ingress")
+        and not p["spec"].get("egress")
+    ]
+    assert deny, "a default-deny policy for all pods"
+    dns = [p for p in policies if p["spec"]["podSelector"] == {} and p["spec"].get("egress")]
+    assert [
+        port["port"] for p in dns for rule in p["spec"]["egress"] for port in rule["ports"]
+    ] == [53, 53]
+
+
+@pytest.mark.parametrize(("app", "port"), [("postgres", 5432), ("redis", 6379)])
+def test_only_the_service_pods_reach_the_backends(
+    k8s_objects: list[Obj], app: str, port: int
+) -> None:
+    service_labels = _labels(k8s_objects, "service")
+    rules = [
+        rule
+        for policy in find(k8s_objects, "NetworkPolicy")
+        if _selects(policy, _labels(k8s_objects, app))
+        for rule in policy["spec"].get("ingress", [])
+    ]
+    assert rules, f"{app} admits its clients"
+    for rule in rules:
+        assert [p["port"] for p in rule["ports"]] == [port]
+        assert rule.get("from"), f"{app}: an ingress rule without 'from' admits everyone"
+        for peer in rule["from"]:
+            assert set(peer) == {"podSelector"}, f"{app}: only pods of this namespace"
+            selector = peer["podSelector"]["matchLabels"]
+            assert all(service_labels.get(k) == v for k, v in selector.items())
+            assert selector.get("app.kubernetes.io/name") == "service"
+    egress = [
+        rule
+        for policy in find(k8s_objects, "NetworkPolicy")
+        if _selects(policy, service_labels)
+        for rule in policy["spec"].get("egress", [])
+        if any(p["port"] == port for p in rule["ports"])
+    ]
+    assert egress, f"the service pods may open connections to {app}:{port}"
