@@ -1,0 +1,109 @@
+"""Command line: `python -m orchestrate up|down|status|logs|smoke|secrets|build`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import docker.errors
+
+from . import engine, images
+from .errors import OrchestrateError
+from .output import error, say, step
+from .secretfiles import ensure_secrets
+from .smoke import run_smoke
+from .stack import DEFAULT_PORT, DEFAULT_PROJECT, describe_stack
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--project",
+        default=DEFAULT_PROJECT,
+        help="project name; labels and names all resources (default %(default)s)",
+    )
+    common.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="host port on 127.0.0.1 for the service (default %(default)s)",
+    )
+    common.add_argument(
+        "--images",
+        choices=("official", "offline", "auto"),
+        default="auto",
+        help="official: pull pinned images; offline: build from Debian "
+        "packages; auto: official if a pull works (default)",
+    )
+    parser = argparse.ArgumentParser(prog="orchestrate", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("up", parents=[common], help="build, run, check and smoke-test")
+    down = commands.add_parser("down", parents=[common], help="remove the project's resources")
+    down.add_argument("--volumes", action="store_true", help="also remove the named volumes")
+    commands.add_parser("status", parents=[common], help="containers, health, ports")
+    logs = commands.add_parser("logs", parents=[common], help="last log lines")
+    logs.add_argument("service", nargs="?", help="postgres, redis or service (default: all)")
+    commands.add_parser("smoke", parents=[common], help="run the smoke checks only")
+    commands.add_parser("secrets", parents=[common], help="generate missing secret files")
+    commands.add_parser("build", parents=[common], help="build or pull the images only")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    stack = describe_stack(args.project, args.port)
+    if args.command == "up":
+        started = time.monotonic()
+        timings = engine.up(stack, args.images)
+        summary = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items())
+        say(
+            f"stack {stack.project} is up at {engine.service_url(stack)} "
+            f"in {time.monotonic() - started:.1f}s ({summary})"
+        )
+    elif args.command == "down":
+        removed = engine.down(stack.project, args.volumes)
+        for item in removed:
+            say(f"removed {item}")
+        say(f"project {stack.project}: " + ("down" if removed else "nothing to remove"))
+    elif args.command == "status":
+        rows = engine.status(stack.project)
+        if not rows:
+            say(f"project {stack.project}: no containers")
+        for row in rows:
+            say(
+                "{service:<9} {container:<28} {id:<12} {state:<10} {health:<10} {ports:<16} "
+                "{image}".format(**row)
+            )
+    elif args.command == "logs":
+        for line in engine.logs(stack.project, args.service):
+            say(line)
+    elif args.command == "smoke":
+        engine.connect()
+        if not run_smoke(engine.service_url(stack)):
+            raise OrchestrateError("smoke checks failed")
+    elif args.command == "secrets":
+        created = ensure_secrets(stack)
+        say(f"generated {', '.join(created)}" if created else "all secrets present")
+    elif args.command == "build":
+        with step("images"):
+            for key, ref in images.resolve_images(engine.connect(), stack, args.images).items():
+                say(f"{key}: {ref}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except OrchestrateError as exc:
+        error(exc.message, exc.log_lines)
+    except docker.errors.DockerException as exc:
+        error(f"Docker engine error: {str(exc).splitlines()[0][:300]}", [])
+    except KeyboardInterrupt:
+        error("interrupted", [])
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Images for each mode: pull pinned official images, or build everything offline.
+
+Offline images are keyed by a hash of their recipe (tag = first 12 hex digits), so they are
+built once and reused by every later `up`, test and CI step on the same engine:
+  cachestack-offline/base:<hash>      debootstrap (docker/base/mkrootfs.sh) + docker import
+  cachestack-offline/postgres:<hash>  docker/postgres on the base (hash includes the base)
+  cachestack-offline/redis:<hash>     docker/redis on the base
+  cachestack/service:<hash>           root Dockerfile; hash of the service sources + base id
+The service image is built from wheels made on the host (build/wheels), because pip inside a
+build cannot be relied on to reach PyPI.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import docker.errors
+
+import docker
+
+from .errors import OrchestrateError
+from .output import say, tail
+from .stack import ImageSpec, Stack
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = ROOT / "build"
+IMAGE_LABEL = "org.cachestack.image"
+PULL_TIMEOUT_S = 20
+OFFLINE_BASE_RECIPE = "docker/base/mkrootfs.sh"
+# Debian's python3 is 3.11.2: redis-py then needs async-timeout, which pip on a newer host
+# Python leaves out.
+EXTRA_WHEELS = ("async-timeout",)
+
+
+def tree_hash(paths: list[Path], *extra: str) -> str:
+    """sha256 over file names and contents (sorted) plus extra strings."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    for item in extra:
+        digest.update(item.encode() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def files_under(rel: str) -> list[Path]:
+    """Source files under a repo-relative directory, without caches."""
+    base = ROOT / rel
+    return [
+        p
+        for p in base.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+    ]
+
+
+@contextmanager
+def build_lock() -> Iterator[None]:
+    """Serialise image builds of concurrent orchestrator runs on this machine."""
+    BUILD.mkdir(exist_ok=True)
+    with open(BUILD / ".image-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def image_exists(client: docker.DockerClient, ref: str) -> bool:
+    try:
+        client.images.get(ref)
+    except docker.errors.ImageNotFound:
+        return False
+    return True
+
+
+def stream_build(client: docker.DockerClient, tag: str, what: str, **kwargs: object) -> None:
+    """Run a docker build, streaming its progress; raise with the last lines on failure."""
+    say(f"building {what} -> {tag}")
+    lines: list[str] = []
+    started = time.monotonic()
+    for chunk in client.api.build(
+        tag=tag, decode=True, rm=True, forcerm=True, labels={IMAGE_LABEL: tag}, **kwargs
+    ):
+        text = chunk.get("stream") or chunk.get("status") or ""
+        for line in text.splitlines():
+            if line.strip():
+                lines.append(line)
+                say(f"  | {line}")
+        if "error" in chunk:
+            lines.append(chunk["error"].strip())
+            raise OrchestrateError(f"build of {what} failed: {chunk['error'].strip()}", tail(lines))
+    if not image_exists(client, tag):
+        raise OrchestrateError(f"build of {what} produced no image {tag}", tail(lines))
+    say(f"built {tag} in {time.monotonic() - started:.1f}s")
+
+
+def run_streamed(cmd: list[str], what: str) -> None:
+    """Run a host command, streaming its output; raise with the last lines on failure."""
+    lines: list[str] = []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        say(f"  | {line.rstrip()}")
+    if proc.wait() != 0:
+        raise OrchestrateError(f"{what} failed (exit {proc.returncode})", tail(lines))
+
+
+def ensure_offline_base(client: docker.DockerClient) -> str:
+    """Debian bookworm + python3 via debootstrap, imported as an image (built once)."""
+    recipe = ROOT / OFFLINE_BASE_RECIPE
+    tag = f"cachestack-offline/base:{tree_hash([recipe])}"
+    if image_exists(client, tag):
+        say(f"reusing {tag}")
+        return tag
+    if os.geteuid() != 0 or not shutil.which("debootstrap"):
+        raise OrchestrateError(
+            "the offline base image needs root and debootstrap (apt-get install -y debootstrap)"
+        )
+    work = BUILD / "offline-base"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    rootfs, archive = work / "rootfs", work / "rootfs.tar"
+    started = time.monotonic()
+    say(f"building offline base -> {tag} (debootstrap bookworm)")
+    try:
+        run_streamed(["sh", str(recipe), str(rootfs)], "debootstrap")
+        run_streamed(["tar", "-C", str(rootfs), "-cf", str(archive), "."], "tar of rootfs")
+        repo, _, version = tag.partition(":")
+        client.api.import_image(
+            src=str(archive),
+            repository=repo,
+            tag=version,
+            changes=["ENV LANG=C.UTF-8", 'CMD ["bash"]', f"LABEL {IMAGE_LABEL}={tag}"],
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if not image_exists(client, tag):
+        raise OrchestrateError(f"docker import produced no image {tag}")
+    say(f"built {tag} in {time.monotonic() - started:.1f}s")
+    return tag
+
+
+def ensure_offline_image(client: docker.DockerClient, spec: ImageSpec, name: str, base: str) -> str:
+    """Build an offline image from its recipe directory on the base, unless present."""
+    base_id = client.images.get(base).id
+    tag = f"cachestack-offline/{name}:{tree_hash(files_under(spec.context), base_id)}"
+    if image_exists(client, tag):
+        say(f"reusing {tag}")
+        return tag
+    stream_build(
+        client,
+        tag,
+        f"offline {name} image",
+        path=str(ROOT / spec.context),
+        dockerfile=spec.dockerfile,
+        buildargs={"BASE_IMAGE": base},
+    )
+    return tag
+
+
+def build_wheels() -> Path:
+    """`pip wheel` the repo (base dependencies only) into build/wheels on the host."""
+    wheels = BUILD / "wheels"
+    shutil.rmtree(wheels, ignore_errors=True)
+    wheels.mkdir(parents=True)
+    say("building wheels on the host -> build/wheels")
+    run_streamed(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--wheel-dir",
+            str(wheels),
+            str(ROOT),
+            *EXTRA_WHEELS,
+        ],
+        "pip wheel",
+    )
+    return wheels
+
+
+def service_context(wheels: Path, dockerfile: Path) -> io.BytesIO:
+    """A build context holding only the Dockerfile and the wheels (never secrets/ or .git)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(dockerfile, arcname="Dockerfile")
+        tar.add(wheels, arcname="build/wheels")
+    buf.seek(0)
+    return buf
+
+
+def ensure_service_image(client: docker.DockerClient, spec: ImageSpec, base: str) -> str:
+    """Build the service image from the root Dockerfile on `base`, unless present."""
+    dockerfile = ROOT / spec.dockerfile
+    sources = files_under("service") + [dockerfile, ROOT / "pyproject.toml"]
+    sources += [p for p in (ROOT / "README.md",) if p.exists()]
+    tag = f"cachestack/service:{tree_hash(sources, client.images.get(base).id)}"
+    if image_exists(client, tag):
+        say(f"reusing {tag}")
+        return tag
+    if not (ROOT / "service" / "__main__.py").exists():
+        raise OrchestrateError(
+            "service/__main__.py is missing: nothing to build the service image from"
+        )
+    context = service_context(build_wheels(), dockerfile)
+    stream_build(
+        client,
+        tag,
+        "service image",
+        fileobj=context,
+        custom_context=True,
+        buildargs={"BASE_IMAGE": base},
+        pull=False,
+    )
+    return tag
+
+
+def official_refs(stack: Stack) -> list[str]:
+    """Every registry reference the official mode needs."""
+    refs = [spec.official or spec.official_base for spec in stack.images.values()]
+    return [ref for ref in refs if ref]
+
+
+def pull(ref: str, timeout_s: float | None = None) -> None:
+    """Pull one image; a short client timeout keeps an unreachable registry from hanging."""
+    client = docker.from_env(version="auto", timeout=timeout_s or PULL_TIMEOUT_S)
+    repo, _, tag = ref.rpartition(":")
+    client.api.pull(repo, tag=tag)
+    client.images.get(ref)
+
+
+def choose_mode(client: docker.DockerClient, stack: Stack, mode: str) -> str:
+    """Resolve `auto` to official (all present or a pull works) or offline, and say why."""
+    if mode != "auto":
+        return mode
+    missing = [ref for ref in official_refs(stack) if not image_exists(client, ref)]
+    if not missing:
+        say("images: official (all pinned official images are present)")
+        return "official"
+    try:
+        pull(missing[0], timeout_s=10)
+    except Exception as exc:  # any pull failure means: go offline
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        say(f"images: offline (pull of {missing[0]} failed: {reason})")
+        return "offline"
+    say(f"images: official (pull of {missing[0]} works)")
+    return "official"
+
+
+def resolve_images(client: docker.DockerClient, stack: Stack, mode: str) -> dict[str, str]:
+    """Make every image of the stack present; return image key -> local reference."""
+    mode = choose_mode(client, stack, mode)
+    refs: dict[str, str] = {}
+    with build_lock():
+        if mode == "official":
+            for ref in official_refs(stack):
+                if not image_exists(client, ref):
+                    say(f"pulling {ref}")
+                    try:
+                        pull(ref)
+                    except Exception as exc:
+                        raise OrchestrateError(
+                            f"cannot pull {ref}: {str(exc).splitlines()[0][:200]} "
+                            "(use --images offline)"
+                        ) from None
+            base = None
+        else:
+            base = ensure_offline_base(client)
+        for key, spec in stack.images.items():
+            if spec.official is None:
+                refs[key] = ensure_service_image(client, spec, base or spec.official_base or "")
+            elif mode == "official":
+                refs[key] = spec.official
+            else:
+                refs[key] = ensure_offline_image(client, spec, key, base or "")
+    return refs
