@@ -1,0 +1,55 @@
+"""`python -m service`: serve the API with granian, a multi-process production server.
+
+granian was chosen by measurement on this project's 2-core machines (see README,
+"Choosing the server"): one blocking thread per worker process keeps Python threads
+from contending for the GIL under concurrent writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+from .config import ConfigError, Settings
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="worker processes (default: one per CPU)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="blocking threads per worker (default 1)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        Settings.from_env()  # fail now, with one clear line, rather than in every worker
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # Counters from all workers are summed from files in this directory at scrape time.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="cachestack-metrics-")
+
+    from granian import Granian
+    from granian.constants import Interfaces
+
+    Granian(
+        "service.wsgi:app",
+        address=args.host,
+        port=args.port,
+        interface=Interfaces.WSGI,
+        workers=args.workers,
+        blocking_threads=args.threads,
+        respawn_failed_workers=True,
+    ).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""The cache policy, all of it: keys, TTLs, fills, write-through and invalidation.
+
+Keys (prefix `cs:1:`, bumped when the value format changes):
+- `user:<id>` holds `<version> <json>` for a user, `<version> ` for a deleted one
+  (a tombstone) and `0 ` for an id nobody has. The JSON is the exact response body.
+- `username:<lower>` and `email:<lower>` hold the user's id, or an empty string when
+  nobody has it. They are pointers: a read follows one to `user:<id>` inside a Lua
+  script and counts it a hit only if that user still has the username or email.
+
+Races are closed with leases (as in "Scaling Memcache at Facebook") plus versions:
+- A reader that misses takes `<key>:lease` (SET NX PX) and fills only if its lease is
+  still there. Every write deletes the leases of all the keys it touches, and so does
+  FLUSHALL, so a row read before a write committed never reaches Redis after it.
+- An update or delete first takes the lease of `user:<id>` itself; its write-through
+  stores the row only while that lease is still its own and otherwise deletes the key.
+  Versions are compared too: a write never replaces a newer row with an older one.
+- Readers that find a lease held by someone else wait for the fill briefly instead of
+  all querying Postgres (no stampede).
+
+Redis is never the source of truth: every call has a short timeout, and after a failure
+a breaker skips Redis for a cool-down (answers come from Postgres, `X-Cache: BYPASS`).
+Keys a write could not update are logged in Postgres (`cache_repairs`) and deleted from
+Redis before it is used again, so a Redis that comes back with old data never serves it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from . import db, metrics
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+PREFIX = "cs:1:"
+LEASE_SUFFIX = ":lease"
+LEASE_MS = 3000
+# A reader that finds another's lease polls for its fill for at most this long.
+WAIT_FOR_FILL = (0.002, 0.004, 0.008, 0.016, 0.032, 0.064)
+
+HIT, MISS, BYPASS = "HIT", "MISS", "BYPASS"
+# Modes of an entry written by the Lua scripts below.
+VERSIONED, PLAIN, DELETE = "v", "p", "d"
+
+_LUA_PUT = """
+local function version(value) return tonumber(string.match(value, '^(%d+) ')) or 0 end
+local function put(key, mode, ttl, value)
+  if mode == 'd' then redis.call('DEL', key) return end
+  if mode == 'v' then
+    local current = redis.call('GET', key)
+    if current and version(current) > version(value) then return end
+  end
+  redis.call('SET', key, value, 'PX', ttl)
+end
+"""
+
+# KEYS: key, lease. ARGV: token, lease ms. -> {'hit', value} | {'lease'} | {'busy'}
+_LUA_READ = """
+local value = redis.call('GET', KEYS[1])
+if value then return {'hit', value} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'lease'} end
+return {'busy'}
+"""
+
+# KEYS: index key, lease. ARGV: token, lease ms, user key prefix, field, lowered value.
+_LUA_FOLLOW = """
+local id = redis.call('GET', KEYS[1])
+if id == '' then return {'hit', ''} end
+if id then
+  local row = redis.call('GET', ARGV[3] .. id)
+  local body = row and string.match(row, '^%d+ (.+)$')
+  if body and string.lower(cjson.decode(body)[ARGV[4]]) == ARGV[5] then return {'hit', row} end
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'lease'} end
+return {'busy'}
+"""
+
+# KEYS: lease, entries... ARGV: token, then mode, ttl, value for each entry.
+_LUA_FILL = _LUA_PUT + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+for i = 2, #KEYS do put(KEYS[i], ARGV[3*i-4], ARGV[3*i-3], ARGV[3*i-2]) end
+return 1
+"""
+
+# KEYS: entries... ARGV: writer's lease token ('' for none), then mode, ttl, value each.
+_LUA_WRITE = _LUA_PUT + """
+for i, key in ipairs(KEYS) do
+  local mode = ARGV[3*i-1]
+  if mode == 'v' and ARGV[1] ~= '' and redis.call('GET', key .. ':lease') ~= ARGV[1] then
+    mode = 'd'
+  end
+  put(key, mode, ARGV[3*i], ARGV[3*i+1])
+  redis.call('DEL', key .. ':lease')
+end
+return 1
+"""
+
+
+class CacheUnavailable(Exception):
+    """Redis failed, timed out, or the breaker is open."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """One way of finding a user; `value` is already normalised (ids as text, names lowered)."""
+
+    field: str
+    value: str
+
+    @classmethod
+    def of(cls, field: str, value: str | int) -> Lookup:
+        return cls(field, str(value).lower())
+
+    @property
+    def key(self) -> str:
+        return f"{PREFIX}{self.field}:{self.value}"
+
+
+def user_key(user_id: int) -> str:
+    return Lookup.of("id", user_id).key
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The result of a read: where it came from and the user's JSON (None: nobody matches)."""
+
+    status: str
+    user: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    key: str
+    mode: str
+    ttl_ms: int
+    value: bytes | str
+
+
+class Breaker:
+    """Skip Redis for `cooldown` seconds after a failure instead of paying its timeout each time.
+
+    It starts tripped, so that each process clears pending cache repairs before its first
+    cache read.
+    """
+
+    def __init__(self, cooldown: float) -> None:
+        self.cooldown = cooldown
+        self.tripped = True
+        self._open_until = 0.0
+
+    def allows(self) -> bool:
+        return time.monotonic() >= self._open_until
+
+    def trip(self) -> None:
+        self.tripped = True
+        self._open_until = time.monotonic() + self.cooldown
+
+
+def _decode_user(value: bytes) -> bytes | None:
+    """`<version> <json>` -> the JSON, or None for a tombstone or a cached not-found."""
+    body = value.partition(b" ")[2]
+    return body or None
+
+
+class UserCache:
+    """Reads through and writes through Redis for one process; see the module docstring."""
+
+    def __init__(self, settings: Settings, database: db.Database) -> None:
+        self.settings = settings
+        self.database = database
+        self.breaker = Breaker(settings.cache_cooldown)
+        self.redis = redis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.cache_timeout,
+            socket_connect_timeout=settings.cache_timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        self._read = self.redis.register_script(_LUA_READ)
+        self._follow = self.redis.register_script(_LUA_FOLLOW)
+        self._fill = self.redis.register_script(_LUA_FILL)
+        self._write = self.redis.register_script(_LUA_WRITE)
+        # Called between the database read and the fill; tests use it to force races.
+        self.before_fill: Callable[[Lookup], None] | None = None
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def _call(self, command: Callable[[], object]) -> object:
+        if not self.breaker.allows():
+            raise CacheUnavailable("breaker open")
+        try:
+            if self.breaker.tripped:
+                self._repair()
+            return command()
+        except (redis.RedisError, OSError) as exc:
+            metrics.CACHE_ERRORS.inc()
+            if not self.breaker.tripped:
+                log.warning("redis unavailable, serving from postgres: %s", type(exc).__name__)
+            self.breaker.trip()
+            raise CacheUnavailable(str(exc)) from None
+
+    def _repair(self) -> None:
+        """Delete every key a write could not update, then trust Redis again."""
+        keys = db.pending_cache_repairs(self.database)
+        if keys:
+            self._write(keys, ["", *[x for _ in keys for x in (DELETE, 0, "")]])
+            db.clear_cache_repairs(self.database, keys)
+            log.info("cache repaired: %d stale keys deleted", len(keys))
+        self.breaker.tripped = False
+
+    def available(self) -> bool:
+        """Whether Redis answers a PING now (for /readyz)."""
+        try:
+            self._call(self.redis.ping)
+            return True
+        except (CacheUnavailable, db.DatabaseUnavailable):
+            return False
+
+    def _ttl_ms(self, found: bool) -> int:
+        """TTL with jitter so keys filled together do not expire together."""
+        jitter = self.settings.cache_ttl_jitter
+        if found:
+            return int(self.settings.cache_ttl * 1000 * random.uniform(1 - jitter, 1 + jitter))
+        return int(self.settings.cache_negative_ttl * 1000 * random.uniform(1 - jitter, 1))
+
+    def _user_entry(self, row: db.UserRow) -> Entry:
+        return Entry(user_key(row.id), VERSIONED, self._ttl_ms(True),
+                     b"%d " % row.version + row.to_json())
+
+    def _entries_for(self, lookup: Lookup, row: db.UserRow | None) -> list[Entry]:
+        """What a fill of `lookup` stores, given what Postgres answered."""
+        if row is None:
+            value = "0 " if lookup.field == "id" else ""
+            return [Entry(lookup.key, VERSIONED if lookup.field == "id" else PLAIN,
+                          self._ttl_ms(False), value)]
+        entries = [self._user_entry(row)]
+        if lookup.field != "id":
+            entries.append(Entry(lookup.key, PLAIN, self._ttl_ms(True), str(row.id)))
+        return entries
+
+    @staticmethod
+    def _args(entries: list[Entry]) -> list[bytes | str | int]:
+        return [x for entry in entries for x in (entry.mode, entry.ttl_ms, entry.value)]
+
+    # -- reads --------------------------------------------------------------------
+
+    def _try(self, lookup: Lookup, token: str) -> list:
+        lease = lookup.key + LEASE_SUFFIX
+        if lookup.field == "id":
+            return self._read([lookup.key, lease], [token, LEASE_MS])
+        return self._follow([lookup.key, lease],
+                            [token, LEASE_MS, PREFIX + "id:", lookup.field, lookup.value])
+
+    def read(self, lookup: Lookup, load: Callable[[], db.UserRow | None]) -> Answer:
+        """Cache-aside read: a hit, or load from Postgres and fill under a lease."""
+        token = secrets.token_hex(8)
+        try:
+            reply = self._call(lambda: self._try(lookup, token))
+            for pause in WAIT_FOR_FILL:
+                if reply[0] != b"busy":
+                    break
+                time.sleep(pause)
+                reply = self._call(lambda: self._try(lookup, token))
+        except CacheUnavailable:
+            metrics.CACHE_BYPASSES.inc()
+            row = load()
+            return Answer(BYPASS, row.to_json() if row else None)
+        if reply[0] == b"hit":
+            metrics.CACHE_HITS.inc()
+            return Answer(HIT, _decode_user(reply[1]) if reply[1] else None)
+        metrics.CACHE_MISSES.inc()
+        row = load()
+        if reply[0] == b"lease":
+            if self.before_fill:
+                self.before_fill(lookup)
+            entries = self._entries_for(lookup, row)
+            keys = [lookup.key + LEASE_SUFFIX, *(entry.key for entry in entries)]
+            with contextlib.suppress(CacheUnavailable):  # the answer is right, just not cached
+                self._call(lambda: self._fill(keys, [token, *self._args(entries)]))
+        return Answer(MISS, row.to_json() if row else None)
+
+    # -- writes -------------------------------------------------------------------
+
+    def lease_for_write(self, user_id: int) -> str:
+        """Take `user:<id>`'s lease before changing the row; '' when Redis is unavailable."""
+        token = secrets.token_hex(8)
+        try:
+            self._call(lambda: self.redis.set(user_key(user_id) + LEASE_SUFFIX, token, px=LEASE_MS))
+        except CacheUnavailable:
+            return ""
+        return token
+
+    def release(self, user_id: int, token: str) -> None:
+        """Give a write lease back after a write that changed nothing."""
+        if token:
+            with contextlib.suppress(CacheUnavailable):
+                self._call(lambda: self.redis.delete(user_key(user_id) + LEASE_SUFFIX))
+
+    def created(self, row: db.UserRow) -> None:
+        self._write_through(self._row_entries(row), "")
+
+    def updated(self, change: db.Update, token: str) -> None:
+        entries = self._row_entries(change.row)
+        fresh = {entry.key for entry in entries}
+        for field, old in (("username", change.old_username), ("email", change.old_email)):
+            key = Lookup.of(field, old).key
+            if key not in fresh:
+                entries.append(Entry(key, DELETE, 0, ""))
+        self._write_through(entries, token)
+
+    def deleted(self, row: db.UserRow, token: str) -> None:
+        tombstone = Entry(user_key(row.id), VERSIONED, self._ttl_ms(False),
+                          b"%d " % (row.version + 1))
+        indexes = [Entry(Lookup.of(field, getattr(row, field)).key, DELETE, 0, "")
+                   for field in ("username", "email")]
+        self._write_through([tombstone, *indexes], token)
+
+    def _row_entries(self, row: db.UserRow) -> list[Entry]:
+        ttl = self._ttl_ms(True)
+        return [self._user_entry(row),
+                *(Entry(Lookup.of(field, getattr(row, field)).key, PLAIN, ttl, str(row.id))
+                  for field in ("username", "email"))]
+
+    def _write_through(self, entries: list[Entry], token: str) -> None:
+        keys = [entry.key for entry in entries]
+        try:
+            self._call(lambda: self._write(keys, [token, *self._args(entries)]))
+        except CacheUnavailable:
+            db.record_cache_repairs(self.database, keys)

@@ -1,0 +1,96 @@
+"""Settings from the environment; every setting may instead be read from a file.
+
+Containers receive credentials as files under /run/secrets, so each variable NAME
+also accepts NAME_FILE. Values that are secrets are never part of an error message
+or of the settings' repr.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import quote, urlsplit, urlunsplit
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names it, never its value."""
+
+
+def read_setting(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
+    """Return NAME, or the contents of the file NAME_FILE points at (trailing newline dropped)."""
+    path = env.get(f"{name}_FILE")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                return handle.read().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{name}_FILE: cannot read {path} ({exc.strerror})") from None
+    return env.get(name, default)
+
+
+def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 0) -> float:
+    raw = read_setting(env, name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
+    return value
+
+
+def with_password(url: str, password: str | None) -> str:
+    """Put a separately supplied password into a connection URL's netloc."""
+    if not password:
+        return url
+    parts = urlsplit(url)
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 literal needs its brackets back
+        host = f"[{host}]"
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service reads from its environment, validated once at start."""
+
+    database_url: str = field(repr=False)
+    redis_url: str = field(repr=False)
+    cache_ttl: float = 300.0
+    cache_ttl_jitter: float = 0.1
+    cache_negative_ttl: float = 60.0
+    cache_timeout: float = 0.1
+    cache_cooldown: float = 1.0
+    db_pool_size: int = 4
+    db_connect_timeout: int = 2
+    db_statement_timeout_ms: int = 5000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        database_url = read_setting(env, "DATABASE_URL")
+        if not database_url:
+            raise ConfigError("DATABASE_URL (or DATABASE_URL_FILE) is required")
+        redis_url = read_setting(env, "REDIS_URL", "redis://127.0.0.1:6379/0") or ""
+        jitter = _number(env, "CACHE_TTL_JITTER", 0.1)
+        if jitter >= 1:
+            raise ConfigError(f"CACHE_TTL_JITTER must be below 1, got {jitter}")
+        return cls(
+            database_url=with_password(database_url, read_setting(env, "DATABASE_PASSWORD")),
+            redis_url=with_password(redis_url, read_setting(env, "REDIS_PASSWORD")),
+            cache_ttl=_number(env, "CACHE_TTL_SECONDS", 300.0, minimum=1),
+            cache_ttl_jitter=jitter,
+            cache_negative_ttl=_number(env, "CACHE_NEGATIVE_TTL_SECONDS", 60.0, minimum=1),
+            cache_timeout=_number(env, "CACHE_TIMEOUT_MS", 100.0, minimum=1) / 1000,
+            cache_cooldown=_number(env, "CACHE_COOLDOWN_SECONDS", 1.0),
+            db_pool_size=int(_number(env, "DB_POOL_SIZE", 4, minimum=1)),
+            db_connect_timeout=int(_number(env, "DB_CONNECT_TIMEOUT_SECONDS", 2, minimum=1)),
+            db_statement_timeout_ms=int(_number(env, "DB_STATEMENT_TIMEOUT_MS", 5000, minimum=1)),
+        )

@@ -1,0 +1,276 @@
+"""PostgreSQL: a small blocking connection pool, the schema migrations and every SQL statement.
+
+All SQL is parameterized. A connection that fails is thrown away; after a Postgres
+restart the first statement on a stale pooled connection is retried once on a new
+connection, so the service heals without being restarted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, TypeVar
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+
+from . import metrics
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Connection = psycopg2.extensions.connection
+
+# Stops concurrent workers from applying the same migration twice.
+MIGRATION_LOCK_ID = 7_240_113
+
+_RFC3339 = """'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'"""
+
+
+def user_columns(table: str = "users") -> str:
+    """The columns of a UserRow, timestamps already formatted as RFC 3339 in UTC."""
+    t = table
+    return (
+        f"{t}.id, {t}.username, {t}.email, {t}.display_name, {t}.version, "
+        f"to_char({t}.created_at AT TIME ZONE 'UTC', {_RFC3339}), "
+        f"to_char({t}.updated_at AT TIME ZONE 'UTC', {_RFC3339})"
+    )
+
+
+USER_COLUMNS = user_columns()
+LOOKUP_CONDITIONS = {
+    "id": "id = %s",
+    "username": "lower(username) = lower(%s)",
+    "email": "email = lower(%s)",
+}
+UNIQUE_CONSTRAINTS = {"users_username_key": "username", "users_email_key": "email"}
+
+
+class DatabaseUnavailable(RuntimeError):
+    """Postgres cannot be reached or failed mid-statement; the caller answers 503."""
+
+
+class Conflict(ValueError):
+    """A unique column already holds the value (compared without regard to case)."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__(f"{field} is already taken")
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True)
+class UserRow:
+    id: int
+    username: str
+    email: str
+    display_name: str | None
+    version: int
+    created_at: str
+    updated_at: str
+
+    def to_json(self) -> bytes:
+        """The public representation, encoded once and cached as these exact bytes."""
+        return json.dumps(
+            {
+                "id": self.id,
+                "username": self.username,
+                "email": self.email,
+                "display_name": self.display_name,
+                "created_at": self.created_at,
+                "updated_at": self.updated_at,
+            },
+            separators=(",", ":"),
+            ensure_ascii=False,
+        ).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """An applied UPDATE: the row after it and the lookup values it had before."""
+
+    row: UserRow
+    old_username: str
+    old_email: str
+
+
+class Database:
+    """A LIFO pool of at most `size` connections; callers block while all are busy."""
+
+    def __init__(self, dsn: str, size: int, connect_timeout: int, statement_timeout_ms: int):
+        self._dsn = dsn
+        self._connect_args = {
+            "connect_timeout": connect_timeout,
+            "options": f"-c statement_timeout={statement_timeout_ms} -c timezone=UTC",
+            "application_name": "cachestack",
+        }
+        self._idle: list[Connection] = []
+        self._slots = threading.BoundedSemaphore(size)
+        self._lock = threading.Lock()
+        self._schema_ready = False
+
+    def _connect(self) -> Connection:
+        try:
+            conn = psycopg2.connect(self._dsn, **self._connect_args)
+        except psycopg2.OperationalError as exc:
+            raise DatabaseUnavailable(_first_line(exc)) from None
+        if not self._schema_ready:
+            self._migrate(conn)
+        return conn
+
+    def _migrate(self, conn: Connection) -> None:
+        """Apply the packaged migrations in order; all are idempotent, a lock serialises workers."""
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
+            for script in sorted(resources.files(__package__).joinpath("migrations").iterdir(),
+                                 key=lambda path: path.name):
+                if script.name.endswith(".sql"):
+                    cur.execute(script.read_text(encoding="utf-8"))
+        self._schema_ready = True
+
+    @contextmanager
+    def _connection(self) -> Iterator[tuple[Connection, bool]]:
+        """Yield (connection, reused); a connection that raised is closed, never pooled."""
+        if not self._slots.acquire(timeout=self._connect_args["connect_timeout"]):
+            raise DatabaseUnavailable("all database connections are busy")
+        try:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            reused = conn is not None
+            conn = conn or self._connect()
+            try:
+                yield conn, reused
+            except BaseException:
+                conn.close()
+                raise
+            if conn.closed:
+                return
+            with self._lock:
+                self._idle.append(conn)
+        finally:
+            self._slots.release()
+
+    def _discard_idle(self) -> None:
+        with self._lock:
+            stale, self._idle = self._idle, []
+        for conn in stale:
+            conn.close()
+
+    def run(self, work: Callable[[Any], T]) -> T:
+        """Run `work(cursor)` in one transaction and commit.
+
+        A failure before COMMIT means nothing was written, so when a reused connection
+        turns out to be dead (Postgres restarted) the work is retried once on a new one.
+        """
+        for attempt in (1, 2):
+            with self._connection() as (conn, reused):
+                try:
+                    with conn.cursor() as cur:
+                        metrics.DB_QUERIES.inc()
+                        result = work(cur)
+                except psycopg2.OperationalError as exc:
+                    conn.close()
+                    self._discard_idle()
+                    if reused and attempt == 1:
+                        continue
+                    raise DatabaseUnavailable(_first_line(exc)) from None
+                except psycopg2.errors.UniqueViolation as exc:
+                    conn.rollback()
+                    field = UNIQUE_CONSTRAINTS.get(exc.diag.constraint_name, "value")
+                    raise Conflict(field) from None
+                except BaseException:
+                    conn.rollback()
+                    raise
+                try:
+                    conn.commit()
+                except psycopg2.OperationalError as exc:
+                    conn.close()
+                    raise DatabaseUnavailable(_first_line(exc)) from None
+                return result
+        raise AssertionError("unreachable")
+
+    def ping(self) -> None:
+        self.run(lambda cur: cur.execute("SELECT 1"))
+
+    def close(self) -> None:
+        self._discard_idle()
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or ["database error"])[0]
+
+
+def _row(record: tuple | None) -> UserRow | None:
+    return UserRow(*record) if record else None
+
+
+def find_users(db: Database, field: str, value: str | int) -> list[UserRow]:
+    sql = f"SELECT {USER_COLUMNS} FROM users WHERE {LOOKUP_CONDITIONS[field]}"
+
+    def select(cur: Any) -> list[UserRow]:
+        cur.execute(sql, (value,))
+        return [UserRow(*record) for record in cur.fetchall()]
+
+    return db.run(select)
+
+
+def insert_user(db: Database, username: str, email: str, display_name: str | None) -> UserRow:
+    def insert(cur: Any) -> UserRow:
+        cur.execute(
+            f"INSERT INTO users (username, email, display_name) VALUES (%s, %s, %s) "
+            f"RETURNING {USER_COLUMNS}",
+            (username, email, display_name),
+        )
+        return UserRow(*cur.fetchone())
+
+    return db.run(insert)
+
+
+def update_user(db: Database, user_id: int, changes: dict[str, str | None]) -> Update | None:
+    """Apply `changes` (column -> value; keys come from the validator, never from the client)."""
+    assignments = ", ".join(f"{column} = %s" for column in changes)
+    sql = (
+        "WITH old AS (SELECT id, username, email FROM users WHERE id = %s FOR UPDATE) "
+        f"UPDATE users SET {assignments}, version = users.version + 1, updated_at = now() "
+        f"FROM old WHERE users.id = old.id RETURNING {USER_COLUMNS}, "
+        "old.username, old.email"
+    )
+
+    def update(cur: Any) -> Update | None:
+        cur.execute(sql, (user_id, *changes.values()))
+        record = cur.fetchone()
+        return Update(UserRow(*record[:7]), record[7], record[8]) if record else None
+
+    return db.run(update)
+
+
+def delete_user(db: Database, user_id: int) -> UserRow | None:
+    def delete(cur: Any) -> UserRow | None:
+        cur.execute(f"DELETE FROM users WHERE id = %s RETURNING {USER_COLUMNS}", (user_id,))
+        return _row(cur.fetchone())
+
+    return db.run(delete)
+
+
+def record_cache_repairs(db: Database, keys: list[str]) -> None:
+    db.run(lambda cur: cur.execute(
+        "INSERT INTO cache_repairs (key) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING",
+        (keys,),
+    ))
+
+
+def pending_cache_repairs(db: Database) -> list[str]:
+    def select(cur: Any) -> list[str]:
+        cur.execute("SELECT key FROM cache_repairs")
+        return [key for (key,) in cur.fetchall()]
+
+    return db.run(select)
+
+
+def clear_cache_repairs(db: Database, keys: list[str]) -> None:
+    db.run(lambda cur: cur.execute("DELETE FROM cache_repairs WHERE key = ANY(%s)", (keys,)))
+
