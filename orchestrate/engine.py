@@ -324,6 +324,7 @@ def realise(
     client: docker.DockerClient, stack: Stack, refs: dict[str, str], timings: dict[str, float]
 ) -> dict[str, Container]:
     """Networks, volumes and containers for the stack, each healthy, secrets checked."""
+    check_ports(client, stack)
     with step("networks and volumes", timings):
         for net in stack.networks:
             ensure_network(client, stack, net.name, net.internal)
@@ -331,7 +332,6 @@ def realise(
             ensure_volume(client, stack, volume)
     containers: dict[str, Container] = {}
     with step("containers", timings):
-        check_ports(client, stack)
         for service in stack.services:
             container, action = ensure_container(client, stack, service, refs[service.image])
             containers[service.name] = container
@@ -339,10 +339,11 @@ def realise(
     with step("health and secrets", timings):
         for service in stack.services:
             container = containers[service.name]
-            if service.ready_path and service.ports:
+            if service.ready_path and service.ports:  # readiness is stronger than health
                 port = service.ports[0]
                 wait_ready(container, f"http://{port.host_ip}:{port.host}{service.ready_path}")
-            wait_healthy(container)
+            else:
+                wait_healthy(container)
             verify_secrets(container, service)
             say(
                 f"{container.name}: healthy, {len(service.secrets)} secret(s) readable by "

@@ -36,7 +36,8 @@ from .stack import ImageSpec, Stack
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "build"
 IMAGE_LABEL = "org.cachestack.image"
-PULL_TIMEOUT_S = 20
+PULL_TIMEOUT_S = 60
+PULL_PROBE_TIMEOUT_S = 3
 OFFLINE_BASE_RECIPE = "docker/base/mkrootfs.sh"
 # Debian's python3 is 3.11.2: redis-py then needs async-timeout, which pip on a newer host
 # Python leaves out.
@@ -233,11 +234,17 @@ def official_refs(stack: Stack) -> list[str]:
     return [ref for ref in refs if ref]
 
 
-def pull(ref: str, timeout_s: float | None = None) -> None:
-    """Pull one image; a short client timeout keeps an unreachable registry from hanging."""
-    client = docker.from_env(version="auto", timeout=timeout_s or PULL_TIMEOUT_S)
+def pull(ref: str, read_timeout_s: float = PULL_TIMEOUT_S) -> None:
+    """Pull one image, streaming; fail when the engine stays silent for `read_timeout_s`.
+
+    A registry that answers sends progress at once, so a short read timeout only cuts off an
+    engine that is still resolving or dialling an unreachable registry.
+    """
+    client = docker.from_env(version="auto", timeout=read_timeout_s)
     repo, _, tag = ref.rpartition(":")
-    client.api.pull(repo, tag=tag)
+    for event in client.api.pull(repo, tag=tag, stream=True, decode=True):
+        if "error" in event:
+            raise OrchestrateError(event["error"].strip())
     client.images.get(ref)
 
 
@@ -250,9 +257,9 @@ def choose_mode(client: docker.DockerClient, stack: Stack, mode: str) -> str:
         say("images: official (all pinned official images are present)")
         return "official"
     try:
-        pull(missing[0], timeout_s=10)
+        pull(missing[0], read_timeout_s=PULL_PROBE_TIMEOUT_S)
     except Exception as exc:  # any pull failure means: go offline
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        reason = (getattr(exc, "explanation", None) or str(exc) or type(exc).__name__)[:200]
         say(f"images: offline (pull of {missing[0]} failed: {reason})")
         return "offline"
     say(f"images: official (pull of {missing[0]} works)")
