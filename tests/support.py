@@ -1,0 +1,25 @@
+"""Shared test helpers: missing infrastructure skips locally but fails loudly in CI."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def require(condition: bool, what: str) -> None:
+    """Skip when `what` is missing on a developer's machine; fail when CI=true."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"{what} is required in CI but is not available", pytrace=False)
+    pytest.skip(f"{what} is not available")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
