@@ -1,0 +1,185 @@
+"""End to end against the real engine: up, status, smoke, idempotence, hardening, secrets,
+persistence across down/up, down --volumes. Tests run in file order on one stack."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import pytest
+import requests
+from orchestrate_helpers import Project, labelled
+
+import docker
+from orchestrate import engine
+from orchestrate.secretfiles import read_secret
+from orchestrate.stack import CONFIG_HASH_LABEL, PROJECT_LABEL, describe_stack
+
+pytestmark = pytest.mark.usefixtures("docker_client")
+
+
+def containers(client: docker.DockerClient, project: Project) -> dict[str, object]:
+    found = client.containers.list(all=True, filters={"label": f"{PROJECT_LABEL}={project.name}"})
+    return {c.labels["org.cachestack.service"]: c for c in found}
+
+
+def test_up_passes_smoke_and_prints_url(stack: Project) -> None:
+    out = stack.outputs[0]
+    assert out.count("smoke ok") == 9, out
+    assert f"is up at {stack.url}" in out
+    for step in ("images", "containers", "health and secrets", "smoke checks"):
+        assert f"{step}: done in" in out
+
+
+def test_status_shows_three_healthy_containers(stack: Project) -> None:
+    deadline = time.monotonic() + 30  # the service's first Docker healthcheck runs after 5s
+    while True:
+        result = stack.run("status")
+        lines = result.stdout.splitlines()
+        if sum(" healthy " in line for line in lines) == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert result.returncode == 0
+    assert [line.split()[0] for line in lines] == ["postgres", "redis", "service"], lines
+    assert all(" running " in line and " healthy " in line for line in lines), lines
+    assert f"127.0.0.1:{stack.port}" in lines[2]
+
+
+def test_smoke_command(stack: Project) -> None:
+    result = stack.run("smoke")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("smoke ok") == 9
+
+
+def test_logs_command(stack: Project) -> None:
+    result = stack.run("logs", "postgres")
+    assert result.returncode == 0
+    assert "ready to accept connections" in result.stdout
+
+
+def test_containers_are_hardened(docker_client: docker.DockerClient, stack: Project) -> None:
+    found = containers(docker_client, stack)
+    assert sorted(found) == ["postgres", "redis", "service"]
+    for name, container in found.items():
+        host = container.attrs["HostConfig"]
+        assert host["ReadonlyRootfs"] is True, name
+        assert host["CapDrop"] == ["ALL"] and not host["CapAdd"], name
+        assert "no-new-privileges:true" in host["SecurityOpt"], name
+        assert host["Memory"] > 0 and host["PidsLimit"] > 0, name
+        assert host["RestartPolicy"]["Name"] == "unless-stopped", name
+        assert host["Privileged"] is False and host["NetworkMode"] != "host", name
+        assert "/tmp" in host["Tmpfs"], name
+        assert container.attrs["Config"]["User"].split(":")[0] not in ("", "0", "root"), name
+        assert container.attrs["Config"]["Healthcheck"]["Test"], name
+        for mount in container.attrs["Mounts"]:
+            assert "docker.sock" not in mount["Source"], name
+            if mount["Destination"].startswith("/run/secrets/"):
+                assert mount["RW"] is False, name
+        networks = set(container.attrs["NetworkSettings"]["Networks"])
+        want = {f"{stack.name}_backend"} | (
+            {f"{stack.name}_frontend"} if name == "service" else set()
+        )
+        assert networks == want, name
+        bindings = host["PortBindings"] or {}
+        if name == "service":
+            assert bindings == {"8000/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(stack.port)}]}
+        else:
+            assert not bindings, name
+    backend = docker_client.networks.get(f"{stack.name}_backend")
+    assert backend.attrs["Internal"] is True
+
+
+def test_secrets_are_files_for_the_container_user_only(
+    docker_client: docker.DockerClient, stack: Project
+) -> None:
+    uids = {"postgres": "999", "redis": "999", "service": "10001"}
+    for name, container in containers(docker_client, stack).items():
+        for mount in describe_stack().service(name).secrets:
+            result = container.exec_run(["stat", "-c", "%u %a", mount.target])
+            assert result.output.decode().split() == [uids[name], "400"], name
+        # root inside the container has no capabilities left, so it cannot read them either
+        denied = container.exec_run(
+            ["cat", describe_stack().service(name).secrets[0].target], user="0"
+        )
+        assert denied.exit_code != 0, name
+
+
+def test_up_again_keeps_every_container(docker_client: docker.DockerClient, stack: Project) -> None:
+    before = {n: c.id for n, c in containers(docker_client, stack).items()}
+    result = stack.run("up")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(": unchanged (") == 3, result.stdout
+    assert {n: c.id for n, c in containers(docker_client, stack).items()} == before
+
+
+def test_changed_config_recreates_only_that_container(
+    docker_client: docker.DockerClient, stack: Project
+) -> None:
+    before = containers(docker_client, stack)
+    described = describe_stack(stack.name, stack.port)
+    service = described.service("service")
+    changed = dataclasses.replace(
+        service, hardening=dataclasses.replace(service.hardening, mem_limit="384m")
+    )
+    described = dataclasses.replace(
+        described, services=tuple(changed if s.name == "service" else s for s in described.services)
+    )
+    refs = {name: c.image.id for name, c in before.items()}
+    engine.realise(docker_client, described, refs, {})
+    after = containers(docker_client, stack)
+    assert after["postgres"].id == before["postgres"].id
+    assert after["redis"].id == before["redis"].id
+    assert after["service"].id != before["service"].id
+    assert after["service"].labels[CONFIG_HASH_LABEL] != before["service"].labels[CONFIG_HASH_LABEL]
+    assert after["service"].attrs["HostConfig"]["Memory"] == 384 * 1024 * 1024
+
+
+def test_no_secret_value_leaks(docker_client: docker.DockerClient, stack: Project) -> None:
+    values = [read_secret(name) for name in describe_stack().secrets]
+    stack.run("logs")
+    found = containers(docker_client, stack)
+    texts = {f"output {i}": text for i, text in enumerate(stack.outputs)}
+    for name, container in found.items():
+        texts[f"inspect {name}"] = json.dumps(container.attrs)
+        texts[f"logs {name}"] = container.logs().decode(errors="replace")
+        texts[f"history {name}"] = json.dumps(container.image.history())
+        texts[f"image inspect {name}"] = json.dumps(container.image.attrs)
+    filters = {"label": f"{PROJECT_LABEL}={stack.name}"}
+    for network in docker_client.networks.list(filters=filters):
+        texts[f"network {network.name}"] = json.dumps(network.attrs)
+    for volume in docker_client.volumes.list(filters=filters):
+        texts[f"volume {volume.name}"] = json.dumps(volume.attrs)
+    assert len(texts) > 10
+    leaks = [where for where, text in texts.items() for value in values if value in text]
+    assert not leaks
+
+
+def test_data_survives_down_and_up(docker_client: docker.DockerClient, stack: Project) -> None:
+    created = requests.post(
+        f"{stack.url}/users",
+        timeout=10,
+        json={"username": "survivor", "email": "survivor@example.com"},
+    )
+    assert created.status_code == 201, created.text
+    user_id = created.json()["data"]["id"]
+    result = stack.run("down")
+    assert result.returncode == 0, result.stderr
+    left = labelled(docker_client, stack.name)
+    assert sorted(left) == [f"volume {stack.name}_pgdata", f"volume {stack.name}_redisdata"]
+    result = stack.run("up")
+    assert result.returncode == 0, result.stdout + result.stderr
+    again = requests.get(f"{stack.url}/users/{user_id}", timeout=10)
+    assert again.status_code == 200 and again.json()["data"]["username"] == "survivor"
+
+
+def test_down_volumes_removes_everything_and_second_down_is_a_no_op(
+    docker_client: docker.DockerClient, stack: Project
+) -> None:
+    result = stack.run("down", "--volumes")
+    assert result.returncode == 0, result.stderr
+    assert "removed volume" in result.stdout
+    assert labelled(docker_client, stack.name) == []
+    again = stack.run("down", "--volumes")
+    assert again.returncode == 0
+    assert "nothing to remove" in again.stdout
