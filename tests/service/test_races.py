@@ -1,0 +1,126 @@
+"""The cache-aside races, forced to happen in the worst order, must not leave stale data.
+
+`UserCache.before_fill` runs between a reader's database read and its cache fill; the
+tests park a reader there while a writer commits, then let it fill.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from flask import Flask
+from flask.testing import FlaskClient
+
+from service import db
+from service.cache import Lookup, user_key
+
+from .servers import RedisServer
+from .test_api import create
+from .test_cache import read
+
+
+def parked_reader(app: Flask, path: str) -> tuple[threading.Thread, threading.Event, list]:
+    """Start a GET of `path` that stops after reading Postgres, before filling Redis."""
+    reached, release, result = threading.Event(), threading.Event(), []
+    cache = app.extensions["cachestack.users"].cache
+    reader = threading.current_thread  # the hook runs in the reader's thread
+
+    def hold(_lookup: Lookup) -> None:
+        if reader().name == "parked-reader":
+            reached.set()
+            release.wait(5)
+
+    cache.before_fill = hold
+    thread = threading.Thread(name="parked-reader",
+                              target=lambda: result.append(read(app.test_client(), path)))
+    thread.start()
+    assert reached.wait(5), "the reader never reached its fill"
+    return thread, release, result
+
+
+def finish(thread: threading.Thread, release: threading.Event) -> None:
+    release.set()
+    thread.join(5)
+
+
+def test_reader_cannot_fill_a_row_older_than_an_acknowledged_update(
+        app: Flask, client: FlaskClient, redis_up: RedisServer) -> None:
+    user = create(client)
+    redis_up.client().flushall()
+    thread, release, result = parked_reader(app, f"/users/{user['id']}")
+    new = client.patch(f"/users/{user['id']}", json={"display_name": "new"}).get_json()["data"]
+    finish(thread, release)
+    assert result[0][1] == user  # the reader started first: old data is a fair answer for it
+    assert read(client, f"/users/{user['id']}")[1] == new
+
+
+def test_reader_by_username_cannot_undo_a_rename(
+        app: Flask, client: FlaskClient, redis_up: RedisServer) -> None:
+    user = create(client, "olga", "olga@example.org")
+    redis_up.client().flushall()
+    thread, release, _ = parked_reader(app, "/users?username=olga")
+    new = client.patch(f"/users/{user['id']}", json={"username": "olivia"}).get_json()["data"]
+    finish(thread, release)
+    assert read(client, "/users?username=olga")[1] == []
+    assert read(client, "/users?username=olivia")[1] == [new]
+    assert read(client, f"/users/{user['id']}")[1] == new
+
+
+def test_reader_cannot_cache_not_found_over_a_create(app: Flask, client: FlaskClient) -> None:
+    thread, release, result = parked_reader(app, "/users?email=dave@example.org")
+    dave = create(client, "dave", "dave@example.org")
+    finish(thread, release)
+    assert result[0][1] == []
+    assert read(client, "/users?email=dave@example.org")[:2] == ("HIT", [dave])
+
+
+def test_reader_cannot_bring_back_a_deleted_user(
+        app: Flask, client: FlaskClient, redis_up: RedisServer) -> None:
+    user = create(client)
+    redis_up.client().flushall()
+    thread, release, _ = parked_reader(app, f"/users/{user['id']}")
+    assert client.delete(f"/users/{user['id']}").status_code == 204
+    finish(thread, release)
+    assert read(client, f"/users/{user['id']}")[2] == 404
+
+
+def test_fill_after_flushall_is_refused(
+        app: Flask, client: FlaskClient, redis_up: RedisServer) -> None:
+    user = create(client)
+    redis_up.client().flushall()
+    thread, release, _ = parked_reader(app, f"/users/{user['id']}")
+    new = client.patch(f"/users/{user['id']}", json={"display_name": "new"}).get_json()["data"]
+    redis_up.client().flushall()  # takes the writer's update and the reader's lease with it
+    finish(thread, release)
+    assert read(client, f"/users/{user['id']}")[1] == new
+
+
+def late_update(app: Flask, user_id: int, changes: dict) -> Callable[[], None]:
+    """Commit an update now but hold back its write-through: returns the write-through."""
+    users = app.extensions["cachestack.users"]
+    token = users.cache.lease_for_write(user_id)
+    change = db.update_user(users.database, user_id, changes)
+    return lambda: users.cache.updated(change, token)
+
+
+def test_older_writer_cannot_overwrite_a_newer_one(app: Flask, client: FlaskClient) -> None:
+    user = create(client, "wanda", "wanda@example.org")
+    first = late_update(app, user["id"], {"username": "wendy"})
+    second = client.patch(f"/users/{user['id']}", json={"username": "willa"}).get_json()["data"]
+    first()
+    assert read(client, f"/users/{user['id']}")[1] == second
+    for name, expected in (("wanda", []), ("wendy", []), ("willa", [second])):
+        assert read(client, f"/users?username={name}")[1] == expected, name
+
+
+def test_older_writer_after_a_flush_cannot_restore_its_row(
+        app: Flask, client: FlaskClient, redis_up: RedisServer) -> None:
+    user = create(client)
+    first = late_update(app, user["id"], {"display_name": "first"})
+    second = client.patch(f"/users/{user['id']}",
+                          json={"display_name": "second"}).get_json()["data"]
+    redis_up.client().flushall()
+    first()
+    assert redis_up.client().get(user_key(user["id"])) is None
+    assert read(client, f"/users/{user['id']}")[1] == second
