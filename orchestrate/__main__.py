@@ -9,7 +9,7 @@ import time
 import docker.errors
 
 from . import engine, images
-from .errors import OrchestrateError
+from .errors import OrchestrateError, reason
 from .output import error, say, step
 from .secretfiles import ensure_secrets
 from .smoke import run_smoke
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     except OrchestrateError as exc:
         error(exc.message, exc.log_lines)
     except docker.errors.DockerException as exc:
-        error(f"Docker engine error: {str(exc).splitlines()[0][:300]}", [])
+        error(f"Docker engine error: {reason(exc, 300)}", [])
     except KeyboardInterrupt:
         error("interrupted", [])
         return 130

@@ -25,7 +25,7 @@ from docker.types import Healthcheck, Mount
 import docker
 
 from . import images, smoke
-from .errors import OrchestrateError
+from .errors import OrchestrateError, reason
 from .output import say, step
 from .secretfiles import ensure_secrets, remove_staged, secret_digest, stage_secrets
 from .stack import (
@@ -49,10 +49,9 @@ def connect(timeout_s: int = 600) -> docker.DockerClient:
         client = docker.from_env(version="auto", timeout=timeout_s)
         client.ping()
     except docker.errors.DockerException as exc:
-        reason = str(exc).splitlines()[0][:200]
         raise OrchestrateError(
             f"no Docker engine answers at {host}: start one with "
-            f"`bash scripts/ensure-docker.sh` ({reason})"
+            f"`bash scripts/ensure-docker.sh` ({reason(exc)})"
         ) from None
     return client
 
@@ -324,7 +323,6 @@ def realise(
     client: docker.DockerClient, stack: Stack, refs: dict[str, str], timings: dict[str, float]
 ) -> dict[str, Container]:
     """Networks, volumes and containers for the stack, each healthy, secrets checked."""
-    check_ports(client, stack)
     with step("networks and volumes", timings):
         for net in stack.networks:
             ensure_network(client, stack, net.name, net.internal)
@@ -361,6 +359,7 @@ def up(stack: Stack, mode: str) -> dict[str, float]:
     """Build or pull images, run the stack, check health and run the smoke checks."""
     timings: dict[str, float] = {}
     client = connect()
+    check_ports(client, stack)  # before any build: a taken port should fail in a second
     with step("secrets", timings):
         created = ensure_secrets(stack)
         say(f"generated {', '.join(created)}" if created else "secrets present")

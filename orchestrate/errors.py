@@ -10,3 +10,9 @@ class OrchestrateError(Exception):
         super().__init__(message)
         self.message = message
         self.log_lines = log_lines or []
+
+
+def reason(exc: BaseException, limit: int = 200) -> str:
+    """The useful first line of an exception (Docker's own explanation when it has one)."""
+    text = getattr(exc, "explanation", None) or str(exc) or type(exc).__name__
+    return str(text).strip().splitlines()[0][:limit]

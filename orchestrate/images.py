@@ -29,7 +29,7 @@ import docker.errors
 
 import docker
 
-from .errors import OrchestrateError
+from .errors import OrchestrateError, reason
 from .output import say, tail
 from .stack import ImageSpec, Stack
 
@@ -259,8 +259,7 @@ def choose_mode(client: docker.DockerClient, stack: Stack, mode: str) -> str:
     try:
         pull(missing[0], read_timeout_s=PULL_PROBE_TIMEOUT_S)
     except Exception as exc:  # any pull failure means: go offline
-        reason = (getattr(exc, "explanation", None) or str(exc) or type(exc).__name__)[:200]
-        say(f"images: offline (pull of {missing[0]} failed: {reason})")
+        say(f"images: offline (pull of {missing[0]} failed: {reason(exc)})")
         return "offline"
     say(f"images: official (pull of {missing[0]} works)")
     return "official"
@@ -279,8 +278,7 @@ def resolve_images(client: docker.DockerClient, stack: Stack, mode: str) -> dict
                         pull(ref)
                     except Exception as exc:
                         raise OrchestrateError(
-                            f"cannot pull {ref}: {str(exc).splitlines()[0][:200]} "
-                            "(use --images offline)"
+                            f"cannot pull {ref}: {reason(exc)} (use --images offline)"
                         ) from None
             base = None
         else:
