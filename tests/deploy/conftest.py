@@ -1,33 +1,120 @@
-"""Shared fixtures for the deployment formats: rendered Kubernetes objects and tool checks."""
+"""Fixtures of the deployment-format tests (compose, swarm, Kubernetes).
+
+Missing tools or engine: skip locally, fail when CI=true (tests/support.py). Docker tests build
+or reuse the images through the orchestrator (the same function and tags as `orchestrate up`),
+use their own project names and ports, and remove what they made even when they fail.
+ORCHESTRATE_TEST_IMAGES picks the image mode, as for the orchestrator tests (default auto).
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+import docker.errors
 import pytest
+import requests
 import yaml
 
+import docker
+from orchestrate.images import resolve_images
+from orchestrate.secretfiles import ensure_secrets, secret_path
+from orchestrate.stack import Stack, describe_stack
+from tests.support import require
+
 REPO = Path(__file__).resolve().parents[2]
-SECRET_NAMES = ("postgres_password", "redis_password")
+SECRET_NAMES = describe_stack().secrets
+READY_TIMEOUT_S = 180
 
 
-def unavailable(reason: str) -> NoReturn:
-    """Skip a test whose tool is missing here, but fail in CI, where everything must run."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: required)")
-    pytest.skip(reason)
-
-
-def require_tool(name: str) -> str:
-    """Return the path of an executable, or skip/fail when it is not installed."""
+def tool(name: str) -> str:
+    """Path of an executable; skip (fail in CI) when it is not installed."""
     path = shutil.which(name)
-    if path is None:
-        unavailable(f"{name} is not installed")
+    require(path is not None, f"the {name} command")
+    assert path is not None
     return path
+
+
+def run(
+    *cmd: str, env: dict[str, str] | None = None, timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run a command from the repository root; on failure, raise with its output."""
+    result = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-3000:]}"
+            f"\n{result.stderr[-3000:]}"
+        )
+    return result
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+def image_env(refs: dict[str, str]) -> dict[str, str]:
+    """CACHESTACK_<KEY>_IMAGE for every image of the stack: how compose and swarm get them."""
+    return {f"CACHESTACK_{key.upper()}_IMAGE": ref for key, ref in refs.items()}
+
+
+def wait_ready(base_url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Poll GET /readyz through a published 127.0.0.1 port until it answers 200."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            reply = requests.get(f"{base_url}/readyz", timeout=3)
+            if reply.status_code == 200:
+                return
+            last = f"HTTP {reply.status_code} {reply.text[:200]}"
+        except requests.RequestException as exc:
+            last = type(exc).__name__
+        time.sleep(1)
+    raise AssertionError(f"{base_url}/readyz not ready after {timeout_s}s: {last}")
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Any:
+    """A client of the local engine; skip (fail in CI) when none answers."""
+    tool("docker")
+    try:
+        client = docker.from_env(version="auto")
+        client.ping()
+    except docker.errors.DockerException:
+        client = None
+    require(client is not None, "a Docker engine (scripts/ensure-docker.sh)")
+    return client
+
+
+@pytest.fixture(scope="session")
+def stack_images(docker_client: Any) -> dict[str, str]:
+    """Image key -> local reference, built or reused by the orchestrator's own function."""
+    mode = os.environ.get("ORCHESTRATE_TEST_IMAGES", "auto")
+    return resolve_images(docker_client, describe_stack(), mode)
+
+
+@pytest.fixture(scope="session")
+def secret_files() -> Iterator[Stack]:
+    """secrets/* as the orchestrator makes them; the ones this session created go afterwards."""
+    stack = describe_stack()
+    created = ensure_secrets(stack)
+    yield stack
+    for name in created:
+        secret_path(name).unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
@@ -37,13 +124,11 @@ def k8s_objects(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]
     The kustomization is copied to a temporary directory, so the repository's own k8s/secrets/
     (real passwords, if any) is neither read nor touched.
     """
-    kubectl = require_tool("kubectl")
+    kubectl = tool("kubectl")
     root = tmp_path_factory.mktemp("k8s") / "k8s"
     shutil.copytree(REPO / "k8s", root, ignore=shutil.ignore_patterns("secrets"))
     (root / "secrets").mkdir(mode=0o700)
     for name in SECRET_NAMES:
         (root / "secrets" / name).write_text(f"test-{name}")
-    rendered = subprocess.run(
-        [kubectl, "kustomize", str(root)], check=True, capture_output=True, text=True, timeout=60
-    ).stdout
+    rendered = run(kubectl, "kustomize", str(root), timeout=60).stdout
     return [doc for doc in yaml.safe_load_all(rendered) if doc]
