@@ -225,7 +225,21 @@ def ensure_service_image(client: docker.DockerClient, spec: ImageSpec, base: str
         buildargs={"BASE_IMAGE": base},
         pull=False,
     )
+    prune_older(client, tag)
     return tag
+
+
+def prune_older(client: docker.DockerClient, keep: str) -> None:
+    """Remove earlier builds of the same repository that no container uses any more."""
+    repo = keep.partition(":")[0]
+    for image in client.images.list(name=repo):
+        if keep in image.tags:
+            continue
+        try:
+            client.images.remove(image.id)
+        except docker.errors.APIError:  # still used by a container: keep it
+            continue
+        say(f"removed unused older image {', '.join(image.tags) or image.short_id}")
 
 
 def official_refs(stack: Stack) -> list[str]:
