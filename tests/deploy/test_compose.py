@@ -1,0 +1,184 @@
+"""docker-compose.yml for real: config, up with the orchestrator's images, smoke checks, down -v.
+
+Runs with the compose installed here (Debian's docker-compose 1.29; `docker compose` v2 reads the
+same files). Each run has its own project name and 127.0.0.1 port; the finalizer removes the
+containers, networks, volumes and staged secrets even when a test failed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import yaml
+
+import docker
+from orchestrate.secretfiles import read_secret, remove_staged, stage_secrets
+from orchestrate.smoke import run_smoke
+from orchestrate.stack import Stack, describe_stack
+from tests.support import free_port
+
+from .conftest import REPO, image_env, run, tool, unique_name, wait_ready
+
+FILES = ("docker-compose.yml", "compose.offline.yml")
+DEV_FILE = "compose.dev.yml"
+COMPOSE_LABEL = "com.docker.compose.project"
+
+
+@dataclass
+class ComposeRun:
+    stack: Stack
+    command: list[str]
+    env: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.stack.service('service').ports[0].host}"
+
+    def container(self, client: docker.DockerClient, service: str) -> Any:
+        found = client.containers.list(
+            filters={
+                "label": [
+                    f"{COMPOSE_LABEL}={self.stack.project}",
+                    f"com.docker.compose.service={service}",
+                ]
+            }
+        )
+        assert len(found) == 1, f"one {service} container"
+        return found[0]
+
+
+def compose_command(*files: str) -> list[str]:
+    command = [tool("docker-compose")]
+    for name in files:
+        command += ["-f", str(REPO / name)]
+    return command
+
+
+def leftovers(client: docker.DockerClient, project: str) -> list[str]:
+    filters = {"label": f"{COMPOSE_LABEL}={project}"}
+    return (
+        [c.name for c in client.containers.list(all=True, filters=filters)]
+        + [n.name for n in client.networks.list(filters=filters)]
+        + [v.name for v in client.volumes.list(filters=filters)]
+    )
+
+
+@pytest.fixture(scope="module")
+def compose(
+    docker_client: docker.DockerClient, stack_images: dict[str, str], secret_files: Stack
+) -> Iterator[ComposeRun]:
+    stack = describe_stack(unique_name("csdc"), free_port())
+    env = {
+        **image_env(stack_images),
+        "COMPOSE_PROJECT_NAME": stack.project,
+        "CACHESTACK_PORT": str(stack.service("service").ports[0].host),
+    }
+    running = ComposeRun(stack, compose_command(*FILES), env)
+    try:
+        for service in stack.services:
+            stage_secrets(stack, service)
+        run(*running.command, "up", "-d", "--no-build", env=env)
+        wait_ready(running.url)
+        yield running
+    finally:
+        run(
+            *running.command,
+            "down",
+            "--volumes",
+            "--remove-orphans",
+            "--timeout",
+            "10",
+            env=env,
+            check=False,
+        )
+        remove_staged(stack.project)
+        left = leftovers(docker_client, stack.project)
+        assert not left, f"compose down left {left}"
+
+
+@pytest.mark.parametrize(
+    "files",
+    [("docker-compose.yml",), FILES, (*FILES, DEV_FILE)],
+    ids=["official", "offline", "offline+dev"],
+)
+def test_config_is_valid(files: tuple[str, ...]) -> None:
+    env = image_env({"postgres": "p:1", "redis": "r:1", "service": "s:1"})
+    run(*compose_command(*files), "config", "--quiet", env=env)
+
+
+def test_dev_override_runs_the_working_tree_with_reload() -> None:
+    env = image_env({"postgres": "p:1", "redis": "r:1", "service": "s:1"})
+    rendered = run(*compose_command(*FILES, DEV_FILE), "config", env=env).stdout
+    service = yaml.safe_load(rendered)["services"]["service"]
+    assert "--reload" in service["command"]
+    assert f"{REPO / 'service'}:/src/service:ro" in service["volumes"]
+    assert service["environment"]["PYTHONPATH"] == "/src"
+
+
+def test_smoke_checks_pass(compose: ComposeRun) -> None:
+    lines: list[str] = []
+    assert run_smoke(compose.url, out=lines.append), "\n".join(lines)
+
+
+def test_secrets_are_files_only_the_container_user_can_read(
+    compose: ComposeRun, docker_client: docker.DockerClient
+) -> None:
+    values = {name: read_secret(name) for name in compose.stack.secrets}
+    for service in compose.stack.services:
+        container = compose.container(docker_client, service.name)
+        for mount in service.secrets:
+            result = container.exec_run(["stat", "-c", "%a %u %g", mount.target])
+            assert result.exit_code == 0, result.output
+            assert result.output.decode().split() == [
+                oct(mount.mode)[2:],
+                str(mount.uid),
+                str(mount.gid),
+            ]
+        config = docker_client.api.inspect_container(container.id)["Config"]
+        dumped = json.dumps({"env": config["Env"], "cmd": config["Cmd"]})
+        assert not any(value in dumped for value in values.values()), service.name
+
+
+def test_only_the_service_is_published_and_only_on_loopback(
+    compose: ComposeRun, docker_client: docker.DockerClient
+) -> None:
+    for service in compose.stack.services:
+        ports = (
+            docker_client.api.inspect_container(compose.container(docker_client, service.name).id)[
+                "NetworkSettings"
+            ]["Ports"]
+            or {}
+        )
+        bindings = [b for binds in ports.values() if binds for b in binds]
+        want = [("127.0.0.1", str(p.host)) for p in service.ports]
+        assert [(b["HostIp"], b["HostPort"]) for b in bindings] == want, service.name
+
+
+def test_containers_are_hardened(compose: ComposeRun, docker_client: docker.DockerClient) -> None:
+    for service in compose.stack.services:
+        info = docker_client.api.inspect_container(
+            compose.container(docker_client, service.name).id
+        )
+        host = info["HostConfig"]
+        assert info["Config"]["User"] == service.user
+        assert host["ReadonlyRootfs"] is True
+        assert host["CapDrop"] == ["ALL"]
+        assert "no-new-privileges:true" in host["SecurityOpt"]
+        assert sorted(host["Tmpfs"]) == sorted(path for path, _ in service.hardening.tmpfs)
+        assert info["Config"]["Labels"]["org.cachestack.project"] == compose.stack.project
+
+
+def test_redis_is_append_only(compose: ComposeRun, docker_client: docker.DockerClient) -> None:
+    redis = compose.container(docker_client, "redis")
+    result = redis.exec_run(
+        [
+            "sh",
+            "-c",
+            'REDISCLI_AUTH="$(cat /run/secrets/redis_password)" redis-cli config get appendonly',
+        ]
+    )
+    assert result.output.decode().split() == ["appendonly", "yes"]
