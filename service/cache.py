@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 PREFIX = "cs:1:"
 LEASE_SUFFIX = ":lease"
 LEASE_MS = 3000
-# A reader that finds another's lease polls for its fill for at most this long.
-WAIT_FOR_FILL = (0.002, 0.004, 0.008, 0.016, 0.032, 0.064)
+# A reader that finds another's lease polls for its fill, backing off from the first to
+# the last pause, for at most FILL_WAIT seconds; then it reads Postgres itself.
+FILL_POLL_FIRST, FILL_POLL_LAST, FILL_WAIT = 0.002, 0.05, 1.0
 
 HIT, MISS, BYPASS = "HIT", "MISS", "BYPASS"
 # Modes of an entry written by the Lua scripts below.
@@ -267,10 +268,10 @@ class UserCache:
         token = secrets.token_hex(8)
         try:
             reply = self._call(lambda: self._try(lookup, token))
-            for pause in WAIT_FOR_FILL:
-                if reply[0] != b"busy":
-                    break
+            pause, give_up = FILL_POLL_FIRST, time.monotonic() + FILL_WAIT
+            while reply[0] == b"busy" and time.monotonic() < give_up:
                 time.sleep(pause)
+                pause = min(pause * 2, FILL_POLL_LAST)
                 reply = self._call(lambda: self._try(lookup, token))
         except CacheUnavailable:
             metrics.CACHE_BYPASSES.inc()

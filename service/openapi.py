@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import json
 
-from .validation import DISPLAY_NAME_MAX, EMAIL_MAX
+from .validation import (
+    DISPLAY_NAME_MAX,
+    EMAIL_MAX,
+    EMAIL_PATTERN,
+    NO_NUL_PATTERN,
+    USERNAME_PATTERN,
+)
 
-USERNAME = {"type": "string", "pattern": "^[A-Za-z0-9_.-]{3,32}$"}
-EMAIL = {"type": "string", "maxLength": EMAIL_MAX, "pattern": "^[^@\\s]+@[^@\\s]+\\.[^@\\s]+$"}
-DISPLAY_NAME = {"type": ["string", "null"], "maxLength": DISPLAY_NAME_MAX}
+USERNAME = {"type": "string", "pattern": USERNAME_PATTERN}
+EMAIL = {"type": "string", "maxLength": EMAIL_MAX, "pattern": EMAIL_PATTERN}
+DISPLAY_NAME = {"type": ["string", "null"], "maxLength": DISPLAY_NAME_MAX,
+                "pattern": NO_NUL_PATTERN}
 CACHE_HEADER = {
     "X-Cache": {
         "description": "HIT: from Redis; MISS: from Postgres, then cached; "
@@ -58,9 +65,18 @@ def write_response(message: str, description: str, headers: dict | None = None) 
     return response(description, schema, headers)
 
 
-def lookup_parameter(name: str, schema: dict) -> dict:
-    return {"name": name, "in": "query", "required": False, "schema": schema,
-            "description": f"Find the user by {name} (give exactly one of id, username, email)"}
+def one_key(name: str, schema: dict) -> dict:
+    return {"type": "object", "required": [name], "properties": {name: schema},
+            "additionalProperties": False}
+
+
+# Exactly one of ?id=, ?username=, ?email=: an exploded object parameter with oneOf.
+LOOKUP_PARAMETER = {
+    "name": "lookup", "in": "query", "required": True, "style": "form", "explode": True,
+    "description": "Exactly one of id, username (any case) or email (any case)",
+    "schema": {"oneOf": [one_key("id", {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}),
+                         one_key("username", USERNAME), one_key("email", EMAIL)]},
+}
 
 
 DOCUMENT = {
@@ -80,12 +96,7 @@ DOCUMENT = {
             },
             "get": {
                 "summary": "Find users by exactly one of id, username or email",
-                "parameters": [
-                    lookup_parameter("id", {"type": "integer", "minimum": 1,
-                                            "maximum": 2**63 - 1}),
-                    lookup_parameter("username", USERNAME),
-                    lookup_parameter("email", EMAIL),
-                ],
+                "parameters": [LOOKUP_PARAMETER],
                 "responses": {
                     "200": read_response({"type": "array", "items": ref("User"), "maxItems": 1}),
                     **ERRORS,

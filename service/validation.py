@@ -7,7 +7,12 @@ from typing import Any
 
 from .errors import ApiError
 
-USERNAME = re.compile(r"[A-Za-z0-9_.\-]{3,32}")
+USERNAME_PATTERN = r"^[A-Za-z0-9_.\-]{3,32}$"
+# One @, no spaces or control characters, a domain of dot-separated non-empty labels.
+EMAIL_PATTERN = r"^[^@\x00-\x20\x7f]+@[^@.\x00-\x20\x7f]+(\.[^@.\x00-\x20\x7f]+)+$"
+NO_NUL_PATTERN = r"^[^\x00]*$"
+USERNAME = re.compile(USERNAME_PATTERN)
+EMAIL = re.compile(EMAIL_PATTERN)
 EMAIL_MAX = 254
 DISPLAY_NAME_MAX = 100
 BIGINT_MAX = 2**63 - 1
@@ -33,10 +38,7 @@ def email(value: Any) -> str:
         raise invalid("email", "must be a string")
     if len(value) > EMAIL_MAX:
         raise invalid("email", f"must be at most {EMAIL_MAX} characters")
-    local, at, domain = value.partition("@")
-    if (not at or not local or "@" in domain or "." not in domain.strip(".")
-            or domain.startswith(".") or domain.endswith(".") or ".." in domain
-            or any(ch.isspace() or ord(ch) < 32 or ch == "\x7f" for ch in value)):
+    if not EMAIL.fullmatch(value):
         raise invalid("email", "must look like name@example.org")
     return value.lower()
 

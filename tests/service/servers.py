@@ -3,6 +3,7 @@ restart, a TCP proxy that can cut Postgres off, and the service itself under gra
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -104,27 +105,20 @@ class TcpProxy:
 
     @staticmethod
     def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
+        with contextlib.suppress(OSError):
             while data := src.recv(65536):
                 dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def cut(self) -> None:
         self._open.clear()
         with self._lock:
             conns, self._conns = self._conns, []
         for sock in conns:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             sock.close()
 
     def restore(self) -> None:
@@ -138,15 +132,19 @@ class TcpProxy:
 class ServiceProcess:
     """`python -m service` with its workers, as users run it."""
 
-    def __init__(self, env: dict[str, str], workers: int = 2) -> None:
+    def __init__(self, env: dict[str, str], workers: int = 2, threads: int = 1) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="cachestack-service-", suffix=".log")
+        self.log = tempfile.NamedTemporaryFile(prefix="cachestack-service-", suffix=".log")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service", "--port", str(self.port),
-             "--workers", str(workers)],
+             "--workers", str(workers), "--threads", str(threads)],
             env={**os.environ, **env}, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until(lambda: requests.get(self.url + "/readyz", timeout=1).ok, 30, "the service")
+        try:
+            wait_until(lambda: requests.get(self.url + "/readyz", timeout=1).ok, 30, "service")
+        except TimeoutError as exc:
+            self.close()
+            raise TimeoutError(f"{exc}; its output:\n{self.output()}") from None
 
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
@@ -157,4 +155,3 @@ class ServiceProcess:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
             self.process.kill()
-        self.log.close()

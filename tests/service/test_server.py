@@ -1,0 +1,178 @@
+"""The real multi-worker server under concurrency and faults: stampedes, Redis dying
+under load, Postgres cut off and back. Each test starts what it breaks itself."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg2
+import pytest
+import requests
+
+from .conftest import empty_database
+from .servers import RedisServer, ServiceProcess, TcpProxy
+
+STAMPEDE = 200
+
+
+def counter(base_url: str, name: str) -> float:
+    text = requests.get(base_url + "/metrics", timeout=5).text
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+def post_user(base_url: str, name: str) -> dict:
+    response = requests.post(base_url + "/users", timeout=5,
+                             json={"username": name, "email": f"{name}@example.org"})
+    assert response.status_code == 201, response.text
+    return response.json()["data"]
+
+
+def warm_up(base_url: str) -> None:
+    """Reach every worker once, so that start-up work is not counted below."""
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda _: requests.get(base_url + "/users/1", timeout=5), range(64)))
+
+
+def stampede(base_url: str, path: str) -> list[requests.Response]:
+    """STAMPEDE requests on their own connections, released at the same instant."""
+    start = threading.Barrier(STAMPEDE)
+
+    def one(_: int) -> requests.Response:
+        with requests.Session() as session:
+            session.head(base_url + "/healthz", timeout=10)  # connect before the barrier
+            start.wait()
+            return session.get(base_url + path, timeout=10)
+
+    with ThreadPoolExecutor(STAMPEDE) as pool:
+        return list(pool.map(one, range(STAMPEDE)))
+
+
+@pytest.fixture(scope="module")
+def threaded_service(database_url: str, redis_server: RedisServer) -> Iterator[ServiceProcess]:
+    """Many requests in flight per worker, so that a stampede really runs concurrently."""
+    process = ServiceProcess({"DATABASE_URL": database_url, "REDIS_URL": redis_server.url},
+                             threads=16)
+    yield process
+    process.close()
+
+
+@pytest.mark.parametrize("state", ["cold", "just expired"])
+def test_stampede_on_one_key_costs_at_most_two_queries(
+        threaded_service: ServiceProcess, redis_server: RedisServer, database_url: str,
+        state: str) -> None:
+    service = threaded_service
+    user = post_user(service.url, f"hot{uuid.uuid4().hex[:12]}")
+    warm_up(service.url)
+    key = f"cs:1:id:{user['id']}"
+    if state == "cold":
+        redis_server.client().delete(key)
+    else:
+        redis_server.client().pexpire(key, 1)
+        time.sleep(0.01)
+    before = counter(service.url, "db_queries_total")
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+        # A slow database: every read waits until the stampede is fully under way.
+        cur.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(stampede, service.url, f"/users/{user['id']}")
+            time.sleep(0.3)
+            conn.commit()
+            responses = running.result()
+    conn.close()
+    queries = counter(service.url, "db_queries_total") - before
+    assert all(r.status_code == 200 and r.json()["data"] == user for r in responses)
+    assert queries <= 2, f"{queries} database queries for {STAMPEDE} concurrent reads"
+
+
+def load(base_url: str, paths: list[str], seconds: float) -> list[tuple[float, int, str]]:
+    """Read `paths` round-robin from 8 threads; (latency, status, X-Cache) of each request."""
+    deadline = time.monotonic() + seconds
+
+    def worker(offset: int) -> list[tuple[float, int, str]]:
+        seen = []
+        with requests.Session() as session:
+            n = offset
+            while time.monotonic() < deadline:
+                started = time.monotonic()
+                response = session.get(base_url + paths[n % len(paths)], timeout=5)
+                seen.append((time.monotonic() - started, response.status_code,
+                             response.headers.get("X-Cache", "")))
+                n += 1
+        return seen
+
+    with ThreadPoolExecutor(8) as pool:
+        return [row for rows in pool.map(worker, range(8)) for row in rows]
+
+
+def test_redis_killed_under_load_then_back(
+        service: ServiceProcess, redis_server: RedisServer) -> None:
+    users = [post_user(service.url, f"loaded{n}") for n in range(20)]
+    paths = [f"/users/{u['id']}" for u in users]
+    with ThreadPoolExecutor(1) as pool:
+        during = pool.submit(load, service.url, paths, 3.0)
+        time.sleep(0.5)
+        redis_server.stop()
+        results = during.result()
+    try:
+        after_stop = load(service.url, paths, 0.5)
+        assert {status for _, status, _ in results + after_stop} == {200}
+        assert {cache for _, _, cache in after_stop} == {"BYPASS"}
+        # Redis timeout (100 ms) plus ordinary work; the breaker stops paying it every time
+        assert max(latency for latency, _, _ in after_stop) < 0.5
+        ready = requests.get(service.url + "/readyz", timeout=5)
+        assert ready.status_code == 200 and ready.json()["cache"] == "degraded"
+    finally:
+        redis_server.start()
+    deadline = time.monotonic() + 5
+    while "HIT" not in {cache for _, _, cache in load(service.url, paths, 0.2)}:
+        assert time.monotonic() < deadline, "no cache hits within 5 s of Redis coming back"
+    assert requests.get(service.url + "/readyz", timeout=5).json()["cache"] == "ok"
+
+
+@pytest.fixture
+def behind_proxy(database_url: str, redis_server: RedisServer) -> Iterator[tuple]:
+    """A service whose Postgres connections all pass through a proxy the test can cut."""
+    if redis_server.process is None:
+        redis_server.start()
+    redis_server.client().flushall()
+    empty_database(database_url)
+    proxy = TcpProxy(5432)
+    proxied = re.sub(r"@[^/]+/", f"@127.0.0.1:{proxy.port}/", database_url)
+    process = ServiceProcess({"DATABASE_URL": proxied, "REDIS_URL": redis_server.url})
+    yield process, proxy
+    process.close()
+    proxy.close()
+
+
+def test_postgres_outage_then_recovery_without_restart(behind_proxy: tuple) -> None:
+    service, proxy = behind_proxy
+    cached = post_user(service.url, "cached")
+    proxy.cut()
+    started = time.monotonic()
+    hit = requests.get(f"{service.url}/users/{cached['id']}", timeout=10)
+    assert hit.status_code == 200 and hit.headers["X-Cache"] == "HIT"
+    assert hit.json()["data"] == cached
+    for response in (
+        requests.get(f"{service.url}/users?username=uncached", timeout=10),
+        requests.post(f"{service.url}/users", timeout=10,
+                      json={"username": "during", "email": "during@example.org"}),
+        requests.patch(f"{service.url}/users/{cached['id']}", json={"display_name": "x"},
+                       timeout=10),
+        requests.get(f"{service.url}/readyz", timeout=10),
+    ):
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"]
+        assert response.headers["Content-Type"].startswith("application/json")
+    assert time.monotonic() - started < 5, "requests hung while Postgres was down"
+    proxy.restore()
+    assert requests.get(f"{service.url}/readyz", timeout=10).status_code == 200
+    recovered = post_user(service.url, "after")
+    assert requests.get(f"{service.url}/users?username=after",
+                        timeout=10).json()["data"] == [recovered]
+    unchanged = requests.get(f"{service.url}/users/{cached['id']}", timeout=10).json()["data"]
+    assert unchanged == cached
