@@ -1,0 +1,271 @@
+"""Side-by-side wrk benchmark: our service, the Express reference and a constant-JSON baseline.
+
+Usage: python bench/run.py [--duration S] [--rounds N] [--only hit|miss|create] [--users N]
+
+Starts its own redis-server (no persistence), our service (`python -m service`, default settings)
+and the Express peer on fresh databases of the local Postgres, seeds both with the same number of
+users, then drives each workload with wrk (2 threads, 32 connections), alternating rounds of
+ours / reference / baseline so that drift of the machine hits all three alike. Medians are
+reported with the targets of issue 4. Every process it starts is stopped on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg2
+import redis
+import requests
+from stack import PEER_SOURCE, Stack, drop_database, recreate_database, tree_memory
+
+LUA = Path(__file__).resolve().parent / "wrk" / "load.lua"
+THREADS, CONNECTIONS = 2, 32
+HOT_IDS = 1000
+OURS_DB, PEER_DB = "bench", "seedpeer"
+TARGETS = {  # issue 4, "Faster than the reference"
+    "hit_vs_ref": 1.0, "hit_vs_baseline": 0.8, "miss_vs_ref": 1.0, "create_vs_ref": 1.0,
+    "hit_p99_ms": 5.0, "memory_mb": 150.0,
+}
+
+
+@dataclass
+class Round:
+    """One wrk run: throughput, latency, errors, and cache hits/misses counted while it ran."""
+
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    cache_hits: int
+    cache_misses: int
+    used: int
+    wraps: int
+
+
+@dataclass
+class Series:
+    rounds: list[Round] = field(default_factory=list)
+
+    def median(self, name: str) -> float:
+        return statistics.median(getattr(r, name) for r in self.rounds)
+
+    def total(self, name: str) -> int:
+        return sum(getattr(r, name) for r in self.rounds)
+
+    def hit_ratio(self) -> str:
+        hits, misses = self.total("cache_hits"), self.total("cache_misses")
+        return f"{100 * hits / (hits + misses):.0f}%" if hits + misses else "-"
+
+
+Counters = Callable[[], tuple[int, int]]
+
+
+def metrics_counters(base: str) -> Counters:
+    """Our service's own cache_hits_total / cache_misses_total (summed over its workers)."""
+    def read() -> tuple[int, int]:
+        values = dict(line.rsplit(" ", 1) for line in requests.get(f"{base}/metrics", timeout=5)
+                      .text.splitlines() if line.startswith(("cache_hits_total ",
+                                                             "cache_misses_total ")))
+        return int(float(values["cache_hits_total"])), int(float(values["cache_misses_total"]))
+    return read
+
+
+def redis_counters(cache: redis.Redis) -> Counters:
+    """Redis keyspace hits/misses: the reference does one GET per read, nothing else."""
+    def read() -> tuple[int, int]:
+        stats = cache.info("stats")
+        return stats["keyspace_hits"], stats["keyspace_misses"]
+    return read
+
+
+def no_counters() -> tuple[int, int]:
+    return 0, 0
+
+
+def wrk(base: str, args: list[str], duration: int, counters: Counters = no_counters) -> Round:
+    """Run wrk once with load.lua; read the figures from the script's BENCH line."""
+    before = counters()
+    out = subprocess.run(
+        ["wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{duration}s", "--latency",
+         "-s", str(LUA), base, "--", *args],
+        capture_output=True, text=True, check=True).stdout
+    after = counters()
+    line = next(x for x in out.splitlines() if x.startswith("BENCH "))
+    figures = json.loads(line[len("BENCH "):])
+    return Round(
+        rps=figures["requests"] / (figures["duration_us"] / 1e6),
+        p50_ms=figures["p50_us"] / 1000,
+        p99_ms=figures["p99_us"] / 1000,
+        errors=figures["status_errors"] + figures["socket_errors"],
+        cache_hits=after[0] - before[0],
+        cache_misses=after[1] - before[1],
+        used=figures["max_pos"] * THREADS,
+        wraps=figures["wraps"],
+    )
+
+
+def write_paths(path: Path, paths: list[str]) -> str:
+    path.write_text("\n".join(paths) + "\n")
+    return str(path)
+
+
+def seed(ours_url: str, peer_url: str, users: int, work: Path) -> dict[str, str]:
+    """Insert USERS rows in each database; write the path files the wrk script reads."""
+    with psycopg2.connect(ours_url) as conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO users (username, email, display_name) SELECT 'user' || g,"
+                    " 'user' || g || '@example.com', 'User ' || g FROM generate_series(1, %s) g",
+                    (users,))
+        cur.execute("SELECT id FROM users ORDER BY id")
+        ours = [f"/users/{row[0]}" for row in cur.fetchall()]
+    with psycopg2.connect(peer_url) as conn, conn.cursor() as cur:
+        cur.execute((PEER_SOURCE / "schema.sql").read_text())
+        cur.execute("INSERT INTO users (username, email, password) SELECT 'user' || g,"
+                    " 'user' || g || '@example.com', 'secret123' FROM generate_series(1, %s) g",
+                    (users,))
+        cur.execute("SELECT id FROM users ORDER BY id")
+        peer = [f"/query?id={row[0]}" for row in cur.fetchall()]
+    for url in (ours_url, peer_url):
+        conn = psycopg2.connect(url)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("VACUUM ANALYZE users")
+        conn.close()
+    return {
+        "ours_hot": write_paths(work / "ours_hot.txt", ours[:HOT_IDS]),
+        "peer_hot": write_paths(work / "peer_hot.txt", peer[:HOT_IDS]),
+        "ours_cold": write_paths(work / "ours_cold.txt", ours[HOT_IDS:]),
+        "peer_cold": write_paths(work / "peer_cold.txt", peer[HOT_IDS:]),
+        "baseline": write_paths(work / "baseline.txt", ["/healthz"]),
+    }
+
+
+def prewarm(session: requests.Session, base: str, paths_file: str) -> None:
+    """Read every hot path once so that the measured round reads them from the cache."""
+    for path in Path(paths_file).read_text().split():
+        session.get(base + path, timeout=5).raise_for_status()
+
+
+@dataclass
+class Targets:
+    ours: str
+    peer: str
+    counters: dict[str, Counters]
+    files: dict[str, str]
+    duration: int
+    rounds: int
+    cold_offset: dict[str, int] = field(default_factory=lambda: {"ours": 0, "peer": 0})
+
+    def scenario(self, name: str) -> dict[str, Series]:
+        """Alternate ours / reference / baseline rounds of one workload."""
+        session = requests.Session()
+        series = {"ours": Series(), "reference": Series(), "baseline": Series()}
+        for number in range(self.rounds):
+            for who, base in (("ours", self.ours), ("reference", self.peer)):
+                side = "ours" if who == "ours" else "peer"
+                if name == "hit":
+                    prewarm(session, base, self.files[f"{side}_hot"])
+                    args = ["paths", self.files[f"{side}_hot"], str(THREADS)]
+                elif name == "miss":
+                    args = ["paths", self.files[f"{side}_cold"], str(THREADS),
+                            str(self.cold_offset[side])]
+                else:
+                    args = ["create", side, str(THREADS), f"r{number}"]
+                result = wrk(base, args, self.duration, self.counters[who])
+                if name == "miss":
+                    self.cold_offset[side] += result.used + THREADS
+                series[who].rounds.append(result)
+                print(f"  {name} round {number + 1} {who:9} {result.rps:9.0f} req/s", flush=True)
+            result = wrk(self.ours, ["paths", self.files["baseline"], str(THREADS)],
+                         self.duration)
+            series["baseline"].rounds.append(result)
+            print(f"  {name} round {number + 1} baseline  {result.rps:9.0f} req/s", flush=True)
+        return series
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT MET"
+
+
+def report(results: dict[str, dict[str, Series]], memory: tuple[int, int, int]) -> None:
+    print(f"\nwrk -t{THREADS} -c{CONNECTIONS}, median of rounds; "
+          "hit% = cache hits while the rounds ran (ours: /metrics, reference: Redis INFO)")
+    print(f"{'workload':8} {'server':10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'errors':>7} {'hit%':>7}")
+    for name, series in results.items():
+        for who, s in series.items():
+            print(f"{name:8} {who:10} {s.median('rps'):9.0f} {s.median('p50_ms'):8.2f} "
+                  f"{s.median('p99_ms'):8.2f} {s.total('errors'):7d} {s.hit_ratio():>7}")
+        if name == "miss" and any(r.wraps for who in ("ours", "reference")
+                                  for r in series[who].rounds):
+            print(f"{name:8} WARNING: the key space ran out; some reads repeated (raise --users)")
+    print("\nratios and targets (issue 4)")
+    for name, series in results.items():
+        ours, ref, base = (series[k].median("rps") for k in ("ours", "reference", "baseline"))
+        target = TARGETS[f"{name}_vs_ref"]
+        print(f"{name:8} ours/reference = {ours:.0f}/{ref:.0f} = {ours / ref:.2f}x "
+              f"(target >= {target}x: {verdict(ours / ref >= target)})")
+        line = f"{name:8} ours/baseline  = {ours:.0f}/{base:.0f} = {ours / base:.2f}x"
+        if name == "hit":
+            target = TARGETS["hit_vs_baseline"]
+            line += f" (target >= {target}x: {verdict(ours / base >= target)})"
+        print(line)
+        if name == "hit":
+            p99 = series["ours"].median("p99_ms")
+            limit = TARGETS["hit_p99_ms"]
+            print(f"{name:8} ours p99 = {p99:.2f} ms "
+                  f"(target <= {limit} ms: {verdict(p99 <= limit)})")
+    processes, rss, pss = memory
+    mb = rss / 2**20
+    print(f"memory   service RSS after the run = {mb:.1f} MB over {processes} processes "
+          f"(PSS {pss / 2**20:.1f} MB) (target <= {TARGETS['memory_mb']:.0f} MB: "
+          f"{verdict(mb <= TARGETS['memory_mb'])})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=8, help="seconds per wrk round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per server and workload")
+    parser.add_argument("--only", choices=["hit", "miss", "create"], action="append",
+                        help="run only this workload (repeatable)")
+    parser.add_argument("--users", type=int, default=300_000, help="users seeded per server")
+    parser.add_argument("--peer-dir", type=Path, default=Path("/tmp/express-seed"),
+                        help="where the Express peer is (copied and npm-installed if missing)")
+    args = parser.parse_args(argv)
+    workloads = args.only or ["hit", "miss", "create"]
+    with tempfile.TemporaryDirectory(prefix="cachestack-bench-") as tmp, Stack(tmp) as stack:
+        work = Path(tmp)
+        redis_port = stack.start_redis()
+        ours_db, peer_db = recreate_database(OURS_DB), recreate_database(PEER_DB)
+        try:
+            ours, service = stack.start_service(ours_db, f"redis://127.0.0.1:{redis_port}/0")
+            peer = stack.start_peer(args.peer_dir, peer_db, f"redis://127.0.0.1:{redis_port}/1")
+            started = time.monotonic()
+            files = seed(ours_db, peer_db, args.users, work)
+            print(f"seeded {args.users} users per server in {time.monotonic() - started:.1f} s; "
+                  f"ours {ours}, reference {peer}", flush=True)
+            counters = {"ours": metrics_counters(ours),
+                        "reference": redis_counters(redis.Redis(port=redis_port))}
+            targets = Targets(ours, peer, counters, files, args.duration, args.rounds)
+            for base, side in ((ours, "ours"), (peer, "peer")):  # warm up both servers, untimed
+                wrk(base, ["paths", files[f"{side}_hot"], str(THREADS)], 3)
+            results = {name: targets.scenario(name) for name in workloads}
+            memory = tree_memory(service.pid)
+            report(results, memory)
+        finally:
+            stack.close()
+            drop_database(OURS_DB)
+            drop_database(PEER_DB)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Start the processes a benchmark needs (Redis, our service, the Express peer) and always stop
+them again, on success, failure, Ctrl-C or SIGTERM alike.
+
+Every process gets its own session, so stopping one stops all of its children (granian's workers)
+and nothing else on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import psycopg2
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+PG_URL = os.environ.get("BENCH_PG_URL", "postgresql://cachestack:cachestack@127.0.0.1:5432")
+PEER_SOURCE = Path("/work/shared/peers/express-seed")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+class Stack:
+    """The processes of one run; a context manager that stops them all on the way out."""
+
+    def __init__(self, workdir: str) -> None:
+        self.workdir = Path(workdir)
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        signal.signal(signal.SIGTERM, _terminate)
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, kind: type | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, cwd=cwd, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        log.close()
+        self.procs.append((name, proc))
+        return proc
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        path = self.workdir / f"{name}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def close(self) -> None:
+        """SIGTERM every process group we started, newest first; SIGKILL what is left after 5 s."""
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for _, proc in reversed(self.procs):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            _signal_group(proc, signal.SIGKILL)  # also reaps workers whose parent already left
+            proc.wait()
+        self.procs.clear()
+
+    def wait_http(self, name: str, url: str, ready: int = 200, timeout: float = 30) -> None:
+        """Poll URL until it answers with status `ready`; fail early if the process died."""
+        proc = dict(self.procs)[name]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
+            try:
+                if requests.get(url, timeout=1).status_code == ready:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} not ready at {url} after {timeout} s:\n{self.log_tail(name)}")
+
+    def start_redis(self) -> int:
+        """A private redis-server without persistence; returns its port."""
+        port = free_port()
+        self.spawn("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(self.workdir)])
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return port
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis did not start:\n{self.log_tail('redis')}") from None
+                time.sleep(0.05)
+
+    def start_service(self, database_url: str, redis_url: str) -> tuple[str, subprocess.Popen]:
+        """`python -m service` with its defaults (workers, threads); returns (base URL, process)."""
+        port = free_port()
+        proc = self.spawn("service", [sys.executable, "-m", "service", "--port", str(port)],
+                          env={"DATABASE_URL": database_url, "REDIS_URL": redis_url}, cwd=REPO)
+        base = f"http://127.0.0.1:{port}"
+        self.wait_http("service", f"{base}/readyz")
+        return base, proc
+
+    def start_peer(self, peer_dir: Path, database_url: str, redis_url: str) -> str:
+        """The Express reference server (npm-installed in peer_dir); returns its base URL."""
+        if not (peer_dir / "node_modules").is_dir():
+            shutil.copytree(PEER_SOURCE, peer_dir, dirs_exist_ok=True)
+            subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=peer_dir,
+                           check=True, stdout=subprocess.DEVNULL)
+        port = free_port()
+        self.spawn("peer", ["node", "server.js"], cwd=peer_dir,
+                   env={"DATABASE_URL": database_url, "CACHE_URL": redis_url, "PORT": str(port)})
+        base = f"http://127.0.0.1:{port}"
+        self.wait_http("peer", f"{base}/query", ready=400)  # no query parameter: alive
+        return base
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+
+
+def recreate_database(name: str) -> str:
+    """Drop and create database NAME on the bench Postgres server; returns its URL."""
+    conn = psycopg2.connect(f"{PG_URL}/postgres")
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            cur.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        conn.close()
+    return f"{PG_URL}/{name}"
+
+
+def drop_database(name: str) -> None:
+    conn = psycopg2.connect(f"{PG_URL}/postgres")
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        conn.close()
+
+
+def tree_memory(pid: int) -> tuple[int, int, int]:
+    """(processes, total RSS bytes, total PSS bytes) of PID and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    todo, found = [pid], []
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    rss = pss = 0
+    for each in found:
+        try:
+            rollup = Path(f"/proc/{each}/smaps_rollup").read_text().splitlines()
+        except OSError:
+            continue
+        fields = {line.split(":")[0]: int(line.split()[1]) for line in rollup[1:]}
+        rss += fields.get("Rss", 0) * 1024
+        pss += fields.get("Pss", 0) * 1024
+    return len(found), rss, pss
