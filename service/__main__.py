@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # One database connection per request a worker can have in flight, unless told otherwise.
+    os.environ.setdefault("DB_POOL_SIZE", str(args.threads))
     # Counters from all workers are summed from files in this directory at scrape time.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="cachestack-metrics-")
 

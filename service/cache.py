@@ -1,17 +1,18 @@
 """The cache policy, all of it: keys, TTLs, fills, write-through and invalidation.
 
 Keys (prefix `cs:1:`, bumped when the value format changes):
-- `user:<id>` holds `<version> <json>` for a user, `<version> ` for a deleted one
+- `id:<id>` holds `<version> <json>` for a user, `<version> ` for a deleted one
   (a tombstone) and `0 ` for an id nobody has. The JSON is the exact response body.
 - `username:<lower>` and `email:<lower>` hold the user's id, or an empty string when
-  nobody has it. They are pointers: a read follows one to `user:<id>` inside a Lua
+  nobody has it. They are pointers: a read follows one to `id:<id>` inside a Lua
   script and counts it a hit only if that user still has the username or email.
+- `lease:<key>` is the lease on a key (below).
 
 Races are closed with leases (as in "Scaling Memcache at Facebook") plus versions:
-- A reader that misses takes `<key>:lease` (SET NX PX) and fills only if its lease is
+- A reader that misses takes the key's lease (SET NX PX) and fills only if its lease is
   still there. Every write deletes the leases of all the keys it touches, and so does
   FLUSHALL, so a row read before a write committed never reaches Redis after it.
-- An update or delete first takes the lease of `user:<id>` itself; its write-through
+- An update or delete first takes the lease of `id:<id>` itself; its write-through
   stores the row only while that lease is still its own and otherwise deletes the key.
   Versions are compared too: a write never replaces a newer row with an older one.
 - Readers that find a lease held by someone else wait for the fill briefly instead of
@@ -21,17 +22,22 @@ Redis is never the source of truth: every call has a short timeout, and after a 
 a breaker skips Redis for a cool-down (answers come from Postgres, `X-Cache: BYPASS`).
 Keys a write could not update are logged in Postgres (`cache_repairs`) and deleted from
 Redis before it is used again, so a Redis that comes back with old data never serves it.
+
+Hot `id:<id>` values are also kept in process memory (see nearcache.py), invalidated by
+Redis's client-side-caching broadcasts; so a hit usually costs no network round trip.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import random
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import redis
 from redis.backoff import NoBackoff
@@ -39,11 +45,15 @@ from redis.retry import Retry
 
 from . import db, metrics
 from .config import Settings
+from .nearcache import InvalidationListener, NearCache
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
 PREFIX = "cs:1:"
-LEASE_SUFFIX = ":lease"
+ID_PREFIX = PREFIX + "id:"
+LEASE_PREFIX = PREFIX + "lease:"
 LEASE_MS = 3000
 # A reader that finds another's lease polls for its fill, backing off from the first to
 # the last pause, for at most FILL_WAIT seconds; then it reads Postgres itself.
@@ -94,15 +104,17 @@ for i = 2, #KEYS do put(KEYS[i], ARGV[3*i-4], ARGV[3*i-3], ARGV[3*i-2]) end
 return 1
 """
 
-# KEYS: entries... ARGV: writer's lease token ('' for none), then mode, ttl, value each.
+# KEYS: n entries, then their n leases. ARGV: the writer's lease token ('' for none),
+# then mode, ttl, value for each entry.
 _LUA_WRITE = _LUA_PUT + """
-for i, key in ipairs(KEYS) do
+local n = #KEYS / 2
+for i = 1, n do
   local mode = ARGV[3*i-1]
-  if mode == 'v' and ARGV[1] ~= '' and redis.call('GET', key .. ':lease') ~= ARGV[1] then
+  if mode == 'v' and ARGV[1] ~= '' and redis.call('GET', KEYS[n+i]) ~= ARGV[1] then
     mode = 'd'
   end
-  put(key, mode, ARGV[3*i], ARGV[3*i+1])
-  redis.call('DEL', key .. ':lease')
+  put(KEYS[i], mode, ARGV[3*i], ARGV[3*i+1])
+  redis.call('DEL', KEYS[n+i])
 end
 return 1
 """
@@ -128,8 +140,12 @@ class Lookup:
         return f"{PREFIX}{self.field}:{self.value}"
 
 
-def user_key(user_id: int) -> str:
-    return Lookup.of("id", user_id).key
+def user_key(user_id: int | str) -> str:
+    return f"{ID_PREFIX}{user_id}"
+
+
+def lease_key(key: str) -> str:
+    return LEASE_PREFIX + key.removeprefix(PREFIX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,12 +208,28 @@ class UserCache:
         self._follow = self.redis.register_script(_LUA_FOLLOW)
         self._fill = self.redis.register_script(_LUA_FILL)
         self._write = self.redis.register_script(_LUA_WRITE)
+        # Lease tokens only need to be unique, not secret: a random prefix and a counter.
+        self._tokens = (f"{secrets.token_hex(4)}:{n}" for n in itertools.count())
+        self.near = self._near_cache()
         # Called between the database read and the fill; tests use it to force races.
         self.before_fill: Callable[[Lookup], None] | None = None
 
+    def _near_cache(self) -> NearCache | None:
+        options = self.redis.connection_pool.connection_kwargs
+        if not self.settings.near_cache_size or "host" not in options:
+            return None  # turned off, or Redis on a unix socket
+
+        def subscribe() -> InvalidationListener:
+            return InvalidationListener(options["host"], options.get("port", 6379),
+                                        options.get("username"), options.get("password"),
+                                        ID_PREFIX, self.settings.cache_timeout)
+
+        max_age = self.settings.cache_ttl * (1 - self.settings.cache_ttl_jitter)
+        return NearCache(subscribe, self.settings.near_cache_size, max_age)
+
     # -- plumbing -----------------------------------------------------------------
 
-    def _call(self, command: Callable[[], object]) -> object:
+    def _call(self, command: Callable[[], T]) -> T:
         if not self.breaker.allows():
             raise CacheUnavailable("breaker open")
         try:
@@ -209,13 +241,18 @@ class UserCache:
             if not self.breaker.tripped:
                 log.warning("redis unavailable, serving from postgres: %s", type(exc).__name__)
             self.breaker.trip()
+            if self.near:
+                self.near.stop()
             raise CacheUnavailable(str(exc)) from None
 
     def _repair(self) -> None:
         """Delete every key a write could not update, then trust Redis again."""
+        if self.near:
+            self.near.start()
         keys = db.pending_cache_repairs(self.database)
         if keys:
-            self._write(keys, ["", *[x for _ in keys for x in (DELETE, 0, "")]])
+            self._write([*keys, *map(lease_key, keys)],
+                        ["", *[x for _ in keys for x in (DELETE, 0, "")]])
             db.clear_cache_repairs(self.database, keys)
             log.info("cache repaired: %d stale keys deleted", len(keys))
         self.breaker.tripped = False
@@ -257,15 +294,18 @@ class UserCache:
     # -- reads --------------------------------------------------------------------
 
     def _try(self, lookup: Lookup, token: str) -> list:
-        lease = lookup.key + LEASE_SUFFIX
+        keys = [lookup.key, lease_key(lookup.key)]
         if lookup.field == "id":
-            return self._read([lookup.key, lease], [token, LEASE_MS])
-        return self._follow([lookup.key, lease],
-                            [token, LEASE_MS, PREFIX + "id:", lookup.field, lookup.value])
+            return self._read(keys, [token, LEASE_MS])
+        return self._follow(keys, [token, LEASE_MS, ID_PREFIX, lookup.field, lookup.value])
 
     def read(self, lookup: Lookup, load: Callable[[], db.UserRow | None]) -> Answer:
         """Cache-aside read: a hit, or load from Postgres and fill under a lease."""
-        token = secrets.token_hex(8)
+        near = self.near if lookup.field == "id" and not self.breaker.tripped else None
+        if near and (value := near.get(lookup.key)) is not None:
+            metrics.CACHE_HITS.inc()
+            return Answer(HIT, _decode_user(value))
+        token = next(self._tokens)
         try:
             reply = self._call(lambda: self._try(lookup, token))
             pause, give_up = FILL_POLL_FIRST, time.monotonic() + FILL_WAIT
@@ -279,6 +319,8 @@ class UserCache:
             return Answer(BYPASS, row.to_json() if row else None)
         if reply[0] == b"hit":
             metrics.CACHE_HITS.inc()
+            if near:
+                near.put(lookup.key, reply[1])
             return Answer(HIT, _decode_user(reply[1]) if reply[1] else None)
         metrics.CACHE_MISSES.inc()
         row = load()
@@ -286,7 +328,7 @@ class UserCache:
             if self.before_fill:
                 self.before_fill(lookup)
             entries = self._entries_for(lookup, row)
-            keys = [lookup.key + LEASE_SUFFIX, *(entry.key for entry in entries)]
+            keys = [lease_key(lookup.key), *(entry.key for entry in entries)]
             with contextlib.suppress(CacheUnavailable):  # the answer is right, just not cached
                 self._call(lambda: self._fill(keys, [token, *self._args(entries)]))
         return Answer(MISS, row.to_json() if row else None)
@@ -294,10 +336,10 @@ class UserCache:
     # -- writes -------------------------------------------------------------------
 
     def lease_for_write(self, user_id: int) -> str:
-        """Take `user:<id>`'s lease before changing the row; '' when Redis is unavailable."""
-        token = secrets.token_hex(8)
+        """Take `id:<id>`'s lease before changing the row; '' when Redis is unavailable."""
+        token = next(self._tokens)
         try:
-            self._call(lambda: self.redis.set(user_key(user_id) + LEASE_SUFFIX, token, px=LEASE_MS))
+            self._call(lambda: self.redis.set(lease_key(user_key(user_id)), token, px=LEASE_MS))
         except CacheUnavailable:
             return ""
         return token
@@ -306,7 +348,7 @@ class UserCache:
         """Give a write lease back after a write that changed nothing."""
         if token:
             with contextlib.suppress(CacheUnavailable):
-                self._call(lambda: self.redis.delete(user_key(user_id) + LEASE_SUFFIX))
+                self._call(lambda: self.redis.delete(lease_key(user_key(user_id))))
 
     def created(self, row: db.UserRow) -> None:
         self._write_through(self._row_entries(row), "")
@@ -336,6 +378,7 @@ class UserCache:
     def _write_through(self, entries: list[Entry], token: str) -> None:
         keys = [entry.key for entry in entries]
         try:
-            self._call(lambda: self._write(keys, [token, *self._args(entries)]))
+            self._call(lambda: self._write([*keys, *map(lease_key, keys)],
+                                           [token, *self._args(entries)]))
         except CacheUnavailable:
             db.record_cache_repairs(self.database, keys)

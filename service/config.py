@@ -68,6 +68,7 @@ class Settings:
     cache_negative_ttl: float = 60.0
     cache_timeout: float = 0.1
     cache_cooldown: float = 1.0
+    near_cache_size: int = 10_000
     db_pool_size: int = 4
     db_connect_timeout: int = 2
     db_statement_timeout_ms: int = 5000
@@ -90,6 +91,7 @@ class Settings:
             cache_negative_ttl=_number(env, "CACHE_NEGATIVE_TTL_SECONDS", 60.0, minimum=1),
             cache_timeout=_number(env, "CACHE_TIMEOUT_MS", 100.0, minimum=1) / 1000,
             cache_cooldown=_number(env, "CACHE_COOLDOWN_SECONDS", 1.0),
+            near_cache_size=int(_number(env, "NEAR_CACHE_SIZE", 10_000)),
             db_pool_size=int(_number(env, "DB_POOL_SIZE", 4, minimum=1)),
             db_connect_timeout=int(_number(env, "DB_CONNECT_TIMEOUT_SECONDS", 2, minimum=1)),
             db_statement_timeout_ms=int(_number(env, "DB_STATEMENT_TIMEOUT_MS", 5000, minimum=1)),

@@ -14,6 +14,8 @@ import psycopg2
 import pytest
 import requests
 
+from service.cache import user_key
+
 from .conftest import empty_database
 from .servers import RedisServer, ServiceProcess, TcpProxy
 
@@ -68,7 +70,7 @@ def test_stampede_on_one_key_costs_at_most_two_queries(
     service = threaded_service
     user = post_user(service.url, f"hot{uuid.uuid4().hex[:12]}")
     warm_up(service.url)
-    key = f"cs:1:id:{user['id']}"
+    key = user_key(user["id"])
     if state == "cold":
         redis_server.client().delete(key)
     else:
@@ -85,7 +87,9 @@ def test_stampede_on_one_key_costs_at_most_two_queries(
             responses = running.result()
     conn.close()
     queries = counter(service.url, "db_queries_total") - before
-    assert all(r.status_code == 200 and r.json()["data"] == user for r in responses)
+    bad = [(r.status_code, r.text) for r in responses
+           if r.status_code != 200 or r.json()["data"] != user]
+    assert not bad, bad[:3]
     assert queries <= 2, f"{queries} database queries for {STAMPEDE} concurrent reads"
 
 

@@ -1,0 +1,153 @@
+"""An in-process copy of hot `user:<id>` values, kept correct by Redis itself.
+
+A dedicated connection turns on server-assisted client-side caching in broadcast mode
+(`CLIENT TRACKING on REDIRECT <self> BCAST PREFIX ...`, Redis 6+) and subscribes to
+`__redis__:invalidate`: Redis then publishes every change of a tracked key to it,
+including FLUSHALL (as "everything").
+
+Why a read after an acknowledged write does not see old data: Redis writes the
+invalidation out in the same event-loop pass as the writer's own reply (before it, in
+Redis 7's pending-write order), so by the time the writer has its reply, and long
+before its HTTP response reaches a client that then asks again, the message is in this
+process's socket buffer; every `get` drains that socket before it answers. When the
+connection breaks, everything is dropped and the near cache stays off until a new
+connection is subscribed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import hiredis
+
+CHANNEL = b"__redis__:invalidate"
+
+
+def _command(*parts: str | bytes | int) -> bytes:
+    encoded = [p if isinstance(p, bytes) else str(p).encode() for p in parts]
+    return b"*%d\r\n" % len(encoded) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in encoded)
+
+
+class InvalidationListener:
+    """A subscribed socket that reports which tracked keys changed since the last drain."""
+
+    def __init__(self, host: str, port: int, username: str | None, password: str | None,
+                 prefix: str, timeout: float) -> None:
+        self._reader = hiredis.Reader()
+        self._sock = socket.create_connection((host, port), timeout)
+        try:
+            if password:
+                auth = (username, password) if username else (password,)
+                self._ask("AUTH", *auth)
+            client_id = self._ask("CLIENT", "ID")
+            self._ask("CLIENT", "TRACKING", "on", "REDIRECT", client_id, "BCAST", "PREFIX", prefix)
+            self._ask("SUBSCRIBE", CHANNEL)
+        except BaseException:
+            self._sock.close()
+            raise
+        self._sock.setblocking(False)
+
+    def _ask(self, *parts: str | bytes | int) -> object:
+        self._sock.sendall(_command(*parts))
+        while (reply := self._reader.gets()) is False:
+            data = self._sock.recv(4096)
+            if not data:
+                raise ConnectionError("redis closed the connection")
+            self._reader.feed(data)
+        if isinstance(reply, hiredis.ReplyError):
+            raise ConnectionError(str(reply))
+        return reply
+
+    def drain(self) -> list[bytes] | None:
+        """Keys changed since the last call; None means "everything" (a flush)."""
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except BlockingIOError:
+                break
+            if not data:
+                raise ConnectionError("redis closed the invalidation connection")
+            self._reader.feed(data)
+        changed: list[bytes] = []
+        while (message := self._reader.gets()) is not False:
+            if isinstance(message, list) and len(message) == 3 and message[1] == CHANNEL:
+                if message[2] is None:
+                    return None
+                changed.extend(message[2])
+        return changed
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class NearCache:
+    """At most `size` values, each for at most `max_age` seconds, never past an invalidation."""
+
+    def __init__(self, connect: Callable[[], InvalidationListener], size: int,
+                 max_age: float) -> None:
+        self._connect = connect
+        self._size = size
+        self._max_age = max_age
+        self._values: dict[str, tuple[bytes, float]] = {}
+        self._listener: InvalidationListener | None = None
+        self._lock = threading.Lock()
+
+    def _drain(self) -> bool:
+        """Apply pending invalidations; False (and nothing cached) without a healthy listener."""
+        if self._listener is None:
+            return False
+        try:
+            changed = self._listener.drain()
+        except OSError:
+            self._drop_listener()
+            return False
+        if changed is None:
+            self._values.clear()
+        else:
+            for key in changed:
+                self._values.pop(key.decode(), None)
+        return True
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            if not self._drain():
+                return None
+            found = self._values.get(key)
+            if found is None:
+                return None
+            if found[1] < time.monotonic():
+                del self._values[key]
+                return None
+            return found[0]
+
+    def put(self, key: str, value: bytes) -> None:
+        """Keep a value just read from Redis (whose invalidations the listener now receives)."""
+        with self._lock:
+            if self._listener is None:
+                return
+            if len(self._values) >= self._size:
+                del self._values[next(iter(self._values))]
+            self._values[key] = (value, time.monotonic() + self._max_age)
+
+    def start(self) -> None:
+        """Subscribe (again) after a (re)connection to Redis; errors leave it off."""
+        with self._lock:
+            if self._listener is not None:
+                return
+            with contextlib.suppress(OSError, ConnectionError):
+                self._listener = self._connect()
+
+    def stop(self) -> None:
+        """Redis may have changed without telling us: forget everything."""
+        with self._lock:
+            self._drop_listener()
+
+    def _drop_listener(self) -> None:
+        self._values.clear()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
