@@ -18,11 +18,10 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import docker
 import docker.errors
 from docker.models.containers import Container
 from docker.types import Healthcheck, Mount
-
-import docker
 
 from . import images, smoke
 from .errors import OrchestrateError, reason

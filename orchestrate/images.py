@@ -25,9 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import docker.errors
-
 import docker
+import docker.errors
 
 from .errors import OrchestrateError, reason
 from .output import say, tail

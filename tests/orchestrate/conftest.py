@@ -12,11 +12,10 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 
+import docker
 import docker.errors
 import pytest
 from orchestrate_helpers import Project, free_port, sweep
-
-import docker
 
 
 @pytest.fixture(scope="session")

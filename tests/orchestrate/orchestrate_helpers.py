@@ -13,9 +13,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import docker
 import docker.errors
 
-import docker
 from orchestrate.stack import PROJECT_LABEL
 
 REPO = Path(__file__).resolve().parents[2]

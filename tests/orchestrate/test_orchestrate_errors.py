@@ -13,10 +13,10 @@ import tarfile
 import time
 from collections.abc import Callable
 
+import docker
 import pytest
 from orchestrate_helpers import REPO, Project, labelled, orchestrate
 
-import docker
 from orchestrate import images
 from orchestrate.errors import OrchestrateError
 from orchestrate.stack import as_dict, describe_stack

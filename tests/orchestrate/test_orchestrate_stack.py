@@ -7,11 +7,11 @@ import dataclasses
 import json
 import time
 
+import docker
 import pytest
 import requests
 from orchestrate_helpers import Project, labelled
 
-import docker
 from orchestrate import engine
 from orchestrate.secretfiles import read_secret
 from orchestrate.stack import CONFIG_HASH_LABEL, PROJECT_LABEL, describe_stack
