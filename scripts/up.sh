@@ -4,4 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure-docker.sh
-exec "${PYTHON:-python3}" -m orchestrate up "$@"
+python=${PYTHON:-python3}
+if ! "$python" -c "import docker, yaml, orchestrate" >/dev/null 2>&1; then
+    echo "up: installing the orchestrator (pip install -e '.[orchestrate]')" >&2
+    "$python" -m pip install -q -e '.[orchestrate]'
+fi
+exec "$python" -m orchestrate up "$@"
