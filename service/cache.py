@@ -208,8 +208,10 @@ class UserCache:
         self._follow = self.redis.register_script(_LUA_FOLLOW)
         self._fill = self.redis.register_script(_LUA_FILL)
         self._write = self.redis.register_script(_LUA_WRITE)
-        # Lease tokens only need to be unique, not secret: a random prefix and a counter.
-        self._tokens = (f"{secrets.token_hex(4)}:{n}" for n in itertools.count())
+        # Lease tokens only need to be unique, not secret: a random prefix and a counter
+        # (itertools.count is safe to share between threads).
+        self._token_prefix = secrets.token_hex(4)
+        self._token_counter = itertools.count()
         self.near = self._near_cache()
         # Called between the database read and the fill; tests use it to force races.
         self.before_fill: Callable[[Lookup], None] | None = None
@@ -245,8 +247,12 @@ class UserCache:
                 self.near.stop()
             raise CacheUnavailable(str(exc)) from None
 
+    def _token(self) -> str:
+        return f"{self._token_prefix}:{next(self._token_counter)}"
+
     def _repair(self) -> None:
         """Delete every key a write could not update, then trust Redis again."""
+        self.redis.ping()  # not worth asking Postgres for repairs while Redis is still away
         if self.near:
             self.near.start()
         keys = db.pending_cache_repairs(self.database)
@@ -305,7 +311,7 @@ class UserCache:
         if near and (value := near.get(lookup.key)) is not None:
             metrics.CACHE_HITS.inc()
             return Answer(HIT, _decode_user(value))
-        token = next(self._tokens)
+        token = self._token()
         try:
             reply = self._call(lambda: self._try(lookup, token))
             pause, give_up = FILL_POLL_FIRST, time.monotonic() + FILL_WAIT
@@ -337,7 +343,7 @@ class UserCache:
 
     def lease_for_write(self, user_id: int) -> str:
         """Take `id:<id>`'s lease before changing the row; '' when Redis is unavailable."""
-        token = next(self._tokens)
+        token = self._token()
         try:
             self._call(lambda: self.redis.set(lease_key(user_key(user_id)), token, px=LEASE_MS))
         except CacheUnavailable:
