@@ -179,7 +179,8 @@ class Targets:
                             str(self.cold_offset[side])]
                 else:
                     args = ["create", side, str(THREADS), f"r{number}"]
-                result = wrk(base, args, self.duration, self.counters[who])
+                counted = self.counters[who] if name != "create" else no_counters
+                result = wrk(base, args, self.duration, counted)
                 if name == "miss":
                     self.cold_offset[side] += result.used + THREADS
                 series[who].rounds.append(result)
