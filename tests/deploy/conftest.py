@@ -17,12 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import docker
 import docker.errors
 import pytest
 import requests
 import yaml
 
-import docker
 from orchestrate.images import resolve_images
 from orchestrate.secretfiles import ensure_secrets, secret_path
 from orchestrate.stack import Stack, describe_stack

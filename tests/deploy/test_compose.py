@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import docker
 import pytest
 import yaml
 
-import docker
 from orchestrate.secretfiles import read_secret, remove_staged, stage_secrets
 from orchestrate.smoke import run_smoke
 from orchestrate.stack import Stack, describe_stack

@@ -1,0 +1,362 @@
+"""One stack, four formats: the orchestrator, compose, swarm and Kubernetes must agree.
+
+`orchestrate.stack.describe_stack()` is the reference. Each format is rendered by its own tool
+(`docker-compose config`, `docker stack config`, `kubectl kustomize`) with default settings and
+reduced to the same per-service view; changing one format without the others fails here.
+Differences that a format forces are spelled out where that format is read.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+import yaml
+
+from orchestrate.secretfiles import STAGE_ROOT
+from orchestrate.stack import (
+    DEFAULT_PROJECT,
+    PROJECT_LABEL,
+    SECRETS_DIR,
+    SECRETS_TARGET_DIR,
+    HealthCheck,
+    Service,
+    describe_stack,
+)
+from service import probe
+
+from .conftest import REPO, run, tool
+
+STACK = describe_stack()
+SERVICES = [s.name for s in STACK.services]
+SERVICE_REPOSITORY = "cachestack/service"  # the orchestrator tags cachestack/service:<hash>
+UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+View = dict[str, Any]
+
+
+def default_env() -> dict[str, str]:
+    """The environment without any setting that would change the rendered defaults."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("CACHESTACK_", "COMPOSE_"))}
+
+
+def render(*cmd: str) -> dict[str, Any]:
+    result = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env=default_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def to_bytes(size: str | int) -> int:
+    match = re.fullmatch(r"(\d+)([a-z]*)", str(size).lower())
+    assert match, size
+    return int(match[1]) * UNITS[match[2]]
+
+
+def seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m)", value)
+    assert match, value
+    return float(match[1]) * {"ms": 0.001, "s": 1, "m": 60}[match[2]]
+
+
+def unescape(value: Any) -> Any:
+    """docker-compose 1.29 `config` keeps `$$` (a literal `$`) escaped."""
+    if isinstance(value, str):
+        return value.replace("$$", "$")
+    if isinstance(value, list):
+        return [unescape(v) for v in value]
+    return value
+
+
+def probe_default_path() -> str:
+    """The path `python -m service.probe` checks without arguments (read from its code)."""
+    with mock.patch.object(probe.urllib.request, "urlopen", side_effect=OSError) as urlopen:
+        probe.main([])
+    return "/" + urlopen.call_args.args[0].split("/", 3)[3]
+
+
+def expected(service: Service) -> View:
+    """The reference view of one service, from the orchestrator's stack description."""
+    spec = STACK.images[service.image]
+    return {
+        "image": spec.official or SERVICE_REPOSITORY,
+        "user": service.user,
+        "command": list(service.command),
+        "environment": dict(service.environment),
+        "secrets": sorted(m.target for m in service.secrets),
+        "data": sorted(service.volumes),
+        "health": list(service.healthcheck.test),
+        "ports": [p.container for p in service.ports],
+        "read_only": service.hardening.read_only,
+        "cap_drop": list(service.hardening.cap_drop),
+        "memory": to_bytes(service.hardening.mem_limit),
+        "tmpfs": sorted(path for path, _ in service.hardening.tmpfs),
+    }
+
+
+def health_timing(check: HealthCheck) -> dict[str, float]:
+    return {
+        "interval": check.interval_s,
+        "timeout": check.timeout_s,
+        "retries": check.retries,
+        "start_period": check.start_period_s,
+    }
+
+
+def rendered_timing(health: dict[str, Any]) -> dict[str, float]:
+    return {
+        key: health[key] if key == "retries" else seconds(health[key])
+        for key in ("interval", "timeout", "retries", "start_period")
+    }
+
+
+def image_name(ref: str) -> str:
+    """The service image is compared by repository: its tag is the build's business."""
+    return ref.rsplit(":", 1)[0] if ref.startswith(SERVICE_REPOSITORY + ":") else ref
+
+
+# --- compose -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return render(tool("docker-compose"), "-f", "docker-compose.yml", "config")
+
+
+def compose_view(doc: dict[str, Any], name: str) -> View:
+    svc = doc["services"][name]
+    return {
+        "image": image_name(svc["image"]),
+        "user": svc["user"],
+        "command": unescape(svc["command"]),
+        "environment": svc.get("environment", {}),
+        "secrets": sorted(f"{SECRETS_TARGET_DIR}/{s['target']}" for s in svc["secrets"]),
+        "data": sorted(tuple(v.split(":")[:2]) for v in svc["volumes"] if not v.startswith("/"))
+        if "volumes" in svc
+        else [],
+        "health": unescape(svc["healthcheck"]["test"]),
+        "ports": [int(p.split(":")[2].split("/")[0]) for p in svc.get("ports", [])],
+        "read_only": svc["read_only"],
+        "cap_drop": svc["cap_drop"],
+        "memory": to_bytes(svc["mem_limit"]),
+        "tmpfs": sorted(t.split(":")[0] for t in svc["tmpfs"]),
+    }
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_compose_agrees(compose: dict[str, Any], name: str) -> None:
+    service = STACK.service(name)
+    assert compose_view(compose, name) == expected(service)
+    svc = compose["services"][name]
+    hardening = service.hardening
+    assert rendered_timing(svc["healthcheck"]) == health_timing(service.healthcheck)
+    assert sorted(svc["tmpfs"]) == sorted(f"{p}:{o}" for p, o in hardening.tmpfs)
+    assert svc["pids_limit"] == hardening.pids_limit
+    assert svc["restart"] == hardening.restart
+    assert ("no-new-privileges:true" in svc["security_opt"]) == hardening.no_new_privileges
+    assert sorted(svc["networks"]) == sorted(service.networks)
+    assert svc["labels"] == STACK.labels()
+    for port in service.ports:
+        assert f"{port.host_ip}:{port.host}:{port.container}/tcp" in svc["ports"]
+    # Outside swarm, compose bind-mounts each container's staged copy (owner uid, mode 0400).
+    for mount in service.secrets:
+        source = next(s["source"] for s in svc["secrets"] if s["target"] == Path(mount.target).name)
+        staged = STAGE_ROOT / DEFAULT_PROJECT / name / mount.secret
+        assert Path(compose["secrets"][source]["file"]) == staged
+    spec = STACK.images[service.image]
+    if spec.official is None:
+        assert Path(svc["build"]["context"]) == (REPO / spec.context).resolve()
+        assert svc["build"].get("dockerfile", "Dockerfile") == spec.dockerfile
+        assert svc["build"]["args"]["BASE_IMAGE"] == spec.official_base
+
+
+def test_compose_networks_and_volumes_agree(compose: dict[str, Any]) -> None:
+    assert {n.name: n.internal for n in STACK.networks} == {
+        name: bool(net.get("internal")) for name, net in compose["networks"].items()
+    }
+    assert sorted(compose["volumes"]) == sorted(STACK.volumes)
+    for item in [*compose["networks"].values(), *compose["volumes"].values()]:
+        assert item["labels"] == STACK.labels()
+
+
+# --- swarm -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swarm() -> dict[str, Any]:
+    return render(tool("docker"), "stack", "config", "-c", "stack.yml")
+
+
+def swarm_view(doc: dict[str, Any], name: str) -> View:
+    svc = doc["services"][name]
+    mounts = svc.get("volumes", [])
+    tmpfs_volumes = {
+        n for n, v in doc["volumes"].items() if v.get("driver_opts", {}).get("type") == "tmpfs"
+    }
+    return {
+        "image": image_name(svc["image"]),
+        "user": svc["user"],
+        "command": svc["command"],
+        "environment": svc.get("environment", {}),
+        "secrets": sorted(f"{SECRETS_TARGET_DIR}/{s['target']}" for s in svc["secrets"]),
+        "data": sorted(
+            (m["source"], m["target"])
+            for m in mounts
+            if m["type"] == "volume" and m["source"] not in tmpfs_volumes
+        ),
+        "health": svc["healthcheck"]["test"],
+        "ports": [p["target"] for p in svc.get("ports", [])],
+        "read_only": svc["read_only"],
+        "cap_drop": svc["cap_drop"],
+        "memory": to_bytes(svc["deploy"]["resources"]["limits"]["memory"]),
+        # Swarm tmpfs mounts are root-owned, so a uid-owned one is a tmpfs-backed volume.
+        "tmpfs": sorted(
+            m["target"] for m in mounts if m["type"] == "tmpfs" or m.get("source") in tmpfs_volumes
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_swarm_agrees(swarm: dict[str, Any], name: str) -> None:
+    service = STACK.service(name)
+    assert swarm_view(swarm, name) == expected(service)
+    svc = swarm["services"][name]
+    assert rendered_timing(svc["healthcheck"]) == health_timing(service.healthcheck)
+    assert svc["deploy"]["resources"]["limits"]["pids"] == service.hardening.pids_limit
+    assert sorted(svc["networks"]) == sorted(service.networks)
+    assert svc["labels"] == svc["deploy"]["labels"] == STACK.labels()
+    for port in service.ports:
+        assert {"target": port.container, "published": port.host}.items() <= svc["ports"][0].items()
+    # Swarm delivers secrets itself, owned by the container's uid with the same mode.
+    delivered = {
+        (
+            s["source"],
+            f"{SECRETS_TARGET_DIR}/{s['target']}",
+            int(s["uid"]),
+            int(s["gid"]),
+            s["mode"],
+        )
+        for s in svc["secrets"]
+    }
+    assert delivered == {(m.secret, m.target, m.uid, m.gid, m.mode) for m in service.secrets}
+
+
+def test_swarm_networks_volumes_and_secret_files_agree(swarm: dict[str, Any]) -> None:
+    assert {n.name: n.internal for n in STACK.networks} == {
+        name: bool(net.get("internal")) for name, net in swarm["networks"].items()
+    }
+    assert set(STACK.volumes) <= set(swarm["volumes"])
+    assert {name: Path(s["file"]) for name, s in swarm["secrets"].items()} == {
+        name: REPO / SECRETS_DIR / name for name in STACK.secrets
+    }
+
+
+# --- Kubernetes --------------------------------------------------------------------------------
+
+
+def workload_of(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return next(
+        o
+        for o in objects
+        if o["kind"] in ("Deployment", "StatefulSet") and o["metadata"]["name"] == name
+    )
+
+
+def k8s_view(objects: list[dict[str, Any]], name: str) -> View:
+    workload = workload_of(objects, name)
+    pod = workload["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    # Secret names behind the /run/secrets volume (a plain secret or a projected volume).
+    secret_volumes = {n: v for n, v in volumes.items() if "secret" in v or "projected" in v}
+    assert [mounts[n] for n in secret_volumes] == [SECRETS_TARGET_DIR]
+    secret_names = [
+        v["secret"]["secretName"] if "secret" in v else source["secret"]["name"]
+        for v in secret_volumes.values()
+        for source in v.get("projected", {}).get("sources", [v])
+    ]
+    data = {o["metadata"]["name"]: o["data"] for o in objects if o["kind"] == "Secret"}
+    keys = sorted(key for secret in secret_names for key in data[secret])
+    liveness = container["livenessProbe"]
+    if "httpGet" in liveness:
+        path = liveness["httpGet"]["path"]
+        health = ["CMD", "python", "-m", "service.probe"]
+        health += [] if path == probe_default_path() else [path]
+    else:
+        command = liveness["exec"]["command"]
+        health = ["CMD-SHELL", command[2]] if command[:2] == ["sh", "-c"] else ["CMD", *command]
+    environment = {e["name"]: e["value"] for e in container.get("env", [])}
+    if name == "postgres":
+        # A fresh volume claim may hold lost+found, which initdb refuses: data go one level down.
+        assert environment.pop("PGDATA").startswith(dict(STACK.service(name).environment)["PGDATA"])
+        environment["PGDATA"] = dict(STACK.service(name).environment)["PGDATA"]
+    security = pod["securityContext"]
+    return {
+        "image": image_name(container["image"]),
+        "user": f"{security['runAsUser']}:{security['runAsGroup']}",
+        "command": container["args"],
+        "environment": environment,
+        "secrets": sorted(f"{SECRETS_TARGET_DIR}/{k}" for k in keys),
+        "data": sorted(
+            (c["metadata"]["name"], mounts[c["metadata"]["name"]])
+            for c in workload["spec"].get("volumeClaimTemplates", [])
+        ),
+        "health": health,
+        "ports": [p["containerPort"] for p in container.get("ports", []) if p["name"] == "http"],
+        "read_only": container["securityContext"]["readOnlyRootFilesystem"],
+        "cap_drop": container["securityContext"]["capabilities"]["drop"],
+        "memory": to_bytes(container["resources"]["limits"]["memory"]),
+        "tmpfs": sorted(
+            mounts[n] for n, v in volumes.items() if v.get("emptyDir", {}).get("medium") == "Memory"
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_kubernetes_agrees(k8s_objects: list[dict[str, Any]], name: str) -> None:
+    service = STACK.service(name)
+    assert k8s_view(k8s_objects, name) == expected(service)
+    workload = workload_of(k8s_objects, name)
+    pod = workload["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is (
+        not service.hardening.no_new_privileges
+    )
+    # Kubernetes cannot chown a Secret's files to a uid: they are root-owned, mode 0440, and
+    # their group is the pod's fsGroup, which is the container user's own group.
+    assert {m.gid for m in service.secrets} == {pod["securityContext"]["fsGroup"]}
+    if service.ready_path:
+        assert container["readinessProbe"]["httpGet"]["path"] == service.ready_path
+    assert workload["metadata"]["labels"][PROJECT_LABEL] == STACK.project
+
+
+def test_every_format_uses_the_same_images(
+    compose: dict[str, Any], swarm: dict[str, Any], k8s_objects: list[dict[str, Any]]
+) -> None:
+    for name in SERVICES:
+        refs = {
+            compose["services"][name]["image"],
+            swarm["services"][name]["image"],
+            workload_of(k8s_objects, name)["spec"]["template"]["spec"]["containers"][0]["image"],
+        }
+        assert len(refs) == 1, f"{name}: {refs}"
+
+
+def test_secrets_in_k8s_are_generated_from_the_same_files() -> None:
+    kustomization = yaml.safe_load((REPO / "k8s" / "kustomization.yaml").read_text())
+    files = sorted(f for g in kustomization["secretGenerator"] for f in g["files"])
+    assert files == sorted(f"{name}=secrets/{name}" for name in STACK.secrets)
+    assert run("git", "check-ignore", "-q", "k8s/secrets/x", check=False).returncode == 0
