@@ -8,12 +8,18 @@ containers, networks, volumes and staged secrets even when a test failed.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
+import requests
 import yaml
 
 from orchestrate.secretfiles import read_secret, remove_staged, stage_secrets
@@ -67,17 +73,22 @@ def leftovers(client: docker.DockerClient, project: str) -> list[str]:
     )
 
 
-@pytest.fixture(scope="module")
-def compose(
-    docker_client: docker.DockerClient, stack_images: dict[str, str], secret_files: Stack
+@contextmanager
+def compose_up(
+    client: docker.DockerClient,
+    images: dict[str, str],
+    files: tuple[str, ...],
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[ComposeRun]:
+    """`up -d` a fresh project, wait until /readyz answers; `down -v` and check nothing is left."""
     stack = describe_stack(unique_name("csdc"), free_port())
     env = {
-        **image_env(stack_images),
+        **image_env(images),
         "COMPOSE_PROJECT_NAME": stack.project,
         "CACHESTACK_PORT": str(stack.service("service").ports[0].host),
+        **(extra_env or {}),
     }
-    running = ComposeRun(stack, compose_command(*FILES), env)
+    running = ComposeRun(stack, compose_command(*files), env)
     try:
         for service in stack.services:
             stage_secrets(stack, service)
@@ -96,8 +107,16 @@ def compose(
             check=False,
         )
         remove_staged(stack.project)
-        left = leftovers(docker_client, stack.project)
+        left = leftovers(client, stack.project)
         assert not left, f"compose down left {left}"
+
+
+@pytest.fixture(scope="module")
+def compose(
+    docker_client: docker.DockerClient, stack_images: dict[str, str], secret_files: Stack
+) -> Iterator[ComposeRun]:
+    with compose_up(docker_client, stack_images, FILES) as running:
+        yield running
 
 
 @pytest.mark.parametrize(
@@ -182,3 +201,34 @@ def test_redis_is_append_only(compose: ComposeRun, docker_client: docker.DockerC
         ]
     )
     assert result.output.decode().split() == ["appendonly", "yes"]
+
+
+def test_dev_override_reloads_changed_code(
+    docker_client: docker.DockerClient, stack_images: dict[str, str], secret_files: Stack
+) -> None:
+    """Change a copy of service/ under the running dev server: the new code serves requests."""
+    build = REPO / "build"
+    build.mkdir(exist_ok=True)
+    source = Path(tempfile.mkdtemp(prefix="dev-source-", dir=build))
+    try:
+        source.chmod(0o755)  # the container's uid 10001 reads the bind mount
+        shutil.copytree(
+            REPO / "service", source / "service", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        extra = {"CACHESTACK_DEV_SOURCE": str(source / "service")}
+        with compose_up(docker_client, stack_images, (*FILES, DEV_FILE), extra) as running:
+            url = f"{running.url}/__dev_reload_check"
+            assert requests.get(url, timeout=5).status_code == 404
+            with open(source / "service" / "wsgi.py", "a") as wsgi:
+                wsgi.write('\napp.add_url_rule("/__dev_reload_check", "dev", lambda: "reloaded")\n')
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    if requests.get(url, timeout=2).text == "reloaded":
+                        return
+                except requests.RequestException:
+                    pass  # the server is restarting
+                time.sleep(0.5)
+            raise AssertionError("the dev server did not pick up the changed code in 60 s")
+    finally:
+        shutil.rmtree(source)
