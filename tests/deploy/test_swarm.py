@@ -56,14 +56,19 @@ def host_ports(container: Any) -> list[int]:
     )
 
 
-def wait_for_replicas(client: docker.DockerClient, running: SwarmRun, count: int) -> list[Any]:
-    """The service's containers once `count` of them run healthy (tasks may restart first)."""
+def wait_for_replicas(
+    client: docker.DockerClient, running: SwarmRun, count: int, host_mode: bool
+) -> list[Any]:
+    """The service's containers once `count` of them run healthy (tasks may restart first).
+
+    In host mode each must also have its port; behind the mesh the containers have none.
+    """
     deadline = time.monotonic() + 180
     states: list[str] = []
     while time.monotonic() < deadline:
         found = running.containers(client, "service")
         states = [c.attrs["State"].get("Health", {}).get("Status", "none") for c in found]
-        if states == ["healthy"] * count and all(host_ports(c) for c in found):
+        if states == ["healthy"] * count and all(host_ports(c) or not host_mode for c in found):
             return found
         time.sleep(1)
     raise AssertionError(f"want {count} healthy service replicas, have {states}")
@@ -124,7 +129,7 @@ def swarm(
             env=env,
         )
         running = SwarmRun(stack, [])
-        replicas = wait_for_replicas(docker_client, running, 2)
+        replicas = wait_for_replicas(docker_client, running, 2, host_mode=not mesh)
         ports = [port] if mesh else [host_ports(c)[0] for c in replicas]
         running.urls = [f"http://127.0.0.1:{p}" for p in ports]
         for url in running.urls:
