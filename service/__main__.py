@@ -1,8 +1,9 @@
 """`python -m service`: serve the API with granian, a multi-process production server.
 
 granian was chosen by measurement on this project's 2-core machines (see README,
-"Choosing the server"): one blocking thread per worker process keeps Python threads
-from contending for the GIL under concurrent writes.
+"Choosing the server"). Each worker process runs a few blocking threads, so that one
+request's wait on Postgres or Redis overlaps another's work; many more threads than
+that only fight over the GIL.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="worker processes (default: one per CPU)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="blocking threads per worker (default 1)")
+    parser.add_argument("--threads", type=int, default=4,
+                        help="blocking threads per worker (default 4)")
     return parser.parse_args(argv)
 
 

@@ -10,12 +10,12 @@ import urllib.request
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    path = args[0] if args else "/healthz"
+    path = "/" + (args[0] if args else "healthz").lstrip("/")
     port = os.environ.get("PORT", "8000")
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
             return 0 if response.status == 200 else 1
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"probe {path}: {exc}", file=sys.stderr)
         return 1
 
