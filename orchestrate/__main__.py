@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import docker.errors
 
 from . import engine, images
 from .errors import OrchestrateError, reason
 from .output import error, say, step
-from .secretfiles import ensure_secrets
+from .secretfiles import ensure_secrets, stage_secrets
 from .smoke import run_smoke
 from .stack import DEFAULT_PORT, DEFAULT_PROJECT, describe_stack
 
@@ -45,8 +46,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     logs = commands.add_parser("logs", parents=[common], help="last log lines")
     logs.add_argument("service", nargs="?", help="postgres, redis or service (default: all)")
     commands.add_parser("smoke", parents=[common], help="run the smoke checks only")
-    commands.add_parser("secrets", parents=[common], help="generate missing secret files")
-    commands.add_parser("build", parents=[common], help="build or pull the images only")
+    commands.add_parser(
+        "secrets", parents=[common],
+        help="generate missing secret files and stage each container's copies (for compose)",
+    )
+    build = commands.add_parser("build", parents=[common], help="build or pull the images only")
+    build.add_argument(
+        "--env-file",
+        help="also write CACHESTACK_<IMAGE>_IMAGE=<ref> lines here (for docker-compose --env-file)",
+    )
     return parser.parse_args(argv)
 
 
@@ -84,10 +92,18 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "secrets":
         created = ensure_secrets(stack)
         say(f"generated {', '.join(created)}" if created else "all secrets present")
+        for service in stack.services:
+            staged = stage_secrets(stack, service)
+            say(f"staged for {service.name}: {', '.join(str(p) for p in staged.values())}")
     elif args.command == "build":
         with step("images"):
-            for key, ref in images.resolve_images(engine.connect(), stack, args.images).items():
+            refs = images.resolve_images(engine.connect(), stack, args.images)
+            for key, ref in refs.items():
                 say(f"{key}: {ref}")
+        if args.env_file:
+            lines = [f"CACHESTACK_{key.upper()}_IMAGE={ref}\n" for key, ref in refs.items()]
+            Path(args.env_file).write_text("".join(lines))
+            say(f"wrote {args.env_file}")
     return 0
 
 
