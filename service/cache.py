@@ -308,9 +308,11 @@ class UserCache:
     def read(self, lookup: Lookup, load: Callable[[], db.UserRow | None]) -> Answer:
         """Cache-aside read: a hit, or load from Postgres and fill under a lease."""
         near = self.near if lookup.field == "id" and not self.breaker.tripped else None
-        if near and (value := near.get(lookup.key)) is not None:
-            metrics.CACHE_HITS.inc()
-            return Answer(HIT, _decode_user(value))
+        if near:
+            if (value := near.get(lookup.key)) is not None:
+                metrics.CACHE_HITS.inc()
+                return Answer(HIT, _decode_user(value))
+            generation = near.generation
         token = self._token()
         try:
             reply = self._call(lambda: self._try(lookup, token))
@@ -326,7 +328,7 @@ class UserCache:
         if reply[0] == b"hit":
             metrics.CACHE_HITS.inc()
             if near:
-                near.put(lookup.key, reply[1])
+                near.put(lookup.key, reply[1], generation)
             return Answer(HIT, _decode_user(reply[1]) if reply[1] else None)
         metrics.CACHE_MISSES.inc()
         row = load()

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import hiredis
 
 CHANNEL = b"__redis__:invalidate"
+RETRY_SECONDS = 1.0  # between attempts to subscribe again
 
 
 def _command(*parts: str | bytes | int) -> bytes:
@@ -94,11 +95,18 @@ class NearCache:
         self._max_age = max_age
         self._values: dict[str, tuple[bytes, float]] = {}
         self._listener: InvalidationListener | None = None
+        # Bumped on every new subscription: a value read from Redis under an older one may
+        # have missed an invalidation while no listener was there, so it is not kept.
+        self.generation = 0
+        self._retry_at = 0.0
         self._lock = threading.Lock()
 
     def _drain(self) -> bool:
         """Apply pending invalidations; False (and nothing cached) without a healthy listener."""
         if self._listener is None:
+            if time.monotonic() < self._retry_at:
+                return False
+            self._subscribe()  # the listener broke while Redis itself kept answering
             return False
         try:
             changed = self._listener.drain()
@@ -124,10 +132,10 @@ class NearCache:
                 return None
             return found[0]
 
-    def put(self, key: str, value: bytes) -> None:
-        """Keep a value just read from Redis (whose invalidations the listener now receives)."""
+    def put(self, key: str, value: bytes, generation: int) -> None:
+        """Keep a value read from Redis while subscription `generation` was listening."""
         with self._lock:
-            if self._listener is None:
+            if self._listener is None or generation != self.generation:
                 return
             if len(self._values) >= self._size:
                 del self._values[next(iter(self._values))]
@@ -136,10 +144,14 @@ class NearCache:
     def start(self) -> None:
         """Subscribe (again) after a (re)connection to Redis; errors leave it off."""
         with self._lock:
-            if self._listener is not None:
-                return
-            with contextlib.suppress(OSError, ConnectionError):
-                self._listener = self._connect()
+            if self._listener is None:
+                self._subscribe()
+
+    def _subscribe(self) -> None:
+        self._retry_at = time.monotonic() + RETRY_SECONDS
+        with contextlib.suppress(OSError, ConnectionError):
+            self._listener = self._connect()
+            self.generation += 1
 
     def stop(self) -> None:
         """Redis may have changed without telling us: forget everything."""

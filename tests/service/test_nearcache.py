@@ -1,0 +1,75 @@
+"""The in-process near cache: hits cost no Redis command, and no change made elsewhere
+(another worker, a flush, a lost subscription) is ever hidden by it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from service.app import create_app
+
+from .conftest import settings_for
+from .servers import RedisServer
+from .test_api import create
+from .test_cache import read
+
+
+def commands(redis_up: RedisServer) -> int:
+    return int(redis_up.client().info("stats")["total_commands_processed"])
+
+
+@pytest.fixture
+def other_worker(database_url: str, redis_up: RedisServer) -> FlaskClient:
+    """A second app with its own Redis connections and near cache, like another process."""
+    return create_app(settings_for(database_url, redis_up.url)).test_client()
+
+
+def test_repeated_hits_are_served_from_process_memory(
+        client: FlaskClient, redis_up: RedisServer) -> None:
+    user = create(client)
+    assert read(client, f"/users/{user['id']}")[:2] == ("HIT", user)  # from Redis, then kept
+    before = commands(redis_up)
+    for _ in range(5):
+        assert read(client, f"/users/{user['id']}")[:2] == ("HIT", user)
+    assert commands(redis_up) - before == 1  # only the INFO call above
+
+
+def test_a_write_by_another_worker_is_seen_at_once(
+        client: FlaskClient, other_worker: FlaskClient) -> None:
+    user = create(client)
+    read(client, f"/users/{user['id']}")
+    read(client, f"/users/{user['id']}")
+    new = other_worker.patch(f"/users/{user['id']}",
+                             json={"display_name": "changed"}).get_json()["data"]
+    assert read(client, f"/users/{user['id']}")[1] == new
+    assert other_worker.delete(f"/users/{user['id']}").status_code == 204
+    assert read(client, f"/users/{user['id']}")[2] == 404
+
+
+def test_flushall_empties_the_near_cache(
+        app: Flask, client: FlaskClient, other_worker: FlaskClient,
+        redis_up: RedisServer) -> None:
+    user = create(client)
+    read(client, f"/users/{user['id']}")
+    redis_up.client().flushall()
+    new = other_worker.patch(f"/users/{user['id']}", json={"display_name": "x"}).get_json()
+    assert read(client, f"/users/{user['id']}")[1] == new["data"]
+
+
+def test_a_lost_subscription_turns_the_near_cache_off_then_on(
+        client: FlaskClient, other_worker: FlaskClient, redis_up: RedisServer) -> None:
+    user = create(client)
+    read(client, f"/users/{user['id']}")
+    redis_up.client().client_kill_filter(_type="pubsub")  # every listener, both "workers"
+    new = other_worker.patch(f"/users/{user['id']}",
+                             json={"display_name": "after kill"}).get_json()["data"]
+    assert read(client, f"/users/{user['id']}")[1] == new
+    time.sleep(1.1)  # past the wait before subscribing again
+    read(client, f"/users/{user['id']}")
+    read(client, f"/users/{user['id']}")
+    before = commands(redis_up)
+    assert read(client, f"/users/{user['id']}")[:2] == ("HIT", new)
+    assert commands(redis_up) - before == 1
