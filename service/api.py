@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import time
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, current_app, request
 
 from . import metrics, validation
 from .cache import HIT, Answer, Lookup
@@ -54,21 +53,6 @@ def _body() -> object:
         return json.loads(raw)
     except (ValueError, RecursionError):
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
-
-
-@bp.before_app_request
-def _start_timer() -> None:
-    g.started = time.perf_counter()
-
-
-@bp.after_app_request
-def _observe(response: Response) -> Response:
-    started = g.get("started")
-    if started is not None:
-        route = request.url_rule.rule if request.url_rule else "unmatched"
-        metrics.REQUEST_LATENCY.labels(request.method, route, str(response.status_code)).observe(
-            time.perf_counter() - started)
-    return response
 
 
 @bp.post("/users")

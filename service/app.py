@@ -6,6 +6,7 @@ import logging
 
 from flask import Flask
 
+from . import metrics
 from .cache import UserCache
 from .config import Settings
 from .db import Database
@@ -30,4 +31,5 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app.register_blueprint(api.bp)
     register_error_handlers(app)
+    app.wsgi_app = metrics.timed(app.wsgi_app)
     return app

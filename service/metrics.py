@@ -7,6 +7,9 @@ up the counters of all workers, whichever worker answers the scrape.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -17,6 +20,9 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
 CACHE_HITS = Counter("cache_hits", "Reads answered from Redis")
 CACHE_MISSES = Counter("cache_misses", "Reads that went to Postgres and filled Redis")
 CACHE_ERRORS = Counter("cache_errors", "Redis calls that failed or timed out")
@@ -25,9 +31,33 @@ DB_QUERIES = Counter("db_queries", "SQL statements sent to Postgres")
 REQUEST_LATENCY = Histogram(
     "http_request_duration_seconds",
     "Time spent answering HTTP requests",
-    ["method", "route", "status"],
+    ["method", "status"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+
+
+def timed(wsgi_app: WSGIApplication) -> WSGIApplication:
+    """WSGI middleware that observes each request's latency.
+
+    It wraps Flask's `wsgi_app` rather than using request hooks, which cost several times
+    more Python calls per request than this on the hottest paths.
+    """
+
+    def observed(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        started = time.perf_counter()
+        status = "500"
+
+        def remember_status(code: str, headers: list, *exc_info: object) -> object:
+            nonlocal status
+            status = code[:3]
+            return start_response(code, headers, *exc_info)
+
+        body = wsgi_app(environ, remember_status)
+        REQUEST_LATENCY.labels(environ["REQUEST_METHOD"], status).observe(
+            time.perf_counter() - started)
+        return body
+
+    return observed
 
 
 def render() -> tuple[bytes, str]:
