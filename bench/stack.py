@@ -137,27 +137,26 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
-def recreate_database(name: str) -> str:
-    """Drop and create database NAME on the bench Postgres server; returns its URL."""
+def _administer(*statements: str) -> None:
+    """Run statements that cannot run in a transaction (CREATE/DROP DATABASE)."""
     conn = psycopg2.connect(f"{PG_URL}/postgres")
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            cur.execute(f'CREATE DATABASE "{name}"')
+            for statement in statements:
+                cur.execute(statement)
     finally:
         conn.close()
+
+
+def recreate_database(name: str) -> str:
+    """Drop and create database NAME on the bench Postgres server; returns its URL."""
+    _administer(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"')
     return f"{PG_URL}/{name}"
 
 
 def drop_database(name: str) -> None:
-    conn = psycopg2.connect(f"{PG_URL}/postgres")
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        conn.close()
+    _administer(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def tree_memory(pid: int) -> tuple[int, int, int]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from . import db
 from .cache import Answer, Lookup, UserCache
+
+R = TypeVar("R")
 
 
 class Users:
@@ -29,27 +32,29 @@ class Users:
         return row
 
     def update(self, user_id: int, fields: dict[str, Any]) -> db.UserRow | None:
-        token = self.cache.lease_for_write(user_id)
-        try:
-            change = db.update_user(self.database, user_id, fields)
-        except Exception:
-            self.cache.release(user_id, token)
-            raise
+        change, token = self._leased(user_id, lambda: db.update_user(self.database, user_id,
+                                                                     fields))
         if change is None:
-            self.cache.release(user_id, token)
             return None
         self.cache.updated(change, token)
         return change.row
 
     def delete(self, user_id: int) -> bool:
-        token = self.cache.lease_for_write(user_id)
-        try:
-            row = db.delete_user(self.database, user_id)
-        except Exception:
-            self.cache.release(user_id, token)
-            raise
+        row, token = self._leased(user_id, lambda: db.delete_user(self.database, user_id))
         if row is None:
-            self.cache.release(user_id, token)
             return False
         self.cache.deleted(row, token)
         return True
+
+    def _leased(self, user_id: int, write: Callable[[], R | None]) -> tuple[R | None, str]:
+        """Change a row while holding its cache lease (see cache.py); the lease is given back
+        when the write fails or finds no row, and otherwise handed on to the write-through."""
+        token = self.cache.lease_for_write(user_id)
+        try:
+            result = write()
+        except Exception:
+            self.cache.release(user_id, token)
+            raise
+        if result is None:
+            self.cache.release(user_id, token)
+        return result, token
