@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask
 
-from . import metrics
+from . import api, metrics
 from .cache import UserCache
 from .config import Settings
 from .db import Database
@@ -26,9 +26,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     database = Database(settings.database_url, settings.db_pool_size,
                         settings.db_connect_timeout, settings.db_statement_timeout_ms)
     app.extensions["cachestack.users"] = Users(database, UserCache(settings, database))
-
-    from . import api
-
     app.register_blueprint(api.bp)
     register_error_handlers(app)
     app.wsgi_app = metrics.timed(app.wsgi_app)
