@@ -312,7 +312,7 @@ class UserCache:
             if (value := near.get(lookup.key)) is not None:
                 metrics.CACHE_HITS.inc()
                 return Answer(HIT, _decode_user(value))
-            generation = near.generation
+            epoch = near.epoch
         token = self._token()
         try:
             reply = self._call(lambda: self._try(lookup, token))
@@ -328,7 +328,7 @@ class UserCache:
         if reply[0] == b"hit":
             metrics.CACHE_HITS.inc()
             if near:
-                near.put(lookup.key, reply[1], generation)
+                near.put(lookup.key, reply[1], epoch)
             return Answer(HIT, _decode_user(reply[1]) if reply[1] else None)
         metrics.CACHE_MISSES.inc()
         row = load()

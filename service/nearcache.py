@@ -95,9 +95,10 @@ class NearCache:
         self._max_age = max_age
         self._values: dict[str, tuple[bytes, float]] = {}
         self._listener: InvalidationListener | None = None
-        # Bumped on every new subscription: a value read from Redis under an older one may
-        # have missed an invalidation while no listener was there, so it is not kept.
-        self.generation = 0
+        # Bumped whenever invalidations are applied or the subscription changes. A value read
+        # from Redis is kept only if the epoch has not moved since the read began: otherwise
+        # another thread may already have drained the invalidation that makes it old.
+        self.epoch = 0
         self._retry_at = 0.0
         self._lock = threading.Lock()
 
@@ -115,9 +116,11 @@ class NearCache:
             return False
         if changed is None:
             self._values.clear()
-        else:
+            self.epoch += 1
+        elif changed:
             for key in changed:
                 self._values.pop(key.decode(), None)
+            self.epoch += 1
         return True
 
     def get(self, key: str) -> bytes | None:
@@ -132,10 +135,10 @@ class NearCache:
                 return None
             return found[0]
 
-    def put(self, key: str, value: bytes, generation: int) -> None:
-        """Keep a value read from Redis while subscription `generation` was listening."""
+    def put(self, key: str, value: bytes, epoch: int) -> None:
+        """Keep a value that was read from Redis after `epoch` was current."""
         with self._lock:
-            if self._listener is None or generation != self.generation:
+            if self._listener is None or epoch != self.epoch:
                 return
             if len(self._values) >= self._size:
                 del self._values[next(iter(self._values))]
@@ -151,7 +154,7 @@ class NearCache:
         self._retry_at = time.monotonic() + RETRY_SECONDS
         with contextlib.suppress(OSError, ConnectionError):
             self._listener = self._connect()
-            self.generation += 1
+            self.epoch += 1
 
     def stop(self) -> None:
         """Redis may have changed without telling us: forget everything."""
@@ -160,6 +163,7 @@ class NearCache:
 
     def _drop_listener(self) -> None:
         self._values.clear()
+        self.epoch += 1
         if self._listener is not None:
             self._listener.close()
             self._listener = None

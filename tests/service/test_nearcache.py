@@ -10,6 +10,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from service.app import create_app
+from service.cache import user_key
 
 from .conftest import settings_for
 from .servers import RedisServer
@@ -73,3 +74,21 @@ def test_a_lost_subscription_turns_the_near_cache_off_then_on(
     before = commands(redis_up)
     assert read(client, f"/users/{user['id']}")[:2] == ("HIT", new)
     assert commands(redis_up) - before == 1
+
+
+def test_a_value_read_before_another_thread_drained_its_invalidation_is_not_kept(
+        app: Flask, client: FlaskClient, other_worker: FlaskClient,
+        redis_up: RedisServer) -> None:
+    """Thread A reads a row from Redis; a write elsewhere invalidates it; thread B drains
+    that invalidation; only then does A try to keep its (now old) copy."""
+    user = create(client)
+    near = app.extensions["cachestack.users"].cache.near
+    key = user_key(user["id"])
+    assert near.get(key) is None
+    epoch = near.epoch  # A's read of Redis starts here
+    old = redis_up.client().get(key)
+    new = other_worker.patch(f"/users/{user['id']}",
+                             json={"display_name": "newer"}).get_json()["data"]
+    near.get(user_key(user["id"] + 1))  # B drains the invalidation of A's key
+    near.put(key, old, epoch)  # A, late
+    assert read(client, f"/users/{user['id']}")[1] == new
