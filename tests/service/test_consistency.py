@@ -9,7 +9,7 @@ from bench.consistency import run_checker
 from .servers import ServiceProcess
 
 OPERATIONS = 2_000
-CLIENTS = 16
+CLIENTS = 32
 
 
 def test_no_read_sees_data_older_than_an_acknowledged_write(service: ServiceProcess) -> None:
