@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import tempfile
 
@@ -27,10 +28,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_address(host: str, port: int) -> None:
+    """Fail with one clear line when the address cannot be listened on (granian would
+    print a Rust backtrace)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        socket.create_server((host, port), family=family).close()
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         Settings.from_env()  # fail now, with one clear line, rather than in every worker
+        check_address(args.host, args.port)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,52 @@
+"""`python -m service` fails with one clear line, not a traceback, and never echoes a secret."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+from .servers import ROOT
+
+SECRET = "do-not-print-this-3f9a"
+
+
+def run_service(*args: str, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_"))}
+    return subprocess.run([sys.executable, "-m", "service", *args], cwd=ROOT, timeout=30,
+                          env={**clean, **env}, capture_output=True, text=True)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert SECRET not in result.stderr + result.stdout
+    for word in words:
+        assert word in lines[0]
+
+
+def test_missing_database_url() -> None:
+    assert_one_line_error(run_service(), "DATABASE_URL")
+
+
+def test_unreadable_secret_file_is_named_but_not_shown(tmp_path) -> None:
+    result = run_service(DATABASE_URL=f"postgresql://u:{SECRET}@127.0.0.1/db",
+                         REDIS_PASSWORD_FILE=str(tmp_path / "missing"))
+    assert_one_line_error(result, "REDIS_PASSWORD_FILE")
+
+
+def test_bad_number_setting() -> None:
+    result = run_service(DATABASE_URL=f"postgresql://u:{SECRET}@127.0.0.1/db",
+                         CACHE_TIMEOUT_MS="soon")
+    assert_one_line_error(result, "CACHE_TIMEOUT_MS")
+
+
+def test_port_in_use() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run_service("--port", str(port),
+                             DATABASE_URL=f"postgresql://u:{SECRET}@127.0.0.1/db")
+    assert_one_line_error(result, f"127.0.0.1:{port}", "in use")
