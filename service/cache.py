@@ -1,6 +1,7 @@
 """The cache policy, all of it: keys, TTLs, fills, write-through and invalidation.
 
-Keys (prefix `cs:1:`, bumped when the value format changes):
+Keys (prefix `cs:1:<namespace>:`; 1 is bumped when the value format changes, and the
+namespace is a name the database got when its schema was created, see migration 002):
 - `id:<id>` holds `<version> <json>` for a user, `<version> ` for a deleted one
   (a tombstone) and `0 ` for an id nobody has. The JSON is the exact response body.
 - `username:<lower>` and `email:<lower>` hold the user's id, or an empty string when
@@ -51,9 +52,7 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-PREFIX = "cs:1:"
-ID_PREFIX = PREFIX + "id:"
-LEASE_PREFIX = PREFIX + "lease:"
+FORMAT = "cs:1:"
 LEASE_MS = 3000
 # A reader that finds another's lease polls for its fill, backing off from the first to
 # the last pause, for at most FILL_WAIT seconds; then it reads Postgres itself.
@@ -135,17 +134,29 @@ class Lookup:
     def of(cls, field: str, value: str | int) -> Lookup:
         return cls(field, str(value).lower())
 
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names under one database's prefix."""
+
+    prefix: str
+
+    @classmethod
+    def for_namespace(cls, namespace: str) -> Keys:
+        return cls(f"{FORMAT}{namespace}:")
+
     @property
-    def key(self) -> str:
-        return f"{PREFIX}{self.field}:{self.value}"
+    def ids(self) -> str:
+        return self.prefix + "id:"
 
+    def of(self, lookup: Lookup) -> str:
+        return f"{self.prefix}{lookup.field}:{lookup.value}"
 
-def user_key(user_id: int | str) -> str:
-    return f"{ID_PREFIX}{user_id}"
+    def user(self, user_id: int | str) -> str:
+        return f"{self.ids}{user_id}"
 
-
-def lease_key(key: str) -> str:
-    return LEASE_PREFIX + key.removeprefix(PREFIX)
+    def lease(self, key: str) -> str:
+        return f"{self.prefix}lease:{key.removeprefix(self.prefix)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +223,7 @@ class UserCache:
         # (itertools.count is safe to share between threads).
         self._token_prefix = secrets.token_hex(4)
         self._token_counter = itertools.count()
+        self._keys: Keys | None = None
         self.near = self._near_cache()
         # Called between the database read and the fill; tests use it to force races.
         self.before_fill: Callable[[Lookup], None] | None = None
@@ -224,10 +236,17 @@ class UserCache:
         def subscribe() -> InvalidationListener:
             return InvalidationListener(options["host"], options.get("port", 6379),
                                         options.get("username"), options.get("password"),
-                                        ID_PREFIX, self.settings.cache_timeout)
+                                        self.keys.ids, self.settings.cache_timeout)
 
         max_age = self.settings.cache_ttl * (1 - self.settings.cache_ttl_jitter)
         return NearCache(subscribe, self.settings.near_cache_size, max_age)
+
+    @property
+    def keys(self) -> Keys:
+        """The database's key names, learnt from Postgres once per process."""
+        if self._keys is None:
+            self._keys = Keys.for_namespace(db.cache_namespace(self.database))
+        return self._keys
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -257,7 +276,7 @@ class UserCache:
             self.near.start()
         keys = db.pending_cache_repairs(self.database)
         if keys:
-            self._write([*keys, *map(lease_key, keys)],
+            self._write([*keys, *map(self.keys.lease, keys)],
                         ["", *[x for _ in keys for x in (DELETE, 0, "")]])
             db.clear_cache_repairs(self.database, keys)
             log.info("cache repaired: %d stale keys deleted", len(keys))
@@ -279,18 +298,18 @@ class UserCache:
         return int(self.settings.cache_negative_ttl * 1000 * random.uniform(1 - jitter, 1))
 
     def _user_entry(self, row: db.UserRow) -> Entry:
-        return Entry(user_key(row.id), VERSIONED, self._ttl_ms(True),
+        return Entry(self.keys.user(row.id), VERSIONED, self._ttl_ms(True),
                      b"%d " % row.version + row.to_json())
 
     def _entries_for(self, lookup: Lookup, row: db.UserRow | None) -> list[Entry]:
         """What a fill of `lookup` stores, given what Postgres answered."""
         if row is None:
             value = "0 " if lookup.field == "id" else ""
-            return [Entry(lookup.key, VERSIONED if lookup.field == "id" else PLAIN,
+            return [Entry(self.keys.of(lookup), VERSIONED if lookup.field == "id" else PLAIN,
                           self._ttl_ms(False), value)]
         entries = [self._user_entry(row)]
         if lookup.field != "id":
-            entries.append(Entry(lookup.key, PLAIN, self._ttl_ms(True), str(row.id)))
+            entries.append(Entry(self.keys.of(lookup), PLAIN, self._ttl_ms(True), str(row.id)))
         return entries
 
     @staticmethod
@@ -299,28 +318,29 @@ class UserCache:
 
     # -- reads --------------------------------------------------------------------
 
-    def _try(self, lookup: Lookup, token: str) -> list:
-        keys = [lookup.key, lease_key(lookup.key)]
+    def _try(self, key: str, lookup: Lookup, token: str) -> list:
+        keys = [key, self.keys.lease(key)]
         if lookup.field == "id":
             return self._read(keys, [token, LEASE_MS])
-        return self._follow(keys, [token, LEASE_MS, ID_PREFIX, lookup.field, lookup.value])
+        return self._follow(keys, [token, LEASE_MS, self.keys.ids, lookup.field, lookup.value])
 
     def read(self, lookup: Lookup, load: Callable[[], db.UserRow | None]) -> Answer:
         """Cache-aside read: a hit, or load from Postgres and fill under a lease."""
+        key = self.keys.of(lookup)
         near = self.near if lookup.field == "id" and not self.breaker.tripped else None
         if near:
-            if (value := near.get(lookup.key)) is not None:
+            if (value := near.get(key)) is not None:
                 metrics.CACHE_HITS.inc()
                 return Answer(HIT, _decode_user(value))
             epoch = near.epoch
         token = self._token()
         try:
-            reply = self._call(lambda: self._try(lookup, token))
+            reply = self._call(lambda: self._try(key, lookup, token))
             pause, give_up = FILL_POLL_FIRST, time.monotonic() + FILL_WAIT
             while reply[0] == b"busy" and time.monotonic() < give_up:
                 time.sleep(pause)
                 pause = min(pause * 2, FILL_POLL_LAST)
-                reply = self._call(lambda: self._try(lookup, token))
+                reply = self._call(lambda: self._try(key, lookup, token))
         except CacheUnavailable:
             metrics.CACHE_BYPASSES.inc()
             row = load()
@@ -328,7 +348,7 @@ class UserCache:
         if reply[0] == b"hit":
             metrics.CACHE_HITS.inc()
             if near:
-                near.put(lookup.key, reply[1], epoch)
+                near.put(key, reply[1], epoch)
             return Answer(HIT, _decode_user(reply[1]) if reply[1] else None)
         metrics.CACHE_MISSES.inc()
         row = load()
@@ -336,7 +356,7 @@ class UserCache:
             if self.before_fill:
                 self.before_fill(lookup)
             entries = self._entries_for(lookup, row)
-            keys = [lease_key(lookup.key), *(entry.key for entry in entries)]
+            keys = [self.keys.lease(key), *(entry.key for entry in entries)]
             with contextlib.suppress(CacheUnavailable):  # the answer is right, just not cached
                 self._call(lambda: self._fill(keys, [token, *self._args(entries)]))
         return Answer(MISS, row.to_json() if row else None)
@@ -347,7 +367,8 @@ class UserCache:
         """Take `id:<id>`'s lease before changing the row; '' when Redis is unavailable."""
         token = self._token()
         try:
-            self._call(lambda: self.redis.set(lease_key(user_key(user_id)), token, px=LEASE_MS))
+            lease = self.keys.lease(self.keys.user(user_id))
+            self._call(lambda: self.redis.set(lease, token, px=LEASE_MS))
         except CacheUnavailable:
             return ""
         return token
@@ -356,7 +377,8 @@ class UserCache:
         """Give a write lease back after a write that changed nothing."""
         if token:
             with contextlib.suppress(CacheUnavailable):
-                self._call(lambda: self.redis.delete(lease_key(user_key(user_id))))
+                lease = self.keys.lease(self.keys.user(user_id))
+                self._call(lambda: self.redis.delete(lease))
 
     def created(self, row: db.UserRow) -> None:
         self._write_through(self._row_entries(row), "")
@@ -365,28 +387,29 @@ class UserCache:
         entries = self._row_entries(change.row)
         fresh = {entry.key for entry in entries}
         for field, old in (("username", change.old_username), ("email", change.old_email)):
-            key = Lookup.of(field, old).key
+            key = self.keys.of(Lookup.of(field, old))
             if key not in fresh:
                 entries.append(Entry(key, DELETE, 0, ""))
         self._write_through(entries, token)
 
     def deleted(self, row: db.UserRow, token: str) -> None:
-        tombstone = Entry(user_key(row.id), VERSIONED, self._ttl_ms(False),
+        tombstone = Entry(self.keys.user(row.id), VERSIONED, self._ttl_ms(False),
                           b"%d " % (row.version + 1))
-        indexes = [Entry(Lookup.of(field, getattr(row, field)).key, DELETE, 0, "")
+        indexes = [Entry(self.keys.of(Lookup.of(field, getattr(row, field))), DELETE, 0, "")
                    for field in ("username", "email")]
         self._write_through([tombstone, *indexes], token)
 
     def _row_entries(self, row: db.UserRow) -> list[Entry]:
         ttl = self._ttl_ms(True)
         return [self._user_entry(row),
-                *(Entry(Lookup.of(field, getattr(row, field)).key, PLAIN, ttl, str(row.id))
+                *(Entry(self.keys.of(Lookup.of(field, getattr(row, field))), PLAIN, ttl,
+                        str(row.id))
                   for field in ("username", "email"))]
 
     def _write_through(self, entries: list[Entry], token: str) -> None:
         keys = [entry.key for entry in entries]
         try:
-            self._call(lambda: self._write([*keys, *map(lease_key, keys)],
+            self._call(lambda: self._write([*keys, *map(self.keys.lease, keys)],
                                            [token, *self._args(entries)]))
         except CacheUnavailable:
             db.record_cache_repairs(self.database, keys)

@@ -7,7 +7,6 @@ sys.path. No tests/orchestrate/__init__.py: it would shadow the real `orchestrat
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -20,12 +19,6 @@ from orchestrate.stack import PROJECT_LABEL
 
 REPO = Path(__file__).resolve().parents[2]
 UP_TIMEOUT_S = 1200  # a cold offline build of every image fits in this
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def orchestrate(

@@ -16,6 +16,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from service.app import create_app
+from service.cache import Keys
 from service.config import Settings
 from tests.support import require
 
@@ -53,11 +54,23 @@ def redis_up(redis_server: RedisServer) -> RedisServer:
 
 
 def empty_database(database_url: str) -> None:
+    """As if the database were new: no rows, ids from 1, and a new cache namespace (so the
+    shared Redis holds nothing this database has ever written)."""
     with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
-        cur.execute("SELECT to_regclass('users') IS NOT NULL")
+        cur.execute("SELECT to_regclass('cache_namespace') IS NOT NULL")
         if cur.fetchone()[0]:
             cur.execute("TRUNCATE users, cache_repairs RESTART IDENTITY")
+            cur.execute("UPDATE cache_namespace SET value = substr(md5(random()::text), 1, 12)")
     conn.close()
+
+
+def keys_of(database_url: str) -> Keys:
+    """The cache key names a service on this database uses."""
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT value FROM cache_namespace")
+        namespace = cur.fetchone()[0]
+    conn.close()
+    return Keys.for_namespace(namespace)
 
 
 def settings_for(database_url: str, redis_url: str, **overrides: float) -> Settings:

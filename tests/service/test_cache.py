@@ -11,9 +11,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from service.app import create_app
-from service.cache import PREFIX
+from service.cache import Keys, Lookup
 
-from .conftest import settings_for
+from .conftest import empty_database, settings_for
 from .servers import RedisServer
 from .test_api import create
 
@@ -90,10 +90,15 @@ def test_cached_404_by_id_is_gone_once_the_id_exists(client: FlaskClient) -> Non
     assert read(client, "/users/1")[:2] == ("HIT", user)
 
 
-def test_stale_index_entry_is_a_miss(client: FlaskClient, redis_up: RedisServer) -> None:
+def keys(app: Flask) -> Keys:
+    return app.extensions["cachestack.users"].cache.keys
+
+
+def test_stale_index_entry_is_a_miss(
+        app: Flask, client: FlaskClient, redis_up: RedisServer) -> None:
     alice = create(client, "alice", "alice@example.org")
     bob = create(client, "bob", "bob@example.org")
-    redis_up.client().set(f"{PREFIX}username:alice", str(bob["id"]))
+    redis_up.client().set(keys(app).of(Lookup("username", "alice")), str(bob["id"]))
     assert read(client, "/users?username=alice")[:2] == ("MISS", [alice])
 
 
@@ -124,7 +129,7 @@ def test_ttls_are_configurable(database_url: str, redis_up: RedisServer) -> None
     client.get("/users?username=nobody")
     found = ttls(redis_up)
     assert all(18 - 1 <= ttl <= 22 for key, ttl in found.items() if "nobody" not in key)
-    assert 0 < found[f"{PREFIX}username:nobody"] <= 5
+    assert 0 < found[keys(app).of(Lookup("username", "nobody"))] <= 5
 
 
 def test_failed_write_changes_neither_postgres_nor_redis(
@@ -221,3 +226,15 @@ def test_app_starts_without_redis_and_uses_it_once_it_appears(
     time.sleep(0.3)
     assert read(client, f"/users/{user['id']}")[:2] == ("MISS", user)
     assert read(client, f"/users/{user['id']}")[:2] == ("HIT", user)
+
+
+def test_a_recreated_database_never_reads_its_predecessors_entries(
+        app: Flask, client: FlaskClient, database_url: str, redis_up: RedisServer) -> None:
+    old = create(client, "alice", "alice@example.org")
+    client.patch(f"/users/{old['id']}", json={"display_name": "version 2"})
+    empty_database(database_url)  # ids and versions start over; Redis keeps its entries
+    fresh = create_app(settings_for(database_url, redis_up.url)).test_client()
+    bob = create(fresh, "bob", "bob@example.org")
+    assert bob["id"] == old["id"]
+    assert read(fresh, f"/users/{bob['id']}")[1] == bob
+    assert read(fresh, "/users?username=alice")[1] == []

@@ -10,12 +10,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from service.app import create_app
-from service.cache import user_key
 
 from .conftest import settings_for
 from .servers import RedisServer
 from .test_api import create
-from .test_cache import read
+from .test_cache import keys, read
 
 
 def commands(redis_up: RedisServer) -> int:
@@ -83,12 +82,12 @@ def test_a_value_read_before_another_thread_drained_its_invalidation_is_not_kept
     that invalidation; only then does A try to keep its (now old) copy."""
     user = create(client)
     near = app.extensions["cachestack.users"].cache.near
-    key = user_key(user["id"])
+    key = keys(app).user(user["id"])
     assert near.get(key) is None
     epoch = near.epoch  # A's read of Redis starts here
     old = redis_up.client().get(key)
     new = other_worker.patch(f"/users/{user['id']}",
                              json={"display_name": "newer"}).get_json()["data"]
-    near.get(user_key(user["id"] + 1))  # B drains the invalidation of A's key
+    near.get(keys(app).user(user["id"] + 1))  # B drains the invalidation of A's key
     near.put(key, old, epoch)  # A, late
     assert read(client, f"/users/{user['id']}")[1] == new

@@ -13,11 +13,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from service import db
-from service.cache import Lookup, user_key
+from service.cache import Lookup
 
 from .servers import RedisServer
 from .test_api import create
-from .test_cache import read
+from .test_cache import keys, read
 
 
 def parked_reader(app: Flask, path: str) -> tuple[threading.Thread, threading.Event, list]:
@@ -122,5 +122,5 @@ def test_older_writer_after_a_flush_cannot_restore_its_row(
                           json={"display_name": "second"}).get_json()["data"]
     redis_up.client().flushall()
     first()
-    assert redis_up.client().get(user_key(user["id"])) is None
+    assert redis_up.client().get(keys(app).user(user["id"])) is None
     assert read(client, f"/users/{user['id']}")[1] == second

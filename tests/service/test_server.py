@@ -14,9 +14,7 @@ import psycopg2
 import pytest
 import requests
 
-from service.cache import user_key
-
-from .conftest import empty_database
+from .conftest import empty_database, keys_of
 from .servers import RedisServer, ServiceProcess, TcpProxy
 
 STAMPEDE = 200
@@ -73,7 +71,7 @@ def test_stampede_on_one_key_costs_at_most_two_queries(
     service = threaded_service
     user = post_user(service.url, f"hot{uuid.uuid4().hex[:12]}")
     warm_up(service.url)
-    key = user_key(user["id"])
+    key = keys_of(database_url).user(user["id"])
     if state == "cold":
         redis_server.client().delete(key)
     else:
