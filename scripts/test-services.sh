@@ -20,7 +20,8 @@ if ((${#apt_packages[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_packages[@]}" >/dev/null
 fi
 
-# PostgreSQL: the Debian cluster, a role and database for the tests (TEST_DATABASE_URL).
+# PostgreSQL: the Debian cluster, a role and database for the tests (TEST_DATABASE_URL);
+# the role may create databases, which bench/ does.
 if ! pg_isready -q -h 127.0.0.1; then
   cluster=$(pg_lsclusters --no-header | awk 'NR==1 {print $1" "$2}')
   # shellcheck disable=SC2086
@@ -29,7 +30,7 @@ if ! pg_isready -q -h 127.0.0.1; then
 fi
 as_postgres() { if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 as_postgres psql -qtAc "SELECT 1 FROM pg_roles WHERE rolname = 'cachestack'" | grep -q 1 ||
-  as_postgres psql -qc "CREATE ROLE cachestack LOGIN PASSWORD 'cachestack'"
+  as_postgres psql -qc "CREATE ROLE cachestack LOGIN CREATEDB PASSWORD 'cachestack'"
 as_postgres psql -qtAc "SELECT 1 FROM pg_database WHERE datname = 'cachestack_test'" | grep -q 1 ||
   as_postgres createdb -O cachestack cachestack_test
 
