@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 
+import docker
+import docker.errors
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
@@ -23,3 +25,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def docker_engine() -> docker.DockerClient:
+    """A client of the engine at DOCKER_HOST or the local socket; skip (fail in CI) without one."""
+    try:
+        client = docker.from_env(version="auto")
+        client.ping()
+    except docker.errors.DockerException:
+        client = None
+    require(client is not None, "a Docker engine (scripts/ensure-docker.sh)")
+    return client

@@ -17,8 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import docker
-import docker.errors
 import pytest
 import requests
 import yaml
@@ -26,7 +24,7 @@ import yaml
 from orchestrate.images import resolve_images
 from orchestrate.secretfiles import ensure_secrets, secret_path
 from orchestrate.stack import Stack, describe_stack
-from tests.support import require
+from tests.support import docker_engine, require
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET_NAMES = describe_stack().secrets
@@ -91,13 +89,7 @@ def wait_ready(base_url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
 def docker_client() -> Any:
     """A client of the local engine; skip (fail in CI) when none answers."""
     tool("docker")
-    try:
-        client = docker.from_env(version="auto")
-        client.ping()
-    except docker.errors.DockerException:
-        client = None
-    require(client is not None, "a Docker engine (scripts/ensure-docker.sh)")
-    return client
+    return docker_engine()
 
 
 @pytest.fixture(scope="session")

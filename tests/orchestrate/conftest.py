@@ -17,18 +17,12 @@ import docker.errors
 import pytest
 from orchestrate_helpers import Project, sweep
 
-from tests.support import free_port, require
+from tests.support import docker_engine, free_port
 
 
 @pytest.fixture(scope="session")
 def docker_client() -> docker.DockerClient:
-    try:
-        client = docker.from_env(version="auto")
-        client.ping()
-    except docker.errors.DockerException:
-        client = None
-    require(client is not None, "a Docker engine (scripts/ensure-docker.sh)")
-    return client
+    return docker_engine()
 
 
 @pytest.fixture(scope="session")
