@@ -30,21 +30,18 @@ MIGRATION_LOCK_ID = 7_240_113
 _RFC3339 = """'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'"""
 
 
-def user_columns(table: str = "users") -> str:
-    """The columns of a UserRow, timestamps already formatted as RFC 3339 in UTC."""
-    t = table
-    return (
-        f"{t}.id, {t}.username, {t}.email, {t}.display_name, {t}.version, "
-        f"to_char({t}.created_at AT TIME ZONE 'UTC', {_RFC3339}), "
-        f"to_char({t}.updated_at AT TIME ZONE 'UTC', {_RFC3339})"
-    )
-
-
-USER_COLUMNS = user_columns()
+# The columns of a UserRow, timestamps formatted as RFC 3339 in UTC. Qualified with the
+# table, because the UPDATE joins another relation that has some of the same names.
+USER_COLUMNS = (
+    "users.id, users.username, users.email, users.display_name, users.version, "
+    f"to_char(users.created_at AT TIME ZONE 'UTC', {_RFC3339}), "
+    f"to_char(users.updated_at AT TIME ZONE 'UTC', {_RFC3339})"
+)
+# Values arrive lower-cased (cache.Lookup); usernames match through the lower() index.
 LOOKUP_CONDITIONS = {
     "id": "id = %s",
-    "username": "lower(username) = lower(%s)",
-    "email": "email = lower(%s)",
+    "username": "lower(username) = %s",
+    "email": "email = %s",
 }
 UNIQUE_CONSTRAINTS = {"users_username_key": "username", "users_email_key": "email"}
 
