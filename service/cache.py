@@ -41,12 +41,11 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from . import db, metrics
 from .config import Settings
 from .nearcache import InvalidationListener, NearCache
+from .wire import Script, Wire
 
 T = TypeVar("T")
 
@@ -75,15 +74,15 @@ end
 """
 
 # KEYS: key, lease. ARGV: token, lease ms. -> {'hit', value} | {'lease'} | {'busy'}
-_LUA_READ = """
+READ = Script("""
 local value = redis.call('GET', KEYS[1])
 if value then return {'hit', value} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'lease'} end
 return {'busy'}
-"""
+""")
 
 # KEYS: index key, lease. ARGV: token, lease ms, user key prefix, field, lowered value.
-_LUA_FOLLOW = """
+FOLLOW = Script("""
 local id = redis.call('GET', KEYS[1])
 if id == '' then return {'hit', ''} end
 if id then
@@ -93,19 +92,19 @@ if id then
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'lease'} end
 return {'busy'}
-"""
+""")
 
 # KEYS: lease, entries... ARGV: token, then mode, ttl, value for each entry.
-_LUA_FILL = _LUA_PUT + """
+FILL = Script(_LUA_PUT + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 for i = 2, #KEYS do put(KEYS[i], ARGV[3*i-4], ARGV[3*i-3], ARGV[3*i-2]) end
 return 1
-"""
+""")
 
 # KEYS: n entries, then their n leases. ARGV: the writer's lease token ('' for none),
 # then mode, ttl, value for each entry.
-_LUA_WRITE = _LUA_PUT + """
+WRITE = Script(_LUA_PUT + """
 local n = #KEYS / 2
 for i = 1, n do
   local mode = ARGV[3*i-1]
@@ -116,7 +115,7 @@ for i = 1, n do
   redis.call('DEL', KEYS[n+i])
 end
 return 1
-"""
+""")
 
 
 class CacheUnavailable(Exception):
@@ -208,17 +207,7 @@ class UserCache:
         self.settings = settings
         self.database = database
         self.breaker = Breaker(settings.cache_cooldown)
-        self.redis = redis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=settings.cache_timeout,
-            socket_connect_timeout=settings.cache_timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
-        self._read = self.redis.register_script(_LUA_READ)
-        self._follow = self.redis.register_script(_LUA_FOLLOW)
-        self._fill = self.redis.register_script(_LUA_FILL)
-        self._write = self.redis.register_script(_LUA_WRITE)
+        self.redis = Wire(settings.redis_url, settings.cache_timeout)
         # Lease tokens only need to be unique, not secret: a random prefix and a counter
         # (itertools.count is safe to share between threads).
         self._token_prefix = secrets.token_hex(4)
@@ -229,7 +218,7 @@ class UserCache:
         self.before_fill: Callable[[Lookup], None] | None = None
 
     def _near_cache(self) -> NearCache | None:
-        options = self.redis.connection_pool.connection_kwargs
+        options = self.redis.options
         if not self.settings.near_cache_size or "host" not in options:
             return None  # turned off, or Redis on a unix socket
 
@@ -262,6 +251,7 @@ class UserCache:
             if not self.breaker.tripped:
                 log.warning("redis unavailable, serving from postgres: %s", type(exc).__name__)
             self.breaker.trip()
+            self.redis.close()  # the other idle connections are likely dead too
             if self.near:
                 self.near.stop()
             raise CacheUnavailable(str(exc)) from None
@@ -271,13 +261,13 @@ class UserCache:
 
     def _repair(self) -> None:
         """Delete every key a write could not update, then trust Redis again."""
-        self.redis.ping()  # not worth asking Postgres for repairs while Redis is still away
+        self.redis.call("PING")  # not worth asking Postgres for repairs while Redis is still away
         if self.near:
             self.near.start()
         keys = db.pending_cache_repairs(self.database)
         if keys:
-            self._write([*keys, *map(self.keys.lease, keys)],
-                        ["", *[x for _ in keys for x in (DELETE, 0, "")]])
+            self.redis.run(WRITE, [*keys, *map(self.keys.lease, keys)],
+                           ["", *[x for _ in keys for x in (DELETE, 0, "")]])
             db.clear_cache_repairs(self.database, keys)
             log.info("cache repaired: %d stale keys deleted", len(keys))
         self.breaker.tripped = False
@@ -285,7 +275,7 @@ class UserCache:
     def available(self) -> bool:
         """Whether Redis answers a PING now (for /readyz)."""
         try:
-            self._call(self.redis.ping)
+            self._call(lambda: self.redis.call("PING"))
             return True
         except (CacheUnavailable, db.DatabaseUnavailable):
             return False
@@ -321,8 +311,9 @@ class UserCache:
     def _try(self, key: str, lookup: Lookup, token: str) -> list:
         keys = [key, self.keys.lease(key)]
         if lookup.field == "id":
-            return self._read(keys, [token, LEASE_MS])
-        return self._follow(keys, [token, LEASE_MS, self.keys.ids, lookup.field, lookup.value])
+            return self.redis.run(READ, keys, [token, LEASE_MS])
+        return self.redis.run(FOLLOW, keys,
+                              [token, LEASE_MS, self.keys.ids, lookup.field, lookup.value])
 
     def read(self, lookup: Lookup, load: Callable[[], db.UserRow | None]) -> Answer:
         """Cache-aside read: a hit, or load from Postgres and fill under a lease."""
@@ -357,8 +348,10 @@ class UserCache:
                 self.before_fill(lookup)
             entries = self._entries_for(lookup, row)
             keys = [self.keys.lease(key), *(entry.key for entry in entries)]
-            with contextlib.suppress(CacheUnavailable):  # the answer is right, just not cached
-                self._call(lambda: self._fill(keys, [token, *self._args(entries)]))
+            # Not waited for: the answer is right whether or not it gets cached.
+            with contextlib.suppress(CacheUnavailable):
+                self._call(lambda: self.redis.run(FILL, keys, [token, *self._args(entries)],
+                                                  wait=False))
         return Answer(MISS, row.to_json() if row else None)
 
     # -- writes -------------------------------------------------------------------
@@ -368,7 +361,7 @@ class UserCache:
         token = self._token()
         try:
             lease = self.keys.lease(self.keys.user(user_id))
-            self._call(lambda: self.redis.set(lease, token, px=LEASE_MS))
+            self._call(lambda: self.redis.call("SET", lease, token, "PX", LEASE_MS))
         except CacheUnavailable:
             return ""
         return token
@@ -378,7 +371,7 @@ class UserCache:
         if token:
             with contextlib.suppress(CacheUnavailable):
                 lease = self.keys.lease(self.keys.user(user_id))
-                self._call(lambda: self.redis.delete(lease))
+                self._call(lambda: self.redis.call("DEL", lease))
 
     def created(self, row: db.UserRow) -> None:
         self._write_through(self._row_entries(row), "")
@@ -409,7 +402,7 @@ class UserCache:
     def _write_through(self, entries: list[Entry], token: str) -> None:
         keys = [entry.key for entry in entries]
         try:
-            self._call(lambda: self._write([*keys, *map(self.keys.lease, keys)],
-                                           [token, *self._args(entries)]))
+            self._call(lambda: self.redis.run(WRITE, [*keys, *map(self.keys.lease, keys)],
+                                              [token, *self._args(entries)]))
         except CacheUnavailable:
             db.record_cache_repairs(self.database, keys)

@@ -1,0 +1,97 @@
+"""The cache's Redis connections (service/wire.py), against the tests' private redis-server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from service.wire import Script, Wire
+
+from .servers import RedisServer
+
+SET_AND_ECHO = Script("redis.call('SET', KEYS[1], ARGV[1]) return ARGV[1]")
+FAILING = Script("return redis.error_reply('NOPE on purpose')")
+
+
+@pytest.fixture
+def wire(redis_up: RedisServer) -> Iterator[Wire]:
+    wire = Wire(redis_up.url, timeout=0.2)
+    yield wire
+    wire.close()
+
+
+def test_a_script_redis_does_not_know_is_sent_whole_and_then_known(
+        wire: Wire, redis_up: RedisServer) -> None:
+    redis_up.client().script_flush()
+    assert wire.run(SET_AND_ECHO, ["k"], ["one"]) == b"one"
+    assert redis_up.client().script_exists(SET_AND_ECHO.sha) == [True]
+    assert wire.run(SET_AND_ECHO, ["k"], ["two"]) == b"two"
+
+
+def test_an_unawaited_script_runs_even_when_redis_lost_it(wire: Wire,
+                                                         redis_up: RedisServer) -> None:
+    """A NOSCRIPT reply nobody waits for cannot be retried, so the script must not meet one."""
+    for value in ("first", "after a flush"):
+        wire.run(SET_AND_ECHO, ["k"], [value], wait=False)
+        wire.call("PING")  # settles the reply
+        assert redis_up.client().get("k") == value.encode()
+        redis_up.client().script_flush()
+
+
+def test_an_unawaited_reply_is_read_before_the_next_command(wire: Wire) -> None:
+    wire.run(SET_AND_ECHO, ["k"], ["filled"])  # known to Redis, so the next one is an EVALSHA
+    assert wire.run(SET_AND_ECHO, ["k"], ["later"], wait=False) is None
+    # On the same (only) connection: had the reply been left unread, GET would get "later".
+    assert wire.call("GET", "missing") is None
+    assert wire.call("GET", "k") == b"later"
+
+
+def test_an_unawaited_error_does_not_break_the_connection(wire: Wire) -> None:
+    wire.run(FAILING, [], [], wait=False)
+    assert wire.call("PING") == b"PONG"
+
+
+def test_an_error_reply_raises_and_leaves_the_connection_usable(wire: Wire) -> None:
+    wire.call("SET", "text", "not a number")
+    with pytest.raises(redis.ResponseError):
+        wire.call("INCR", "text")
+    assert wire.call("GET", "text") == b"not a number"
+
+
+def test_connections_are_reused_not_opened_per_command(wire: Wire,
+                                                       redis_up: RedisServer) -> None:
+    admin = redis_up.client()
+    before = admin.info("stats")["total_connections_received"]
+    for _ in range(20):
+        wire.call("PING")
+    assert admin.info("stats")["total_connections_received"] - before == 1
+
+
+def test_a_dead_redis_raises_and_a_restarted_one_is_used_again(
+        wire: Wire, redis_up: RedisServer) -> None:
+    wire.call("PING")
+    redis_up.stop()
+    try:
+        with pytest.raises(redis.ConnectionError):
+            wire.call("PING")
+    finally:
+        redis_up.start()
+    assert wire.call("PING") == b"PONG"
+
+
+def test_a_stalled_redis_times_out(wire: Wire, redis_up: RedisServer) -> None:
+    wire.call("PING")
+    stall = threading.Thread(target=lambda: redis_up.client().execute_command(
+        "DEBUG", "SLEEP", "1"))
+    stall.start()
+    time.sleep(0.1)
+    started = time.monotonic()
+    with pytest.raises(redis.TimeoutError):
+        wire.call("PING")
+    assert time.monotonic() - started < 0.6
+    stall.join()
+    assert wire.call("PING") == b"PONG"
