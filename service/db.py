@@ -37,11 +37,15 @@ USER_COLUMNS = (
     f"to_char(users.created_at AT TIME ZONE 'UTC', {_RFC3339}), "
     f"to_char(users.updated_at AT TIME ZONE 'UTC', {_RFC3339})"
 )
-# Values arrive lower-cased (cache.Lookup); usernames match through the lower() index.
-LOOKUP_CONDITIONS = {
-    "id": "id = %s",
-    "username": "lower(username) = %s",
-    "email": "email = %s",
+# The hot statements, prepared once per connection (PREPARE) so that Postgres parses and
+# plans them once instead of on every request. Lookup values arrive lower-cased
+# (cache.Lookup); usernames match through the lower() index.
+PREPARED = {
+    "find_by_id": f"SELECT {USER_COLUMNS} FROM users WHERE id = $1",
+    "find_by_username": f"SELECT {USER_COLUMNS} FROM users WHERE lower(username) = $1",
+    "find_by_email": f"SELECT {USER_COLUMNS} FROM users WHERE email = $1",
+    "insert_user": "INSERT INTO users (username, email, display_name) VALUES ($1, $2, $3) "
+                   f"RETURNING {USER_COLUMNS}",
 }
 UNIQUE_CONSTRAINTS = {"users_username_key": "username", "users_email_key": "email"}
 
@@ -122,6 +126,9 @@ class Database:
         if not self._schema_ready:
             self._migrate(conn)
         conn.autocommit = True
+        with conn.cursor() as cur:
+            for name, sql in PREPARED.items():
+                cur.execute(f"PREPARE {name} AS {sql}")
         return conn
 
     def _migrate(self, conn: Connection) -> None:
@@ -198,7 +205,7 @@ def _row(record: tuple | None) -> UserRow | None:
 
 
 def find_users(db: Database, field: str, value: str | int) -> list[UserRow]:
-    sql = f"SELECT {USER_COLUMNS} FROM users WHERE {LOOKUP_CONDITIONS[field]}"
+    sql = f"EXECUTE find_by_{field}(%s)"
 
     def select(cur: Any) -> list[UserRow]:
         cur.execute(sql, (value,))
@@ -209,11 +216,7 @@ def find_users(db: Database, field: str, value: str | int) -> list[UserRow]:
 
 def insert_user(db: Database, username: str, email: str, display_name: str | None) -> UserRow:
     def insert(cur: Any) -> UserRow:
-        cur.execute(
-            f"INSERT INTO users (username, email, display_name) VALUES (%s, %s, %s) "
-            f"RETURNING {USER_COLUMNS}",
-            (username, email, display_name),
-        )
+        cur.execute("EXECUTE insert_user(%s, %s, %s)", (username, email, display_name))
         return UserRow(*cur.fetchone())
 
     return db.run(insert)
