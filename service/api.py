@@ -31,10 +31,13 @@ def _written(message: bytes, row: UserRow, status: int, headers: dict | None = N
                  status, headers)
 
 
+def read_body(status: str, data: bytes) -> bytes:
+    """A read's response body around `data`, the stored JSON (never decoded and re-encoded)."""
+    return b'{"source":"' + (b"cache" if status == HIT else b"db") + b'","data":' + data + b"}"
+
+
 def _read(answer: Answer, data: bytes) -> Response:
-    source = b"cache" if answer.status == HIT else b"db"
-    return _json(b'{"source":"' + source + b'","data":' + data + b"}",
-                 headers={"X-Cache": answer.status})
+    return _json(read_body(answer.status, data), headers={"X-Cache": answer.status})
 
 
 def _not_found(user_id: int | str, answer: Answer | None = None) -> Response:

@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask
 
-from . import api, metrics
+from . import api, hotpath, metrics
 from .cache import UserCache
 from .config import Settings
 from .db import Database
@@ -25,8 +25,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False
     database = Database(settings.database_url, settings.db_pool_size,
                         settings.db_connect_timeout, settings.db_statement_timeout_ms)
-    app.extensions["cachestack.users"] = Users(database, UserCache(settings, database))
+    cache = UserCache(settings, database)
+    app.extensions["cachestack.users"] = Users(database, cache)
     app.register_blueprint(api.bp)
     register_error_handlers(app)
-    app.wsgi_app = metrics.timed(app.wsgi_app)
+    app.wsgi_app = metrics.timed(hotpath.serve_near_hits(app.wsgi_app, cache))
     return app
