@@ -12,6 +12,12 @@ before its HTTP response reaches a client that then asks again, the message is i
 process's socket buffer; every `get` drains that socket before it answers. When the
 connection breaks, everything is dropped and the near cache stays off until a new
 connection is subscribed.
+
+That holds while Redis can write to the socket. A worker that falls behind (idle while
+others write) lets the socket buffers fill, and then Redis keeps the newest messages in
+its own memory, where no drain can see them, and still answers writers. Buffers can only
+be full with more than BEHIND_BYTES waiting, so a drain that finds that much drops
+everything instead of trusting what it read.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ import hiredis
 
 CHANNEL = b"__redis__:invalidate"
 RETRY_SECONDS = 1.0  # between attempts to subscribe again
+# Full socket buffers hold far more than this. Measured on Linux 6.18 with default buffer
+# sizes: Redis first kept messages of its own after 23,000-35,000 unread ones, with
+# 76-93 KB of them waiting in this socket and the rest in Redis's send buffer.
+BEHIND_BYTES = 4096
 
 
 def _command(*parts: str | bytes | int) -> bytes:
@@ -64,7 +74,9 @@ class InvalidationListener:
         return reply
 
     def drain(self) -> list[bytes] | None:
-        """Keys changed since the last call; None means "everything" (a flush)."""
+        """Keys changed since the last call; None means "everything" (a flush, or this
+        listener fell behind and Redis may hold messages it could not send yet)."""
+        waiting = 0
         while True:
             try:
                 data = self._sock.recv(65536)
@@ -72,14 +84,16 @@ class InvalidationListener:
                 break
             if not data:
                 raise ConnectionError("redis closed the invalidation connection")
+            waiting += len(data)
             self._reader.feed(data)
-        changed: list[bytes] = []
+        changed: list[bytes] | None = []
         while (message := self._reader.gets()) is not False:
             if isinstance(message, list) and len(message) == 3 and message[1] == CHANNEL:
                 if message[2] is None:
-                    return None
-                changed.extend(message[2])
-        return changed
+                    changed = None
+                elif changed is not None:
+                    changed.extend(message[2])
+        return None if waiting >= BEHIND_BYTES else changed
 
     def close(self) -> None:
         self._sock.close()

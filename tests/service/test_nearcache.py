@@ -91,3 +91,21 @@ def test_a_value_read_before_another_thread_drained_its_invalidation_is_not_kept
     near.get(keys(app).user(user["id"] + 1))  # B drains the invalidation of A's key
     near.put(key, old, epoch)  # A, late
     assert read(client, f"/users/{user['id']}")[1] == new
+
+
+def test_a_worker_that_fell_behind_trusts_nothing_it_held(
+        app: Flask, client: FlaskClient, redis_up: RedisServer) -> None:
+    """Invalidations of other keys pile up in this idle worker's socket. Past BEHIND_BYTES
+    the buffers may have been full, with newer ones still in Redis: everything is dropped."""
+    user = create(client)
+    read(client, f"/users/{user['id']}")  # from Redis, then kept
+    near = app.extensions["cachestack.users"].cache.near
+    key = keys(app).user(user["id"])
+    elsewhere = redis_up.client()
+    for n in range(1, 4):
+        elsewhere.set(keys(app).user(user["id"] + n), "x")
+    assert near.get(key) is not None  # a few messages: still trusted
+    for n in range(1, 200):  # one message each, ~90 bytes
+        elsewhere.set(keys(app).user(user["id"] + n), "x")
+    assert near.get(key) is None
+    assert read(client, f"/users/{user['id']}")[:2] == ("HIT", user)  # from Redis again
