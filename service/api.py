@@ -27,7 +27,7 @@ def _json(body: bytes, status: int = 200, headers: dict[str, str] | None = None)
 
 
 def _written(message: bytes, row: UserRow, status: int, headers: dict | None = None) -> Response:
-    return _json(b'{"message":"' + message + b'","source":"db","data":' + row.to_json() + b"}",
+    return _json(b'{"message":"' + message + b'","source":"db","data":' + row.public_json + b"}",
                  status, headers)
 
 

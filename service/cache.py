@@ -289,7 +289,7 @@ class UserCache:
 
     def _user_entry(self, row: db.UserRow) -> Entry:
         return Entry(self.keys.user(row.id), VERSIONED, self._ttl_ms(True),
-                     b"%d " % row.version + row.to_json())
+                     b"%d " % row.version + row.public_json)
 
     def _entries_for(self, lookup: Lookup, row: db.UserRow | None) -> list[Entry]:
         """What a fill of `lookup` stores, given what Postgres answered."""
@@ -346,7 +346,7 @@ class UserCache:
         except CacheUnavailable:
             metrics.CACHE_BYPASSES.inc()
             row = load()
-            return Answer(BYPASS, row.to_json() if row else None)
+            return Answer(BYPASS, row.public_json if row else None)
         if reply[0] == b"hit":
             metrics.CACHE_HITS.inc()
             if near:
@@ -363,7 +363,7 @@ class UserCache:
             with contextlib.suppress(CacheUnavailable):
                 self._call(lambda: self.redis.run(FILL, keys, [token, *self._args(entries)],
                                                   wait=False))
-        return Answer(MISS, row.to_json() if row else None)
+        return Answer(MISS, row.public_json if row else None)
 
     # -- writes -------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import json
 import select
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -71,10 +71,11 @@ class UserRow:
     version: int
     created_at: str
     updated_at: str
+    # The public representation: encoded once, then cached and sent as these exact bytes.
+    public_json: bytes = field(init=False, repr=False, compare=False)
 
-    def to_json(self) -> bytes:
-        """The public representation, encoded once and cached as these exact bytes."""
-        return json.dumps(
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "public_json", json.dumps(
             {
                 "id": self.id,
                 "username": self.username,
@@ -85,7 +86,7 @@ class UserRow:
             },
             separators=(",", ":"),
             ensure_ascii=False,
-        ).encode()
+        ).encode())
 
 
 @dataclass(frozen=True, slots=True)
