@@ -120,16 +120,21 @@ class Database:
         self._schema_ready = False
 
     def _connect(self) -> Connection:
+        """A new session, with the schema migrated and the hot statements prepared."""
         try:
             conn = psycopg2.connect(self._dsn, **self._connect_args)
+            try:
+                if not self._schema_ready:
+                    self._migrate(conn)
+                conn.autocommit = True
+                with conn.cursor() as cur:
+                    cur.execute(";".join(f"PREPARE {name} AS {sql}"
+                                         for name, sql in PREPARED.items()))
+            except BaseException:
+                conn.close()
+                raise
         except psycopg2.OperationalError as exc:
             raise DatabaseUnavailable(_first_line(exc)) from None
-        if not self._schema_ready:
-            self._migrate(conn)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            for name, sql in PREPARED.items():
-                cur.execute(f"PREPARE {name} AS {sql}")
         return conn
 
     def _migrate(self, conn: Connection) -> None:
