@@ -1,7 +1,7 @@
 """`python -m service`: serve the API with granian, a multi-process production server.
 
-granian was chosen by measurement on this project's 2-core machines (see README,
-"Choosing the server"). Each worker process runs a few blocking threads, so that one
+granian was chosen by measurement on this project's 2-core machines (see README, "Speed,
+and choosing the server"). Each worker process runs a few blocking threads, so that one
 request's wait on Postgres or Redis overlaps another's work; many more threads than
 that only fight over the GIL.
 """
