@@ -9,7 +9,9 @@ small LIFO pool of its own.
 A command whose reply does not matter to the caller (a fill: the reader already has its
 answer) can be sent without waiting: its reply is read just before the connection's next
 command, by which time it has normally arrived. That saves the caller one wait per miss.
-If that reply says Redis lacks the script (NOSCRIPT), the script is sent again whole.
+Such a script goes by its SHA1 only once a reply showed that Redis has it (and whole
+before that), since a NOSCRIPT reply that nobody waits for is only seen, and the script
+sent again, when its connection is next used.
 """
 
 from __future__ import annotations
@@ -40,13 +42,13 @@ class Script:
 
 class _Connection:
     """A redis-py connection and the replies it still owes, oldest first, each with the
-    command (an EVAL) to send instead should the reply be NOSCRIPT."""
+    command (an EVAL) to send instead should the reply be NOSCRIPT, and its script's SHA1."""
 
     __slots__ = ("conn", "owed")
 
     def __init__(self, conn: redis.Connection) -> None:
         self.conn = conn
-        self.owed: deque[tuple] = deque()
+        self.owed: deque[tuple[tuple, str]] = deque()
 
 
 class Wire:
@@ -58,6 +60,9 @@ class Wire:
             health_check_interval=0)
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
+        # SHA1s of the scripts Redis has; forgotten with every new connection, which may be
+        # to a Redis that restarted.
+        self._loaded: set[str] = set()
 
     @property
     def options(self) -> dict[str, Any]:
@@ -73,23 +78,29 @@ class Wire:
         With `wait=False` the reply is not read now and None is returned.
         """
         whole = ("EVAL", script.source, len(keys), *keys, *args)
-        try:
-            return self._run(("EVALSHA", script.sha, len(keys), *keys, *args), wait, whole)
-        except NoScriptError:
-            return self._run(whole, wait, whole)
+        if wait or script.sha in self._loaded:
+            try:
+                return self._run(("EVALSHA", script.sha, len(keys), *keys, *args), wait, whole,
+                                 script.sha)
+            except NoScriptError:
+                self._loaded.discard(script.sha)
+        return self._run(whole, wait, whole, script.sha)
 
-    def _run(self, command: tuple, wait: bool, fallback: tuple = ()) -> Any:
+    def _run(self, command: tuple, wait: bool, fallback: tuple = (), sha: str = "") -> Any:
         with self._lock:
             pooled = self._idle.pop() if self._idle else None
         if pooled is None:
+            self._loaded.clear()
             pooled = _Connection(self.pool.make_connection())
         try:
             self._settle(pooled)
             pooled.conn.send_command(*command)
             if wait:
                 reply = pooled.conn.read_response()
+                if sha:
+                    self._loaded.add(sha)
             else:
-                pooled.owed.append(fallback)
+                pooled.owed.append((fallback, sha))
                 reply = None
         except redis.ResponseError:
             self._give_back(pooled)  # an error reply leaves the connection usable
@@ -100,16 +111,17 @@ class Wire:
         self._give_back(pooled)
         return reply
 
-    @staticmethod
-    def _settle(pooled: _Connection) -> None:
+    def _settle(self, pooled: _Connection) -> None:
         """Read the replies of commands sent without waiting; their errors only get logged."""
         while pooled.owed:
-            fallback = pooled.owed.popleft()
+            fallback, sha = pooled.owed.popleft()
             try:
                 pooled.conn.read_response()
+                self._loaded.add(sha)
             except NoScriptError:
+                self._loaded.discard(sha)
                 pooled.conn.send_command(*fallback)
-                pooled.owed.append(fallback)
+                pooled.owed.append((fallback, sha))
             except redis.ResponseError as exc:
                 log.warning("unawaited redis command failed: %s", exc)
 

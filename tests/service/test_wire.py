@@ -32,6 +32,15 @@ def test_a_script_redis_does_not_know_is_sent_whole_and_then_known(
     assert wire.run(SET_AND_ECHO, ["k"], ["two"]) == b"two"
 
 
+def test_an_unawaited_script_takes_effect_at_once_on_a_fresh_redis(
+        wire: Wire, redis_up: RedisServer) -> None:
+    """Another connection must see its effect without this one being used again (a fill
+    that met NOSCRIPT would leave its lease held and make other readers wait)."""
+    redis_up.client().script_flush()
+    wire.run(SET_AND_ECHO, ["k"], ["filled"], wait=False)
+    assert redis_up.client().get("k") == b"filled"
+
+
 def test_an_unawaited_script_runs_even_when_redis_lost_it(wire: Wire,
                                                          redis_up: RedisServer) -> None:
     """A NOSCRIPT reply nobody waits for cannot be retried, so the script must not meet one."""
