@@ -36,6 +36,11 @@ REQUEST_LATENCY = Histogram(
 )
 
 
+# Label values come from the client, so they are kept to a known few: any other method
+# would add a time series per made-up method.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def timed(wsgi_app: WSGIApplication) -> WSGIApplication:
     """WSGI middleware that observes each request's latency.
 
@@ -53,7 +58,8 @@ def timed(wsgi_app: WSGIApplication) -> WSGIApplication:
             return start_response(code, headers, *exc_info)
 
         body = wsgi_app(environ, remember_status)
-        REQUEST_LATENCY.labels(environ["REQUEST_METHOD"], status).observe(
+        method = environ["REQUEST_METHOD"]
+        REQUEST_LATENCY.labels(method if method in METHODS else "other", status).observe(
             time.perf_counter() - started)
         return body
 

@@ -198,6 +198,14 @@ def test_metrics_expose_counters_and_latency_histogram(client: FlaskClient) -> N
         assert re.search(rf"^{name}(\{{.*\}})? \d", text, re.M), name
 
 
+def test_made_up_methods_share_one_latency_series(client: FlaskClient) -> None:
+    for method in ("BREW", "WHEN", "BREW"):
+        assert client.open("/healthz", method=method).status_code == 405
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'method="other",status="405"' in text
+    assert "BREW" not in text and "WHEN" not in text
+
+
 def test_openapi_describes_every_route_with_responses(client: FlaskClient, app) -> None:
     document = client.get("/openapi.json").get_json()
     assert document["openapi"].startswith("3.1")
