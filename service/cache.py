@@ -266,8 +266,7 @@ class UserCache:
             self.near.start()
         keys = db.pending_cache_repairs(self.database)
         if keys:
-            self.redis.run(WRITE, [*keys, *map(self.keys.lease, keys)],
-                           ["", *[x for _ in keys for x in (DELETE, 0, "")]])
+            self._write([Entry(key, DELETE, 0, "") for key in keys], "")
             db.clear_cache_repairs(self.database, keys)
             log.info("cache repaired: %d stale keys deleted", len(keys))
         self.breaker.tripped = False
@@ -411,9 +410,13 @@ class UserCache:
                   for field in ("username", "email"))]
 
     def _write_through(self, entries: list[Entry], token: str) -> None:
-        keys = [entry.key for entry in entries]
         try:
-            self._call(lambda: self.redis.run(WRITE, [*keys, *map(self.keys.lease, keys)],
-                                              [token, *self._args(entries)]))
+            self._call(lambda: self._write(entries, token))
         except CacheUnavailable:
-            db.record_cache_repairs(self.database, keys)
+            db.record_cache_repairs(self.database, [entry.key for entry in entries])
+
+    def _write(self, entries: list[Entry], token: str) -> None:
+        """One WRITE script call: store or delete `entries`, dropping their leases."""
+        keys = [entry.key for entry in entries]
+        self.redis.run(WRITE, [*keys, *map(self.keys.lease, keys)],
+                       [token, *self._args(entries)])
