@@ -38,11 +38,6 @@ RETRY_SECONDS = 1.0  # between attempts to subscribe again
 BEHIND_BYTES = 4096
 
 
-def _command(*parts: str | bytes | int) -> bytes:
-    encoded = [p if isinstance(p, bytes) else str(p).encode() for p in parts]
-    return b"*%d\r\n" % len(encoded) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in encoded)
-
-
 class InvalidationListener:
     """A subscribed socket that reports which tracked keys changed since the last drain."""
 
@@ -63,7 +58,7 @@ class InvalidationListener:
         self._sock.setblocking(False)
 
     def _ask(self, *parts: str | bytes | int) -> object:
-        self._sock.sendall(_command(*parts))
+        self._sock.sendall(hiredis.pack_command(parts))
         while (reply := self._reader.gets()) is False:
             data = self._sock.recv(4096)
             if not data:
