@@ -22,12 +22,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    app.json.sort_keys = False
     database = Database(settings.database_url, settings.db_pool_size,
                         settings.db_connect_timeout, settings.db_statement_timeout_ms)
     cache = UserCache(settings, database)
     app.extensions["cachestack.users"] = Users(database, cache)
     app.register_blueprint(api.bp)
     register_error_handlers(app)
-    app.wsgi_app = metrics.timed(hotpath.serve_near_hits(app.wsgi_app, cache))
+    app.wsgi_app = metrics.timed(hotpath.serve_hot_routes(app))
     return app

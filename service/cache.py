@@ -314,25 +314,16 @@ class UserCache:
         return self.redis.run(FOLLOW, keys,
                               [token, LEASE_MS, self.keys.ids, lookup.field, lookup.value])
 
-    def near_hit(self, user_id: int | str) -> bytes | None:
-        """The user's JSON if this process holds it (a hit that costs no round trip, counted
-        as one); None if it does not, the user is deleted, or the near cache is off. It holds
-        nothing before a read has learnt the key names, and then asks Postgres nothing."""
-        if self.near is None or self.breaker.tripped or self._keys is None:
-            return None
-        value = self.near.get(self.keys.user(user_id))
-        body = _decode_user(value) if value is not None else None
-        if body:
-            metrics.CACHE_HITS.inc()
-        return body
-
     def read(self, lookup: Lookup, load: Callable[[], db.UserRow | None]) -> Answer:
-        """Cache-aside read: a hit, or load from Postgres and fill under a lease."""
+        """Cache-aside read: a hit (from process memory if it holds the key), or load from
+        Postgres and fill under a lease."""
         key = self.keys.of(lookup)
         near = self.near if lookup.field == "id" and not self.breaker.tripped else None
         if near:
-            if body := self.near_hit(lookup.value):
-                return Answer(HIT, body)
+            value = near.get(key)
+            if value is not None:
+                metrics.CACHE_HITS.inc()
+                return Answer(HIT, _decode_user(value))
             epoch = near.epoch
         token = self._token()
         try:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
-from flask import Flask, Response, json
+from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
 from .db import Conflict, DatabaseUnavailable
@@ -20,13 +21,16 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.field = status, code, message, field
 
 
-def error_response(status: int, code: str, message: str, field: str | None = None,
-                   headers: dict[str, str] | None = None) -> Response:
+def error_body(code: str, message: str, field: str | None = None) -> bytes:
     error: dict[str, str] = {"code": code, "message": message}
     if field:
         error["field"] = field
-    body = json.dumps({"error": error})
-    return Response(body, status, headers, mimetype="application/json")
+    return json.dumps({"error": error}).encode()
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None,
+                   headers: dict[str, str] | None = None) -> Response:
+    return Response(error_body(code, message, field), status, headers, mimetype="application/json")
 
 
 def _http_code(exc: HTTPException) -> str:

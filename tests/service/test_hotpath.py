@@ -1,40 +1,60 @@
-"""Near-cache hits answered in front of Flask (service/hotpath.py): the same bytes Flask
-would send, counted like any hit, and every other request still reaches Flask."""
+"""The hot routes answered in front of Flask (service/hotpath.py): the same bytes Flask
+sends, for answers and errors alike, and every request they cannot take reaches Flask."""
 
 from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator
 
 import pytest
 from flask import Flask, request
 from prometheus_client import REGISTRY
+from werkzeug.test import EnvironBuilder
 
 from service.app import create_app
+from service.cache import Lookup
 
 from .conftest import empty_database, settings_for
-from .servers import RedisServer
+from .servers import RedisServer, TcpProxy
 from .test_api import create
+
+Answer = tuple[str, list[tuple[str, str]], bytes]
 
 
 @pytest.fixture
 def flask_calls(app: Flask) -> list[str]:
-    """The paths of the requests that reached Flask."""
+    """The paths of the requests that reached Flask's routing."""
     calls: list[str] = []
-    app.before_request(lambda: calls.append(request_path()))
+    app.before_request(lambda: calls.append(request.full_path.rstrip("?")))
     return calls
 
 
-def request_path() -> str:
-    return request.full_path.rstrip("?")
+def environ(path: str, method: str = "GET", **options: object) -> dict:
+    return EnvironBuilder(path=path, method=method, **options).get_environ()
 
 
-def flask_answer(app: Flask, path: str, method: str = "GET") -> tuple[int, list, bytes]:
-    with app.test_request_context(path, method=method):
-        response = app.full_dispatch_request()
-        return response.status_code, sorted(response.headers), response.get_data()
+def call(wsgi_app: Callable, env: dict) -> Answer:
+    started: list = []
+    body = b"".join(wsgi_app(env, lambda status, headers, *_: started.extend([status, headers])))
+    return started[0], sorted(started[1]), body
 
 
-def answer(app: Flask, path: str, method: str = "GET") -> tuple[int, list, bytes]:
-    response = app.test_client().open(path, method=method)
-    return response.status_code, sorted(response.headers), response.get_data()
+def nothing() -> None:
+    pass
+
+
+def both_ways(app: Flask, path: str, method: str = "GET", before: Callable[[], object] = nothing,
+              **options: object) -> tuple[Answer, Answer]:
+    """The same request through the app (hot path first) and through Flask alone, each after
+    `before()`; Flask alone is `Flask.wsgi_app`, which the app factory wrapped."""
+    before()
+    hot = call(app.wsgi_app, environ(path, method, **options))
+    before()
+    return hot, call(lambda env, start: Flask.wsgi_app(app, env, start),
+                     environ(path, method, **options))
 
 
 def held_user(app: Flask) -> dict:
@@ -44,42 +64,155 @@ def held_user(app: Flask) -> dict:
     return user
 
 
-def test_a_held_user_is_answered_without_flask_with_the_bytes_flask_sends(
-        app: Flask, flask_calls: list[str]) -> None:
-    user = held_user(app)
-    path = f"/users/{user['id']}"
-    flask_calls.clear()
-    hot = answer(app, path)
-    assert flask_calls == []
-    assert hot == flask_answer(app, path)
-    assert hot[0] == 200 and ("X-Cache", "HIT") in hot[1]
-    assert answer(app, f"/users/00{user['id']}") == hot  # the same id, written differently
-
-
-def test_every_other_request_reaches_flask(app: Flask, flask_calls: list[str]) -> None:
+def test_reads_by_id_are_answered_without_flask_with_the_bytes_flask_sends(
+        app: Flask, redis_up: RedisServer, flask_calls: list[str]) -> None:
     user = held_user(app)
     client = app.test_client()
-    assert client.delete(f"/users/{create(client, 'bob', 'bob@example.org')['id']}"
-                         ).status_code == 204
-    others = {
-        f"/users/{user['id'] + 100}": 404,  # nobody
-        f"/users/{user['id'] + 1}": 404,  # deleted, and its tombstone held
-        "/users/0": 400,
-        "/users/abc": 400,
-        "/users/99999999999999999999": 400,
-        f"/users/{user['id']}/": 404,
-        f"/users?id={user['id']}": 200,
-    }
-    for path, status in others.items():
+    deleted = create(client, "bob", "bob@example.org")["id"]
+    assert client.delete(f"/users/{deleted}").status_code == 204
+    flush = redis_up.client().flushall
+    cases = [  # (path, what to do before each way, expected status and X-Cache)
+        (f"/users/{user['id']}", nothing, "200 OK", "HIT"),  # near cache
+        (f"/users/00{user['id']}", nothing, "200 OK", "HIT"),  # the same id, written otherwise
+        (f"/users/{deleted}", nothing, "404 NOT FOUND", "HIT"),  # its tombstone
+        (f"/users/{user['id']}", flush, "200 OK", "MISS"),
+        (f"/users/{user['id'] + 100}", flush, "404 NOT FOUND", "MISS"),  # nobody
+    ]
+    for path, before, status, cache_status in cases:
         flask_calls.clear()
-        assert answer(app, path)[0] == status, path
-        assert flask_calls == [path], path
+        hot, flask = both_ways(app, path, before=before)
+        assert flask_calls == [path], path  # only the Flask-alone request reached Flask
+        assert hot == flask, path
+        assert hot[0] == status and ("X-Cache", cache_status) in hot[1], path
+
+
+def test_creates_are_answered_without_flask_as_flask_answers_them(
+        app: Flask, flask_calls: list[str]) -> None:
+    hot = call(app.wsgi_app, environ("/users", "POST",
+                                     json={"username": "alice", "email": "a@example.org"}))
+    assert flask_calls == []
+    flask = call(lambda env, start: Flask.wsgi_app(app, env, start), environ(
+        "/users", "POST", json={"username": "bob", "email": "b@example.org"}))
+    assert flask_calls == ["/users"]
+
+    def shape(answer: Answer) -> tuple:
+        status, headers, body = answer
+        document = json.loads(body)
+        user_id = document["data"]["id"]
+        return (status, [(name, value.replace(str(user_id), "<id>")) for name, value in headers
+                         if name != "Content-Length"],
+                document["message"], document["source"], sorted(document["data"]))
+
+    assert shape(hot) == shape(flask)
+    created = json.loads(hot[2])["data"]
+    assert hot[0] == "201 CREATED" and ("Location", f"/users/{created['id']}") in hot[1]
+    assert app.test_client().get(f"/users/{created['id']}").get_json()["data"] == created
+
+
+@pytest.mark.parametrize("body", [
+    b"{", b"[]", b'{"username": "carol"}', b'{"username": "x", "email": "c@example.org"}',
+    b'{"username": "carol", "email": "c@example.org", "age": 3}',
+    b'{"username": "alice", "email": "new@example.org"}',  # taken: 409
+])
+def test_create_errors_are_flasks_errors(app: Flask, flask_calls: list[str], body: bytes) -> None:
+    create(app.test_client(), "alice", "a@example.org")
     flask_calls.clear()
-    assert answer(app, f"/users/{user['id']}", "HEAD")[0] == 200
-    assert flask_calls == [f"/users/{user['id']}"]
+    hot, flask = both_ways(app, "/users", "POST", data=body, content_type="application/json")
+    assert flask_calls == ["/users"]  # only the Flask-alone request was routed by Flask
+    assert hot == flask
+    assert hot[0][:3] in {"400", "409"} and json.loads(hot[2])["error"]["code"]
 
 
-def test_hot_hits_are_counted_like_any_other(app: Flask) -> None:
+def test_a_body_shorter_than_its_content_length_is_flasks_400(app: Flask) -> None:
+    def short_body() -> dict:
+        env = environ("/users", "POST", data=b'{"username": "alice"}',
+                      content_type="application/json")
+        env["CONTENT_LENGTH"], env["wsgi.input"] = "100", io.BytesIO(b'{"username"')
+        return env
+
+    hot = call(app.wsgi_app, short_body())
+    assert hot == call(lambda env, start: Flask.wsgi_app(app, env, start), short_body())
+    assert hot[0] == "400 BAD REQUEST"
+
+
+def test_requests_the_hot_path_cannot_take_whole_reach_flask(
+        app: Flask, flask_calls: list[str]) -> None:
+    user = held_user(app)
+    big = json.dumps({"username": "dave", "email": "d@example.org",
+                      "display_name": "x" * 70_000}).encode()
+    requests = [  # (path, method, request options, expected status)
+        ("/users/0", "GET", {}, 400),
+        ("/users/abc", "GET", {}, 400),
+        ("/users/99999999999999999999", "GET", {}, 400),
+        (f"/users/{user['id']}/", "GET", {}, 404),
+        (f"/users/{user['id']}/x", "GET", {}, 404),
+        (f"/users/{user['id']}", "HEAD", {}, 200),
+        (f"/users?id={user['id']}", "GET", {}, 200),
+        ("/users", "POST", {"data": b"{}", "content_type": "text/plain"}, 415),
+        ("/users", "POST", {"data": big, "content_type": "application/json"}, 413),
+        ("/users", "POST", {"json": {"username": "erin", "email": "e@example.org"},
+                            "content_type": "application/merge-patch+json"}, 201),
+        ("/users/", "POST", {"json": {}}, 404),
+        (f"/users/{user['id']}", "PATCH", {"json": {"display_name": "A"}}, 200),
+    ]
+    for path, method, options, status in requests:
+        flask_calls.clear()
+        answer = call(app.wsgi_app, environ(path, method, **options))
+        assert answer[0][:3] == str(status), (method, path, answer)
+        assert flask_calls == [path], (method, path)
+
+
+def test_a_body_of_unknown_length_reaches_flask(app: Flask, flask_calls: list[str]) -> None:
+    env = environ("/users", "POST", json={"username": "frank", "email": "f@example.org"})
+    del env["CONTENT_LENGTH"]
+    call(app.wsgi_app, env)
+    assert flask_calls == ["/users"]
+
+
+@pytest.fixture
+def postgres_proxy(database_url: str, redis_up: RedisServer) -> Iterator[tuple[Flask, TcpProxy]]:
+    """An app whose Postgres can be cut off."""
+    empty_database(database_url)
+    proxy = TcpProxy(5432)
+    app = create_app(settings_for(re.sub(r"@[^/]+/", f"@127.0.0.1:{proxy.port}/", database_url),
+                                  redis_up.url))
+    yield app, proxy
+    app.extensions["cachestack.users"].database.close()
+    proxy.close()
+
+
+def test_postgres_down_is_flasks_503_on_the_hot_routes(
+        postgres_proxy: tuple[Flask, TcpProxy], redis_up: RedisServer) -> None:
+    app, proxy = postgres_proxy
+    user = create(app.test_client())
+    proxy.cut()
+    for path, method, options in [
+        (f"/users/{user['id'] + 1}", "GET", {}),
+        ("/users", "POST", {"json": {"username": "grace", "email": "g@example.org"}}),
+    ]:
+        hot, flask = both_ways(app, path, method, before=redis_up.client().flushall, **options)
+        assert hot == flask
+        assert hot[0] == "503 SERVICE UNAVAILABLE" and ("Retry-After", "1") in hot[1]
+
+
+def test_an_unexpected_error_on_a_hot_route_is_flasks_500_and_logged(
+        app: Flask, caplog: pytest.LogCaptureFixture) -> None:
+    user = create(app.test_client())
+
+    def fail(lookup: Lookup) -> None:
+        raise RuntimeError("boom between the read and the fill")
+
+    app.extensions["cachestack.users"].cache.before_fill = fail
+    with caplog.at_level(logging.ERROR):
+        status, headers, body = call(app.wsgi_app, environ(f"/users/{user['id'] + 1}"))
+    assert status == "500 INTERNAL SERVER ERROR"
+    assert json.loads(body) == {"error": {"code": "internal_error",
+                                          "message": "an unexpected error occurred"}}
+    assert "boom between the read and the fill" in caplog.text  # with its traceback
+    assert "Traceback" in caplog.text
+
+
+def test_hot_requests_are_counted_like_any_other(app: Flask) -> None:
     user = held_user(app)
 
     def counted() -> tuple[float, float]:
@@ -91,16 +224,3 @@ def test_hot_hits_are_counted_like_any_other(app: Flask) -> None:
     for _ in range(3):
         app.test_client().get(f"/users/{user['id']}")
     assert counted() == (hits + 3, requests + 3)
-
-
-def test_without_a_near_cache_flask_answers_everything(
-        database_url: str, redis_up: RedisServer) -> None:
-    empty_database(database_url)
-    app = create_app(settings_for(database_url, redis_up.url, near_cache_size=0))
-    calls: list[str] = []
-    app.before_request(lambda: calls.append(request_path()))
-    user = create(app.test_client())
-    for _ in range(3):
-        assert app.test_client().get(f"/users/{user['id']}").headers["X-Cache"] == "HIT"
-    assert len(calls) == 4
-    app.extensions["cachestack.users"].database.close()

@@ -168,6 +168,7 @@ def test_postgres_outage_then_recovery_without_restart(behind_proxy: tuple) -> N
     assert hit.json()["data"] == cached
     for response in (
         requests.get(f"{service.url}/users?username=uncached", timeout=10),
+        requests.get(f"{service.url}/users/{cached['id'] + 1}", timeout=10),
         requests.post(f"{service.url}/users", timeout=10,
                       json={"username": "during", "email": "during@example.org"}),
         requests.patch(f"{service.url}/users/{cached['id']}", json={"display_name": "x"},
