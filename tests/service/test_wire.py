@@ -11,7 +11,7 @@ import redis
 
 from service.wire import Script, Wire
 
-from .servers import RedisServer
+from .servers import RedisServer, wait_until
 
 SET_AND_ECHO = Script("redis.call('SET', KEYS[1], ARGV[1]) return ARGV[1]")
 FAILING = Script("return redis.error_reply('NOPE on purpose')")
@@ -32,29 +32,31 @@ def test_a_script_redis_does_not_know_is_sent_whole_and_then_known(
     assert wire.run(SET_AND_ECHO, ["k"], ["two"]) == b"two"
 
 
-def test_an_unawaited_script_takes_effect_at_once_on_a_fresh_redis(
+def test_an_unawaited_script_takes_effect_soon_on_a_fresh_redis(
         wire: Wire, redis_up: RedisServer) -> None:
     """Another connection must see its effect without this one being used again (a fill
-    that met NOSCRIPT would leave its lease held and make other readers wait)."""
+    left unsent, or one that met NOSCRIPT, would leave its lease held and make other
+    readers wait)."""
     redis_up.client().script_flush()
     wire.run(SET_AND_ECHO, ["k"], ["filled"], wait=False)
-    assert redis_up.client().get("k") == b"filled"
+    wait_until(lambda: redis_up.client().get("k") == b"filled", 0.5, "the flusher to send it")
 
 
-def test_an_unawaited_script_runs_even_when_redis_lost_it(wire: Wire,
-                                                         redis_up: RedisServer) -> None:
-    """A NOSCRIPT reply nobody waits for cannot be retried, so the script must not meet one."""
-    for value in ("first", "after a flush"):
-        wire.run(SET_AND_ECHO, ["k"], [value], wait=False)
-        wire.call("PING")  # settles the reply
-        assert redis_up.client().get("k") == value.encode()
-        redis_up.client().script_flush()
+def test_a_script_redis_lost_after_it_was_queued_is_sent_again_whole(
+        wire: Wire, redis_up: RedisServer) -> None:
+    wire.run(SET_AND_ECHO, ["k"], ["filled"])
+    redis_up.client().script_flush()
+    wire.run(SET_AND_ECHO, ["k"], ["again"], wait=False)  # by SHA1: NOSCRIPT
+    assert wire.call("GET", "k") == b"filled"  # the NOSCRIPT reply was settled first
+    wait_until(lambda: redis_up.client().get("k") == b"again", 0.5, "the script sent whole")
+    assert redis_up.client().script_exists(SET_AND_ECHO.sha) == [True]
 
 
 def test_an_unawaited_reply_is_read_before_the_next_command(wire: Wire) -> None:
     wire.run(SET_AND_ECHO, ["k"], ["filled"])  # known to Redis, so the next one is an EVALSHA
     assert wire.run(SET_AND_ECHO, ["k"], ["later"], wait=False) is None
-    # On the same (only) connection: had the reply been left unread, GET would get "later".
+    # Sent with the next command on the same (only) connection, and its reply read first:
+    # had it been left unread, GET would get "later".
     assert wire.call("GET", "missing") is None
     assert wire.call("GET", "k") == b"later"
 
