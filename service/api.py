@@ -44,13 +44,13 @@ def _written(message: bytes, row: UserRow) -> bytes:
     return b'{"message":"' + message + b'","source":"db","data":' + row.public_json + b"}"
 
 
-def read_body(status: str, data: bytes) -> bytes:
+def _read_body(status: str, data: bytes) -> bytes:
     """A read's response body around `data`, the stored JSON (never decoded and re-encoded)."""
     return b'{"source":"' + (b"cache" if status == HIT else b"db") + b'","data":' + data + b"}"
 
 
 def _read(answer: Answer, data: bytes) -> Response:
-    return _json(read_body(answer.status, data), headers={"X-Cache": answer.status})
+    return _json(_read_body(answer.status, data), headers={"X-Cache": answer.status})
 
 
 def _not_found(user_id: int | str) -> Response:
@@ -77,7 +77,7 @@ def user_by_id(service: Users, user_id: int) -> Reply:
     cache_status = (("X-Cache", answer.status),)
     if answer.user is None:
         return Reply(404, error_body("not_found", f"no user with id {user_id}"), cache_status)
-    return Reply(200, read_body(answer.status, answer.user), cache_status)
+    return Reply(200, _read_body(answer.status, answer.user), cache_status)
 
 
 def create(service: Users, document: object) -> Reply:

@@ -70,7 +70,7 @@ def _hot_route(environ: WSGIEnvironment, service: Users,
         length = _plain_json_length(environ, body_limit)
         if length is None:
             return None
-        return lambda: create(service, parse_json(_read_body(environ, length)))
+        return lambda: create(service, parse_json(_request_body(environ, length)))
     return None
 
 
@@ -84,7 +84,7 @@ def _plain_json_length(environ: WSGIEnvironment, body_limit: int) -> int | None:
     return int(length) if int(length) <= body_limit else None
 
 
-def _read_body(environ: WSGIEnvironment, length: int) -> bytes:
+def _request_body(environ: WSGIEnvironment, length: int) -> bytes:
     body = environ["wsgi.input"].read(length)
     if len(body) < length:
         raise ClientDisconnected()
