@@ -8,6 +8,8 @@ namespace is a name the database got when its schema was created, see migration 
   nobody has it. They are pointers: a read follows one to `id:<id>` inside a Lua
   script and counts it a hit only if that user still has the username or email.
 - `lease:<key>` is the lease on a key (below).
+- `changed:<id>` is never stored: a write sets and deletes it to tell every near cache
+  that the user changed (see below).
 
 Races are closed with leases (as in "Scaling Memcache at Facebook") plus versions:
 - A reader that misses takes the key's lease (SET NX PX) and fills only if its lease is
@@ -26,6 +28,10 @@ Redis before it is used again, so a Redis that comes back with old data never se
 
 Hot `id:<id>` values are also kept in process memory (see nearcache.py), invalidated by
 Redis's client-side-caching broadcasts; so a hit usually costs no network round trip.
+The broadcasts watch `changed:<id>`, which only writes touch, and not `id:<id>` itself:
+a fill stores what Postgres had when its lease was granted, which no process can hold an
+older copy of without a write having announced it since, so fills need tell nobody. (When
+they did, every fill sent a message to every worker of every service instance.)
 """
 
 from __future__ import annotations
@@ -102,10 +108,10 @@ for i = 2, #KEYS do put(KEYS[i], ARGV[3*i-4], ARGV[3*i-3], ARGV[3*i-2]) end
 return 1
 """)
 
-# KEYS: n entries, then their n leases. ARGV: the writer's lease token ('' for none),
-# then mode, ttl, value for each entry.
+# KEYS: n entries, their n leases, then the `changed:` keys to announce. ARGV: the
+# writer's lease token ('' for none), then mode, ttl, value for each entry.
 WRITE = Script(_LUA_PUT + """
-local n = #KEYS / 2
+local n = (#ARGV - 1) / 3
 for i = 1, n do
   local mode = ARGV[3*i-1]
   if mode == 'v' and ARGV[1] ~= '' and redis.call('GET', KEYS[n+i]) ~= ARGV[1] then
@@ -113,6 +119,10 @@ for i = 1, n do
   end
   put(KEYS[i], mode, ARGV[3*i], ARGV[3*i+1])
   redis.call('DEL', KEYS[n+i])
+end
+for i = 2*n + 1, #KEYS do
+  redis.call('SET', KEYS[i], '')
+  redis.call('DEL', KEYS[i])
 end
 return 1
 """)
@@ -153,6 +163,10 @@ class Keys:
 
     def user(self, user_id: int | str) -> str:
         return f"{self.ids}{user_id}"
+
+    @property
+    def changes(self) -> str:
+        return self.prefix + "changed:"
 
     def lease(self, key: str) -> str:
         return f"{self.prefix}lease:{key.removeprefix(self.prefix)}"
@@ -225,7 +239,7 @@ class UserCache:
         def subscribe() -> InvalidationListener:
             return InvalidationListener(options["host"], options.get("port", 6379),
                                         options.get("username"), options.get("password"),
-                                        self.keys.ids, self.settings.cache_timeout)
+                                        self.keys.changes, self.settings.cache_timeout)
 
         max_age = self.settings.cache_ttl * (1 - self.settings.cache_ttl_jitter)
         return NearCache(subscribe, self.settings.near_cache_size, max_age)
@@ -320,7 +334,7 @@ class UserCache:
         key = self.keys.of(lookup)
         near = self.near if lookup.field == "id" and not self.breaker.tripped else None
         if near:
-            value = near.get(key)
+            value = near.get(lookup.value)
             if value is not None:
                 metrics.CACHE_HITS.inc()
                 return Answer(HIT, _decode_user(value))
@@ -340,7 +354,7 @@ class UserCache:
         if reply[0] == b"hit":
             metrics.CACHE_HITS.inc()
             if near:
-                near.put(key, reply[1], epoch)
+                near.put(lookup.value, reply[1], epoch)
             return Answer(HIT, _decode_user(reply[1]) if reply[1] else None)
         metrics.CACHE_MISSES.inc()
         row = load()
@@ -407,7 +421,10 @@ class UserCache:
             db.record_cache_repairs(self.database, [entry.key for entry in entries])
 
     def _write(self, entries: list[Entry], token: str) -> None:
-        """One WRITE script call: store or delete `entries`, dropping their leases."""
+        """One WRITE script call: store or delete `entries`, dropping their leases, and
+        announce every user among them to the near caches."""
         keys = [entry.key for entry in entries]
-        self.redis.run(WRITE, [*keys, *map(self.keys.lease, keys)],
+        ids = self.keys.ids
+        changed = [self.keys.changes + key[len(ids):] for key in keys if key.startswith(ids)]
+        self.redis.run(WRITE, [*keys, *map(self.keys.lease, keys), *changed],
                        [token, *self._args(entries)])

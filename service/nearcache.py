@@ -1,9 +1,10 @@
-"""An in-process copy of hot `user:<id>` values, kept correct by Redis itself.
+"""An in-process copy of hot users' cached values, kept correct by Redis itself.
 
 A dedicated connection turns on server-assisted client-side caching in broadcast mode
-(`CLIENT TRACKING on REDIRECT <self> BCAST PREFIX ...`, Redis 6+) and subscribes to
-`__redis__:invalidate`: Redis then publishes every change of a tracked key to it,
-including FLUSHALL (as "everything").
+(`CLIENT TRACKING on REDIRECT <self> BCAST PREFIX <...>changed:`, Redis 6+) and
+subscribes to `__redis__:invalidate`: Redis then publishes every change of a key under
+that prefix to it, including FLUSHALL (as "everything"). Every write touches
+`changed:<id>` for each user it changes (cache.py), so the message names the user.
 
 Why a read after an acknowledged write does not see old data: Redis writes the
 invalidation out in the same event-loop pass as the writer's own reply (before it, in
@@ -39,10 +40,12 @@ BEHIND_BYTES = 4096
 
 
 class InvalidationListener:
-    """A subscribed socket that reports which tracked keys changed since the last drain."""
+    """A subscribed socket that reports what changed under `prefix` since the last drain
+    (as the rest of each key's name: the user's id)."""
 
     def __init__(self, host: str, port: int, username: str | None, password: str | None,
                  prefix: str, timeout: float) -> None:
+        self._prefix_length = len(prefix.encode())
         self._reader = hiredis.Reader()
         self._sock = socket.create_connection((host, port), timeout)
         try:
@@ -68,8 +71,8 @@ class InvalidationListener:
             raise ConnectionError(str(reply))
         return reply
 
-    def drain(self) -> list[bytes] | None:
-        """Keys changed since the last call; None means "everything" (a flush, or this
+    def drain(self) -> list[str] | None:
+        """What changed since the last call; None means "everything" (a flush, or this
         listener fell behind and Redis may hold messages it could not send yet)."""
         waiting = 0
         while True:
@@ -81,13 +84,13 @@ class InvalidationListener:
                 raise ConnectionError("redis closed the invalidation connection")
             waiting += len(data)
             self._reader.feed(data)
-        changed: list[bytes] | None = []
+        changed: list[str] | None = []
         while (message := self._reader.gets()) is not False:
             if isinstance(message, list) and len(message) == 3 and message[1] == CHANNEL:
                 if message[2] is None:
                     changed = None
                 elif changed is not None:
-                    changed.extend(message[2])
+                    changed += (key[self._prefix_length:].decode() for key in message[2])
         return None if waiting >= BEHIND_BYTES else changed
 
     def close(self) -> None:
@@ -95,7 +98,8 @@ class InvalidationListener:
 
 
 class NearCache:
-    """At most `size` values, each for at most `max_age` seconds, never past an invalidation."""
+    """Users' cached values by id: at most `size`, each for at most `max_age` seconds, never
+    past an invalidation."""
 
     def __init__(self, connect: Callable[[], InvalidationListener], size: int,
                  max_age: float) -> None:
@@ -128,7 +132,7 @@ class NearCache:
             self.epoch += 1
         elif changed:
             for key in changed:
-                self._values.pop(key.decode(), None)
+                self._values.pop(key, None)
             self.epoch += 1
         return True
 

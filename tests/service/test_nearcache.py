@@ -50,13 +50,29 @@ def test_a_write_by_another_worker_is_seen_at_once(
 
 
 def test_flushall_empties_the_near_cache(
-        app: Flask, client: FlaskClient, other_worker: FlaskClient,
-        redis_up: RedisServer) -> None:
+        app: Flask, client: FlaskClient, redis_up: RedisServer) -> None:
     user = create(client)
     read(client, f"/users/{user['id']}")
+    near = app.extensions["cachestack.users"].cache.near
+    assert near.get(str(user["id"])) is not None
     redis_up.client().flushall()
-    new = other_worker.patch(f"/users/{user['id']}", json={"display_name": "x"}).get_json()
-    assert read(client, f"/users/{user['id']}")[1] == new["data"]
+    assert near.get(str(user["id"])) is None
+
+
+def test_a_fill_elsewhere_leaves_the_near_cache_alone(
+        app: Flask, client: FlaskClient, other_worker: FlaskClient,
+        redis_up: RedisServer) -> None:
+    """Only writes announce changes: a user another worker merely read back into Redis
+    (here after its key went away, as on expiry) is still answered from memory."""
+    user = create(client)
+    read(client, f"/users/{user['id']}")  # from Redis, then kept
+    redis_up.client().delete(keys(app).user(user["id"]))
+    assert read(other_worker, f"/users/{user['id']}")[:2] == ("MISS", user)
+    other_worker.application.extensions["cachestack.users"].cache.redis.flush()  # the fill
+    assert redis_up.client().exists(keys(app).user(user["id"]))
+    before = commands(redis_up)
+    assert read(client, f"/users/{user['id']}")[:2] == ("HIT", user)
+    assert commands(redis_up) - before == 1  # only the INFO call above
 
 
 def test_a_lost_subscription_turns_the_near_cache_off_then_on(
@@ -82,14 +98,13 @@ def test_a_value_read_before_another_thread_drained_its_invalidation_is_not_kept
     that invalidation; only then does A try to keep its (now old) copy."""
     user = create(client)
     near = app.extensions["cachestack.users"].cache.near
-    key = keys(app).user(user["id"])
-    assert near.get(key) is None
+    assert near.get(str(user["id"])) is None
     epoch = near.epoch  # A's read of Redis starts here
-    old = redis_up.client().get(key)
+    old = redis_up.client().get(keys(app).user(user["id"]))
     new = other_worker.patch(f"/users/{user['id']}",
                              json={"display_name": "newer"}).get_json()["data"]
-    near.get(keys(app).user(user["id"] + 1))  # B drains the invalidation of A's key
-    near.put(key, old, epoch)  # A, late
+    near.get(str(user["id"] + 1))  # B drains the invalidation of A's user
+    near.put(str(user["id"]), old, epoch)  # A, late
     assert read(client, f"/users/{user['id']}")[1] == new
 
 
@@ -100,12 +115,11 @@ def test_a_worker_that_fell_behind_trusts_nothing_it_held(
     user = create(client)
     read(client, f"/users/{user['id']}")  # from Redis, then kept
     near = app.extensions["cachestack.users"].cache.near
-    key = keys(app).user(user["id"])
-    elsewhere = redis_up.client()
+    elsewhere = redis_up.client()  # as writes elsewhere announce other users
     for n in range(1, 4):
-        elsewhere.set(keys(app).user(user["id"] + n), "x")
-    assert near.get(key) is not None  # a few messages: still trusted
+        elsewhere.set(keys(app).changes + str(user["id"] + n), "x")
+    assert near.get(str(user["id"])) is not None  # a few messages: still trusted
     for n in range(1, 200):  # one message each, ~90 bytes
-        elsewhere.set(keys(app).user(user["id"] + n), "x")
-    assert near.get(key) is None
+        elsewhere.set(keys(app).changes + str(user["id"] + n), "x")
+    assert near.get(str(user["id"])) is None
     assert read(client, f"/users/{user['id']}")[:2] == ("HIT", user)  # from Redis again
