@@ -12,7 +12,7 @@ from flask.testing import FlaskClient
 from service.app import create_app
 
 from .conftest import settings_for
-from .servers import RedisServer
+from .servers import RedisServer, wait_until
 from .test_api import create
 from .test_cache import keys, read
 
@@ -119,7 +119,29 @@ def test_a_worker_that_fell_behind_trusts_nothing_it_held(
     for n in range(1, 4):
         elsewhere.set(keys(app).changes + str(user["id"] + n), "x")
     assert near.get(str(user["id"])) is not None  # a few messages: still trusted
-    for n in range(1, 200):  # one message each, ~90 bytes
-        elsewhere.set(keys(app).changes + str(user["id"] + n), "x")
+    burst = elsewhere.pipeline(transaction=False)
+    for n in range(1, 200):  # one message naming them all, ~9 KB
+        burst.set(keys(app).changes + str(user["id"] + n), "x")
+    burst.execute()
     assert near.get(str(user["id"])) is None
     assert read(client, f"/users/{user['id']}")[:2] == ("HIT", user)  # from Redis again
+
+
+def test_an_idle_worker_still_reads_what_redis_sends_it(
+        client: FlaskClient, redis_up: RedisServer) -> None:
+    """No request comes to drain the listener, yet Redis must not keep what it cannot send
+    (it would hold it in memory and, past its limit for subscribers, drop the connection)."""
+    user = create(client)
+    read(client, f"/users/{user['id']}")  # subscribed
+    elsewhere = redis_up.client()
+    changes = keys(client.application).changes + "x" * 200
+    for batch in range(40):  # 40 messages of ~230 KB: more than the socket buffers hold
+        burst = elsewhere.pipeline(transaction=False)
+        for n in range(1000):
+            burst.set(f"{changes}{batch}:{n}", "x")
+        burst.execute()
+
+    def waiting_in_redis() -> int:
+        return sum(int(c["omem"]) for c in elsewhere.client_list() if c["sub"] != "0")
+
+    wait_until(lambda: waiting_in_redis() == 0, 2, "the listener to read its messages")
