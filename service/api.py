@@ -10,7 +10,7 @@ from flask import Blueprint, Response, current_app, request
 from . import metrics, validation
 from .cache import HIT, Answer, Lookup
 from .db import DatabaseUnavailable, UserRow
-from .errors import ApiError, error_body, error_response
+from .errors import ApiError, error_body
 from .openapi import OPENAPI_JSON
 from .users import Users
 
@@ -53,8 +53,8 @@ def _read(answer: Answer, data: bytes) -> Response:
     return _json(_read_body(answer.status, data), headers={"X-Cache": answer.status})
 
 
-def _not_found(user_id: int | str) -> Response:
-    return error_response(404, "not_found", f"no user with id {user_id}")
+def _not_found(user_id: int | str, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
+    return Reply(404, error_body("not_found", f"no user with id {user_id}"), headers)
 
 
 def parse_json(raw: bytes) -> object:
@@ -76,7 +76,7 @@ def user_by_id(service: Users, user_id: int) -> Reply:
     answer = service.find(Lookup.of("id", user_id))
     cache_status = (("X-Cache", answer.status),)
     if answer.user is None:
-        return Reply(404, error_body("not_found", f"no user with id {user_id}"), cache_status)
+        return _not_found(user_id, cache_status)
     return Reply(200, _read_body(answer.status, answer.user), cache_status)
 
 
@@ -107,7 +107,7 @@ def update_user(raw_id: str) -> Response:
     user_id = validation.user_id(raw_id)
     row = users().update(user_id, validation.user_fields(_body(), partial=True))
     if row is None:
-        return _not_found(user_id)
+        return _not_found(user_id).response()
     return _json(_written(b"updated", row))
 
 
@@ -115,7 +115,7 @@ def update_user(raw_id: str) -> Response:
 def delete_user(raw_id: str) -> Response:
     user_id = validation.user_id(raw_id)
     if not users().delete(user_id):
-        return _not_found(user_id)
+        return _not_found(user_id).response()
     return Response(status=204)
 
 

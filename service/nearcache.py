@@ -19,8 +19,8 @@ that only writes or looks users up by name), a thread of its own drains it, so R
 never keeps what it could not send: without it, each listener had 3 MB waiting in Redis
 after 20 s of creates, and Redis drops a subscriber at 32 MB.
 
-That holds while Redis can write to the socket. A worker that falls behind (idle while
-others write) lets the socket buffers fill, and then Redis keeps the newest messages in
+That holds while Redis can write to the socket. A worker that falls behind (drains slower
+than others write) lets the socket buffers fill, and then Redis keeps the newest messages in
 its own memory, where no drain can see them, and still answers writers. Buffers can only
 be full with more than BEHIND_BYTES waiting, so a drain that finds that much drops
 everything instead of trusting what it read.

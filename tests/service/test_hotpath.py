@@ -46,15 +46,19 @@ def nothing() -> None:
     pass
 
 
+def flask_alone(app: Flask) -> Callable:
+    """Flask's own WSGI app, which the app factory wrapped with the hot path."""
+    return lambda env, start: Flask.wsgi_app(app, env, start)
+
+
 def both_ways(app: Flask, path: str, method: str = "GET", before: Callable[[], object] = nothing,
               **options: object) -> tuple[Answer, Answer]:
     """The same request through the app (hot path first) and through Flask alone, each after
-    `before()`; Flask alone is `Flask.wsgi_app`, which the app factory wrapped."""
+    `before()`."""
     before()
     hot = call(app.wsgi_app, environ(path, method, **options))
     before()
-    return hot, call(lambda env, start: Flask.wsgi_app(app, env, start),
-                     environ(path, method, **options))
+    return hot, call(flask_alone(app), environ(path, method, **options))
 
 
 def held_user(app: Flask) -> dict:
@@ -91,8 +95,8 @@ def test_creates_are_answered_without_flask_as_flask_answers_them(
     hot = call(app.wsgi_app, environ("/users", "POST",
                                      json={"username": "alice", "email": "a@example.org"}))
     assert flask_calls == []
-    flask = call(lambda env, start: Flask.wsgi_app(app, env, start), environ(
-        "/users", "POST", json={"username": "bob", "email": "b@example.org"}))
+    flask = call(flask_alone(app), environ("/users", "POST",
+                                          json={"username": "bob", "email": "b@example.org"}))
     assert flask_calls == ["/users"]
 
     def shape(answer: Answer) -> tuple:
@@ -131,7 +135,7 @@ def test_a_body_shorter_than_its_content_length_is_flasks_400(app: Flask) -> Non
         return env
 
     hot = call(app.wsgi_app, short_body())
-    assert hot == call(lambda env, start: Flask.wsgi_app(app, env, start), short_body())
+    assert hot == call(flask_alone(app), short_body())
     assert hot[0] == "400 BAD REQUEST"
 
 
