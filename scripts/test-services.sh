@@ -20,19 +20,41 @@ if ((${#apt_packages[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_packages[@]}" >/dev/null
 fi
 
-# PostgreSQL: the Debian cluster, a role and database for the tests (TEST_DATABASE_URL);
-# the role may create databases, which bench/ does.
+# PostgreSQL: the Debian cluster with TLS on (Debian's self-signed "snakeoil" certificate),
+# and the roles of the stack: cachestack_owner owns the test database and runs the
+# migrations; cachestack_app is the least-privileged role the service runs as
+# (TEST_DATABASE_URL, TEST_OWNER_DATABASE_URL). The role cachestack may create databases,
+# which bench/ does.
+as_postgres() { if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+sql() { as_postgres psql -qtAc "$1"; }
+if [[ ! -e /etc/ssl/certs/ssl-cert-snakeoil.pem && $(id -u) -eq 0 ]]; then
+  make-ssl-cert generate-default-snakeoil
+fi
 if ! pg_isready -q -h 127.0.0.1; then
   cluster=$(pg_lsclusters --no-header | awk 'NR==1 {print $1" "$2}')
   # shellcheck disable=SC2086
   pg_ctlcluster --skip-systemctl-redirect $cluster start
   for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 && break; sleep 0.2; done
 fi
-as_postgres() { if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-as_postgres psql -qtAc "SELECT 1 FROM pg_roles WHERE rolname = 'cachestack'" | grep -q 1 ||
-  as_postgres psql -qc "CREATE ROLE cachestack LOGIN CREATEDB PASSWORD 'cachestack'"
-as_postgres psql -qtAc "SELECT 1 FROM pg_database WHERE datname = 'cachestack_test'" | grep -q 1 ||
-  as_postgres createdb -O cachestack cachestack_test
+if [[ $(sql "SHOW ssl") != on ]]; then
+  sql "ALTER SYSTEM SET ssl = on" >/dev/null
+  sql "SELECT pg_reload_conf()" >/dev/null
+fi
+ensure_role() {  # NAME ATTRIBUTES...: created if missing, its attributes and password set again
+  local name=$1; shift
+  sql "SELECT 1 FROM pg_roles WHERE rolname = '$name'" | grep -q 1 ||
+    sql "CREATE ROLE $name" >/dev/null
+  sql "ALTER ROLE $name LOGIN $* PASSWORD '$name'" >/dev/null
+}
+ensure_role cachestack CREATEDB
+ensure_role cachestack_owner NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
+ensure_role cachestack_app NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
+test_db_owner=$(sql "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'cachestack_test'")
+if [[ -n $test_db_owner && $test_db_owner != cachestack_owner ]]; then  # test data only
+  sql "DROP DATABASE cachestack_test WITH (FORCE)" >/dev/null
+  test_db_owner=
+fi
+[[ -n $test_db_owner ]] || as_postgres createdb -O cachestack_owner cachestack_test
 
 # Redis: the tests start private redis-server processes; only the binary is needed.
 # Docker: the orchestrator, compose and swarm tests need a running engine.

@@ -1,5 +1,7 @@
 """`python -m service`: serve the API with granian, a multi-process production server.
 
+`python -m service migrate` brings the database's schema up to date first (see migrate.py).
+
 granian was chosen by measurement on this project's 2-core machines (see README, "Speed,
 and choosing the server"). Each worker process runs a few blocking threads, so that one
 request's wait on Postgres or Redis overlaps another's work; many more threads than
@@ -9,16 +11,19 @@ that only fight over the GIL.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
 import tempfile
 
+from . import logs
 from .config import ConfigError, Settings
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.splitlines()[0])
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.splitlines()[0],
+                                     epilog="python -m service migrate --help: the schema step")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -39,13 +44,22 @@ def check_address(host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["migrate"]:
+        from . import migrate  # not above: it loads the metrics, which must wait (see below)
+
+        return migrate.main(argv[1:])
     args = parse_args(argv)
     try:
-        Settings.from_env()  # fail now, with one clear line, rather than in every worker
+        settings = Settings.from_env()  # fail now, with one clear line, not in every worker
         check_address(args.host, args.port)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    logs.configure()
+    if not settings.api_tokens:  # said here once, rather than by every worker
+        logging.getLogger("service").warning(
+            "API_TOKENS_FILE is not set: every /users route is open to anyone who reaches it")
     # One database connection per request a worker can have in flight, unless told otherwise.
     os.environ.setdefault("DB_POOL_SIZE", str(args.threads))
     # Counters from all workers are summed from files in this directory at scrape time.

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import logging
-
 from flask import Flask
 
-from . import api, hotpath, metrics
+from . import api, auth, hotpath, logs, metrics
 from .cache import UserCache
 from .config import Settings
 from .db import Database
@@ -19,7 +17,7 @@ MAX_BODY_BYTES = 64 * 1024
 def create_app(settings: Settings | None = None) -> Flask:
     """App factory: one Postgres pool and one Redis client per process, made lazily."""
     settings = settings or Settings.from_env()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     database = Database(settings.database_url, settings.db_pool_size,
@@ -28,5 +26,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["cachestack.users"] = Users(database, cache)
     app.register_blueprint(api.bp)
     register_error_handlers(app)
-    app.wsgi_app = metrics.timed(hotpath.serve_hot_routes(app))
+    # The token check stands in front of both doors (the hot routes and Flask), and the
+    # timing in front of it, so that refused requests are counted too.
+    app.wsgi_app = metrics.timed(auth.require_token(hotpath.serve_hot_routes(app),
+                                                    settings.api_tokens))
     return app

@@ -198,14 +198,19 @@ class Breaker:
     def __init__(self, cooldown: float) -> None:
         self.cooldown = cooldown
         self.tripped = True
+        self.failing = False  # since the last failure, Redis has not answered
         self._open_until = 0.0
 
     def allows(self) -> bool:
         return time.monotonic() >= self._open_until
 
-    def trip(self) -> None:
-        self.tripped = True
+    def trip(self) -> bool:
+        """Open for a cool-down; True when this failure is news (Redis had answered since the
+        last one, or never failed before)."""
+        news = not self.failing
+        self.tripped = self.failing = True
         self._open_until = time.monotonic() + self.cooldown
+        return news
 
 
 def _decode_user(value: bytes) -> bytes | None:
@@ -232,14 +237,11 @@ class UserCache:
         self.before_fill: Callable[[Lookup], None] | None = None
 
     def _near_cache(self) -> NearCache | None:
-        options = self.redis.options
-        if not self.settings.near_cache_size or "host" not in options:
-            return None  # turned off, or Redis on a unix socket
+        if not self.settings.near_cache_size:
+            return None
 
         def subscribe() -> InvalidationListener:
-            return InvalidationListener(options["host"], options.get("port", 6379),
-                                        options.get("username"), options.get("password"),
-                                        self.keys.changes, self.settings.cache_timeout)
+            return InvalidationListener(self.redis.connection(), self.keys.changes)
 
         max_age = self.settings.cache_ttl * (1 - self.settings.cache_ttl_jitter)
         return NearCache(subscribe, self.settings.near_cache_size, max_age)
@@ -262,9 +264,9 @@ class UserCache:
             return command()
         except (redis.RedisError, OSError) as exc:
             metrics.CACHE_ERRORS.inc()
-            if not self.breaker.tripped:
-                log.warning("redis unavailable, serving from postgres: %s", type(exc).__name__)
-            self.breaker.trip()
+            if self.breaker.trip():  # one line per outage, not one per request
+                log.warning("redis unavailable, serving from postgres: %s: %s",
+                            type(exc).__name__, db.first_line(exc))
             self.redis.close()  # the other idle connections are likely dead too
             if self.near:
                 self.near.stop()
@@ -283,7 +285,9 @@ class UserCache:
             self._write([Entry(key, DELETE, 0, "") for key in keys], "")
             db.clear_cache_repairs(self.database, keys)
             log.info("cache repaired: %d stale keys deleted", len(keys))
-        self.breaker.tripped = False
+        if self.breaker.failing:
+            log.info("redis available again")
+        self.breaker.tripped = self.breaker.failing = False
 
     def available(self) -> bool:
         """Whether Redis answers a PING now (for /readyz)."""

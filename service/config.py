@@ -8,6 +8,7 @@ or of the settings' repr.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -57,6 +58,30 @@ def with_password(url: str, password: str | None) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+# A bearer token as RFC 6750 spells one (b64token): what can follow "Bearer " in a header.
+BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+def _api_tokens(env: Mapping[str, str]) -> tuple[str, ...]:
+    """The tokens a client may send, one a line (so that a new one can be added before the
+    old one is removed); none when the setting is absent, which leaves the API open."""
+    raw = read_setting(env, "API_TOKENS")
+    if raw is None:
+        return ()
+    name = "API_TOKENS_FILE" if env.get("API_TOKENS_FILE") else "API_TOKENS"
+    tokens = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        token = line.strip()
+        if token and not BEARER_TOKEN.fullmatch(token):
+            raise ConfigError(f"{name}: line {number} is not a bearer token "
+                              "(A-Z a-z 0-9 - . _ ~ + / and a trailing =)")
+        if token:
+            tokens.append(token)
+    if not tokens:
+        raise ConfigError(f"{name} holds no token (one a line)")
+    return tuple(tokens)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service reads from its environment, validated once at start."""
@@ -72,6 +97,10 @@ class Settings:
     db_pool_size: int = 4
     db_connect_timeout: int = 2
     db_statement_timeout_ms: int = 5000
+    # The role the service runs as, which `python -m service migrate` grants to.
+    database_app_role: str = "cachestack_app"
+    # Empty: the API is open to anyone who reaches it.
+    api_tokens: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -83,6 +112,9 @@ class Settings:
         jitter = _number(env, "CACHE_TTL_JITTER", 0.1)
         if jitter >= 1:
             raise ConfigError(f"CACHE_TTL_JITTER must be below 1, got {jitter}")
+        app_role = read_setting(env, "DATABASE_APP_ROLE", "cachestack_app") or ""
+        if not app_role.strip():
+            raise ConfigError("DATABASE_APP_ROLE must name a role")
         return cls(
             database_url=with_password(database_url, read_setting(env, "DATABASE_PASSWORD")),
             redis_url=with_password(redis_url, read_setting(env, "REDIS_PASSWORD")),
@@ -95,4 +127,6 @@ class Settings:
             db_pool_size=int(_number(env, "DB_POOL_SIZE", 4, minimum=1)),
             db_connect_timeout=int(_number(env, "DB_CONNECT_TIMEOUT_SECONDS", 2, minimum=1)),
             db_statement_timeout_ms=int(_number(env, "DB_STATEMENT_TIMEOUT_MS", 5000, minimum=1)),
+            database_app_role=app_role,
+            api_tokens=_api_tokens(env),
         )

@@ -1,31 +1,33 @@
-"""PostgreSQL: a small blocking connection pool, the schema migrations and every SQL statement.
+"""PostgreSQL: a small blocking connection pool and every SQL statement the service sends.
 
 All SQL is parameterized. A connection that fails is thrown away, and pooled ones that
 the server has closed are found before use, so after a Postgres restart the service
-heals by itself.
+heals by itself. The service runs no DDL (see schema.py): a database that lacks a packaged
+migration is unavailable, like one that does not answer, until `python -m service migrate`
+has run. Each process logs one line when the database becomes unavailable, with the
+reason, and one when it is back; not one per request.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import select
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any, TypeVar
 
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 
-from . import metrics
+from . import metrics, schema
 
 T = TypeVar("T")
 Connection = psycopg2.extensions.connection
 
-# Stops concurrent workers from applying the same migration twice.
-MIGRATION_LOCK_ID = 7_240_113
+log = logging.getLogger(__name__)
 
 _RFC3339 = """'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'"""
 
@@ -51,7 +53,8 @@ UNIQUE_CONSTRAINTS = {"users_username_key": "username", "users_email_key": "emai
 
 
 class DatabaseUnavailable(RuntimeError):
-    """Postgres cannot be reached or failed mid-statement; the caller answers 503."""
+    """Postgres cannot be reached, failed mid-statement or lacks a migration; the caller
+    answers 503."""
 
 
 class Conflict(ValueError):
@@ -118,34 +121,54 @@ class Database:
         self._slots = threading.BoundedSemaphore(size)
         self._lock = threading.Lock()
         self._schema_ready = False
+        self._problem: str | None = None  # why the database was unavailable when last used
 
     def _connect(self) -> Connection:
-        """A new session, with the schema migrated and the hot statements prepared."""
+        """A new session, on a schema that has every migration, with the hot statements
+        prepared."""
         try:
             conn = psycopg2.connect(self._dsn, **self._connect_args)
             try:
-                if not self._schema_ready:
-                    self._migrate(conn)
                 conn.autocommit = True
                 with conn.cursor() as cur:
+                    if not self._schema_ready:
+                        self._check_schema(cur)
                     cur.execute(";".join(f"PREPARE {name} AS {sql}"
                                          for name, sql in PREPARED.items()))
             except BaseException:
                 conn.close()
                 raise
         except psycopg2.OperationalError as exc:
-            raise DatabaseUnavailable(_first_line(exc)) from None
+            raise self._lost(exc) from None
+        self._report(None)
         return conn
 
-    def _migrate(self, conn: Connection) -> None:
-        """Apply the packaged migrations in order; all are idempotent, a lock serialises workers."""
-        with conn, conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
-            for script in sorted(resources.files(__package__).joinpath("migrations").iterdir(),
-                                 key=lambda path: path.name):
-                if script.name.endswith(".sql"):
-                    cur.execute(script.read_text(encoding="utf-8"))
+    def _check_schema(self, cur: Any) -> None:
+        """Refuse a database that lacks a packaged migration; asked again on every new
+        connection until it has them all, so the service serves once migrate has run."""
+        lag = schema.lag(cur)
+        if lag:
+            raise self._unavailable(f"database schema is behind: {lag}; "
+                                    "run `python -m service migrate`")
         self._schema_ready = True
+
+    def _unavailable(self, problem: str) -> DatabaseUnavailable:
+        self._report(problem)
+        return DatabaseUnavailable(problem)
+
+    def _lost(self, exc: psycopg2.OperationalError) -> DatabaseUnavailable:
+        return self._unavailable(f"database unavailable: {first_line(exc)}")
+
+    def _report(self, problem: str | None) -> None:
+        """Log a change of the database's state (unavailable and why, or back)."""
+        with self._lock:
+            if problem == self._problem:
+                return
+            was, self._problem = self._problem, problem
+        if problem:
+            log.warning("%s", problem)
+        elif was:
+            log.info("database available again")
 
     def _take(self) -> Connection:
         """An idle connection that is still alive, or a new one.
@@ -183,7 +206,7 @@ class Database:
                 raise Conflict(field) from None
             except psycopg2.OperationalError as exc:
                 conn.close()
-                raise DatabaseUnavailable(_first_line(exc)) from None
+                raise self._lost(exc) from None
             except BaseException:
                 conn.close()
                 raise
@@ -202,7 +225,7 @@ class Database:
             conn.close()
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or ["database error"])[0]
 
 

@@ -48,7 +48,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(DatabaseUnavailable)
     def database_unavailable(exc: DatabaseUnavailable) -> Response:
-        log.warning("database unavailable: %s", exc)
+        # Not logged here, once per request: the pool logs when the database goes away.
         return error_response(503, "database_unavailable",
                               "the database is unavailable, try again shortly",
                               headers={"Retry-After": "1"})

@@ -31,11 +31,13 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
 
 import hiredis
+import redis
 
 CHANNEL = b"__redis__:invalidate"
 RETRY_SECONDS = 1.0  # between attempts to subscribe again
@@ -49,22 +51,26 @@ IDLE_DRAIN_SECONDS = 0.02
 
 class InvalidationListener:
     """A subscribed socket that reports what changed under `prefix` since the last drain
-    (as the rest of each key's name: the user's id)."""
+    (as the rest of each key's name: the user's id).
 
-    def __init__(self, host: str, port: int, username: str | None, password: str | None,
-                 prefix: str, timeout: float) -> None:
+    redis-py connects it, exactly as it connects the cache's pool (address, TLS with its
+    certificate and host name checks, credentials), so that a `rediss://` URL never leads
+    to a plaintext byte here either. From then on the listener reads the socket itself,
+    without redis-py's parser, so that a drain with nothing waiting costs one recv.
+    """
+
+    def __init__(self, connection: redis.connection.AbstractConnection, prefix: str) -> None:
         self._prefix_length = len(prefix.encode())
         self._reader = hiredis.Reader()
-        self._sock = socket.create_connection((host, port), timeout)
+        connection.connect()  # and logs in; nothing is left unread after that
+        self._connection = connection
+        self._sock: socket.socket = connection._sock  # redis-py has no public accessor
         try:
-            if password:
-                auth = (username, password) if username else (password,)
-                self._ask("AUTH", *auth)
             client_id = self._ask("CLIENT", "ID")
             self._ask("CLIENT", "TRACKING", "on", "REDIRECT", client_id, "BCAST", "PREFIX", prefix)
             self._ask("SUBSCRIBE", CHANNEL)
         except BaseException:
-            self._sock.close()
+            connection.disconnect()
             raise
         self._sock.setblocking(False)
 
@@ -86,7 +92,7 @@ class InvalidationListener:
         while True:
             try:
                 data = self._sock.recv(65536)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantReadError):  # nothing waiting (plain, TLS)
                 break
             if not data:
                 raise ConnectionError("redis closed the invalidation connection")
@@ -102,14 +108,18 @@ class InvalidationListener:
         return None if waiting >= BEHIND_BYTES else changed
 
     def wait(self, timeout: float) -> bool:
-        """Whether anything arrives within `timeout` seconds (False at once when closed)."""
+        """Whether anything arrives within `timeout` seconds (False at once when closed).
+        With TLS, bytes already decrypted wait inside the SSL object, where select cannot
+        see them."""
+        if isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
+            return True
         try:
             return bool(select.select([self._sock], [], [], timeout)[0])
         except (OSError, ValueError):
             return False
 
     def close(self) -> None:
-        self._sock.close()
+        self._connection.disconnect()
 
 
 class NearCache:
@@ -196,7 +206,7 @@ class NearCache:
 
     def _subscribe(self) -> None:
         self._retry_at = time.monotonic() + RETRY_SECONDS
-        with contextlib.suppress(OSError, ConnectionError):
+        with contextlib.suppress(OSError, redis.RedisError):
             self._listener = self._connect()
             self.epoch += 1
         if self._listener and (self._drainer is None or not self._drainer.is_alive()):

@@ -24,6 +24,9 @@ CACHE_HEADER = {
     }
 }
 RETRY_AFTER = {"Retry-After": {"schema": {"type": "string"}}}
+CHALLENGE = {"WWW-Authenticate": {"description": 'Bearer realm="cachestack", with '
+                                  'error="invalid_token" when a token was sent',
+                                  "schema": {"type": "string"}}}
 
 
 def ref(name: str) -> dict:
@@ -46,6 +49,16 @@ UNAVAILABLE = response("Postgres is unavailable; retry after the given seconds",
                        RETRY_AFTER)
 ERRORS = {"400": ERROR, "503": UNAVAILABLE}
 BODY_ERRORS = {**ERRORS, "409": ERROR, "413": ERROR, "415": ERROR}
+UNAUTHORIZED = response("No bearer token, or not one the service accepts", ref("Error"),
+                        CHALLENGE)
+
+
+def guarded(operation: dict) -> dict:
+    """An operation under /users: it needs a bearer token when the service has tokens."""
+    return {**operation, "security": [{"bearer": []}],
+            "responses": {**operation["responses"], "401": UNAUTHORIZED}}
+
+
 ID_PARAMETER = {"name": "id", "in": "path", "required": True,
                 "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}}
 
@@ -85,7 +98,7 @@ DOCUMENT = {
              "description": "Users in PostgreSQL, cached in Redis (write-through, cache-aside)."},
     "paths": {
         "/users": {
-            "post": {
+            "post": guarded({
                 "summary": "Create a user",
                 "requestBody": {"required": True, "content": json_body(ref("NewUser"))},
                 "responses": {
@@ -93,27 +106,27 @@ DOCUMENT = {
                                           {"Location": {"schema": {"type": "string"}}}),
                     **BODY_ERRORS,
                 },
-            },
-            "get": {
+            }),
+            "get": guarded({
                 "summary": "Find users by exactly one of id, username or email",
                 "parameters": [LOOKUP_PARAMETER],
                 "responses": {
                     "200": read_response({"type": "array", "items": ref("User"), "maxItems": 1}),
                     **ERRORS,
                 },
-            },
+            }),
         },
         "/users/{id}": {
             "parameters": [ID_PARAMETER],
-            "get": {
+            "get": guarded({
                 "summary": "Read a user by id",
                 "responses": {
                     "200": read_response(ref("User")),
                     "404": response("No such user", ref("Error"), CACHE_HEADER),
                     **ERRORS,
                 },
-            },
-            "patch": {
+            }),
+            "patch": guarded({
                 "summary": "Change a user's username, email or display name",
                 "requestBody": {"required": True, "content": json_body(ref("UserChanges"))},
                 "responses": {
@@ -121,11 +134,11 @@ DOCUMENT = {
                     "404": ERROR,
                     **BODY_ERRORS,
                 },
-            },
-            "delete": {
+            }),
+            "delete": guarded({
                 "summary": "Delete a user",
                 "responses": {"204": {"description": "Deleted"}, "404": ERROR, **ERRORS},
-            },
+            }),
         },
         "/healthz": {
             "get": {
@@ -156,6 +169,11 @@ DOCUMENT = {
         },
     },
     "components": {
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer",
+                       "description": "One of the tokens in the service's API_TOKENS_FILE; "
+                       "a service started without that setting asks for none"},
+        },
         "schemas": {
             "User": {
                 "type": "object",

@@ -80,9 +80,11 @@ class Wire:
     """Commands and scripts over pooled connections; every failure raises redis.RedisError."""
 
     def __init__(self, url: str, timeout: float) -> None:
+        # Without a library name and version redis-py sends no CLIENT SETINFO on connecting:
+        # a round trip per connection, and a command the service's Redis user may not run.
         self.pool = redis.ConnectionPool.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            health_check_interval=0)
+            health_check_interval=0, lib_name=None, lib_version=None)
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
         # SHA1s of the scripts Redis has; forgotten with every new connection, which may be
@@ -91,10 +93,10 @@ class Wire:
         self._unsent_waiting = threading.Event()
         self._flusher: threading.Thread | None = None
 
-    @property
-    def options(self) -> dict[str, Any]:
-        """Where and as whom to connect (host, port, username, password, ...)."""
-        return self.pool.connection_kwargs
+    def connection(self) -> redis.connection.AbstractConnection:
+        """A new connection, not yet connected, that will connect as the pool's do (address,
+        TLS and its checks, credentials): for a caller that keeps it to itself."""
+        return self.pool.make_connection()
 
     def call(self, *args: Any) -> Any:
         return self._run(args, wait=True)

@@ -1,10 +1,13 @@
-"""Real servers for the service tests: a private redis-server that tests may stop and
-restart, a TCP proxy that can cut Postgres off, and the service itself under granian."""
+"""Real servers for the service tests: a private redis-server (with the stack's Redis users,
+and TLS when asked) that tests may stop and restart, a TCP proxy that can cut Postgres off
+and records what clients send, and the service itself under granian."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -12,14 +15,18 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 import requests
 
+from orchestrate.certs import KeyPair, make_ca, make_server_cert
 from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+ACL_TEMPLATE = ROOT / "docker" / "redis" / "users.acl"
+REDIS_USERS = ("service", "health", "admin")
 
 
 def wait_until(check, timeout: float, what: str, interval: float = 0.05) -> None:
@@ -34,22 +41,73 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.05) -> None
     raise TimeoutError(f"{what} did not come up within {timeout} s")
 
 
-class RedisServer:
-    """A redis-server of the test's own, with append-only persistence in a temp dir."""
+def render_acl(passwords: dict[str, str]) -> str:
+    """The stack's ACL template as the Redis container renders it: comments dropped, each
+    @NAME@ replaced by the SHA-256 of that user's password."""
+    lines = [line for line in ACL_TEMPLATE.read_text().splitlines() if not line.startswith("#")]
+    text = "\n".join(lines) + "\n"
+    for user, password in passwords.items():
+        text = text.replace(f"@{user}@", hashlib.sha256(password.encode()).hexdigest())
+    return text
 
-    def __init__(self) -> None:
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA certificate, and a server key and certificate it signed, as files."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def make(cls, directory: Path, hosts: list[str], ca: KeyPair | None = None) -> TlsFiles:
+        """A new server certificate for `hosts`, signed by `ca` (by default a new CA)."""
+        ca = ca or make_ca("cachestack test CA")
+        server = make_server_cert(ca, hosts)
+        directory.mkdir(parents=True, exist_ok=True)
+        files = cls(directory / "ca.crt", directory / "server.crt", directory / "server.key")
+        for path, pem in ((files.ca, ca.cert), (files.cert, server.cert), (files.key, server.key)):
+            path.write_bytes(pem)
+        files.key.chmod(0o600)
+        return files
+
+
+class RedisServer:
+    """A redis-server of the test's own, with append-only persistence in a temp dir and the
+    stack's users (docker/redis/users.acl): `url` logs in as the service, `client()` as
+    the admin. With `tls`, it listens on a TLS port only."""
+
+    def __init__(self, tls: TlsFiles | None = None) -> None:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="cachestack-redis-")
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.tls = tls
+        self.passwords = {user: secrets.token_urlsafe(18) for user in REDIS_USERS}
+        self.acl_file = Path(self.dir, "users.acl")
+        self.acl_file.write_text(render_acl(self.passwords))
+        self.url = self.url_for("service")
         self.process: subprocess.Popen | None = None
+        self._admin: redis.Redis | None = None
+
+    def url_for(self, user: str, port: int | None = None) -> str:
+        """The URL that logs in as `user`, to this server or to a proxy of it on `port`."""
+        netloc = f"{user}:{self.passwords[user]}@127.0.0.1:{port or self.port}"
+        if self.tls:
+            return f"rediss://{netloc}/0?ssl_ca_certs={self.tls.ca}"
+        return f"redis://{netloc}/0"
+
+    def _listen(self) -> list[str]:
+        if not self.tls:
+            return ["--port", str(self.port)]
+        return ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert),
+                "--tls-key-file", str(self.tls.key), "--tls-auth-clients", "no"]
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--dir", self.dir, "--enable-debug-command", "local"],
+            ["redis-server", *self._listen(), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--dir", self.dir, "--enable-debug-command", "local",
+             "--aclfile", str(self.acl_file)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        wait_until(client.ping, 10, "redis-server")
+        wait_until(self.client().ping, 10, "redis-server")
 
     def stop(self) -> None:
         """Stop like a crash would, after the append-only file has what was written so far."""
@@ -59,9 +117,14 @@ class RedisServer:
             self.process.kill()
             self.process.wait()
             self.process = None
+            self._admin = None
 
     def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url)
+        """A client logged in as the admin user, who may run every command. One for the
+        server's life, so that counting its commands does not count its logins."""
+        if self._admin is None:
+            self._admin = redis.Redis.from_url(self.url_for("admin"))
+        return self._admin
 
     def close(self) -> None:
         if self.process:
@@ -72,11 +135,13 @@ class RedisServer:
 
 class TcpProxy:
     """Forwards 127.0.0.1:port to a target; `cut()` drops every connection and refuses new
-    ones, as a Postgres restart does, without touching the shared Postgres server."""
+    ones, as a Postgres restart does, without touching the shared Postgres server. `sent`
+    holds what each client sent, one entry a connection."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = free_port()
+        self.sent: list[bytearray] = []
         self._open = threading.Event()
         self._open.set()
         self._conns: list[socket.socket] = []
@@ -98,15 +163,19 @@ class TcpProxy:
             except OSError:
                 client.close()
                 continue
+            sent = bytearray()
             with self._lock:
                 self._conns += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+                self.sent.append(sent)
+            for src, dst, log in ((client, upstream, sent), (upstream, client, None)):
+                threading.Thread(target=self._pipe, args=(src, dst, log), daemon=True).start()
 
     @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(src: socket.socket, dst: socket.socket, log: bytearray | None) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
+                if log is not None:
+                    log += data
                 dst.sendall(data)
         for sock in (src, dst):
             with contextlib.suppress(OSError):
@@ -130,9 +199,11 @@ class TcpProxy:
 
 
 class ServiceProcess:
-    """`python -m service` with its workers, as users run it."""
+    """`python -m service` with its workers, as users run it; started once `ready_path`
+    answers 200."""
 
-    def __init__(self, env: dict[str, str], workers: int = 2, threads: int = 1) -> None:
+    def __init__(self, env: dict[str, str], workers: int = 2, threads: int = 1,
+                 ready_path: str = "/readyz") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="cachestack-service-", suffix=".log")  # noqa: SIM115 - lives as long as the process
@@ -141,7 +212,7 @@ class ServiceProcess:
              "--workers", str(workers), "--threads", str(threads)],
             env={**os.environ, **env}, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         try:
-            wait_until(lambda: requests.get(self.url + "/readyz", timeout=1).ok, 30, "service")
+            wait_until(lambda: requests.get(self.url + ready_path, timeout=1).ok, 30, "service")
         except TimeoutError as exc:
             self.close()
             raise TimeoutError(f"{exc}; its output:\n{self.output()}") from None

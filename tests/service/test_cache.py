@@ -238,10 +238,11 @@ def test_app_starts_without_redis_and_uses_it_once_it_appears(
 
 
 def test_a_recreated_database_never_reads_its_predecessors_entries(
-        app: Flask, client: FlaskClient, database_url: str, redis_up: RedisServer) -> None:
+        app: Flask, client: FlaskClient, database_url: str, owner_url: str,
+        redis_up: RedisServer) -> None:
     old = create(client, "alice", "alice@example.org")
     client.patch(f"/users/{old['id']}", json={"display_name": "version 2"})
-    empty_database(database_url)  # ids and versions start over; Redis keeps its entries
+    empty_database(owner_url)  # ids and versions start over; Redis keeps its entries
     fresh = create_app(settings_for(database_url, redis_up.url)).test_client()
     bob = create(fresh, "bob", "bob@example.org")
     assert bob["id"] == old["id"]

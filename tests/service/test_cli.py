@@ -13,7 +13,8 @@ SECRET = "do-not-print-this-3f9a"
 
 
 def run_service(*args: str, **env: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_"))}
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("DATABASE_", "REDIS_", "API_TOKENS"))}
     return subprocess.run([sys.executable, "-m", "service", *args], cwd=ROOT, timeout=30,
                           env={**clean, **env}, capture_output=True, text=True)
 
@@ -50,3 +51,23 @@ def test_port_in_use() -> None:
         result = run_service("--port", str(port),
                              DATABASE_URL=f"postgresql://u:{SECRET}@127.0.0.1/db")
     assert_one_line_error(result, f"127.0.0.1:{port}", "in use")
+
+
+def test_unreadable_token_file() -> None:
+    result = run_service(DATABASE_URL=f"postgresql://u:{SECRET}@127.0.0.1/db",
+                         API_TOKENS_FILE="/nonexistent/api_tokens")
+    assert_one_line_error(result, "API_TOKENS_FILE", "/nonexistent/api_tokens")
+
+
+def test_token_file_without_a_token(tmp_path) -> None:
+    (tmp_path / "api_tokens").write_text("\n  \n\n")
+    result = run_service(DATABASE_URL="postgresql://u@127.0.0.1/db",
+                         API_TOKENS_FILE=str(tmp_path / "api_tokens"))
+    assert_one_line_error(result, "API_TOKENS_FILE", "no token")
+
+
+def test_token_file_with_a_line_that_cannot_be_a_token_names_the_line_only(tmp_path) -> None:
+    (tmp_path / "api_tokens").write_text(f"good-token\n\nbad {SECRET}\n")
+    result = run_service(DATABASE_URL="postgresql://u@127.0.0.1/db",
+                         API_TOKENS_FILE=str(tmp_path / "api_tokens"))
+    assert_one_line_error(result, "API_TOKENS_FILE", "line 3")

@@ -1,5 +1,6 @@
 """The hot routes answered in front of Flask (service/hotpath.py): the same bytes Flask
-sends, for answers and errors alike, and every request they cannot take reaches Flask."""
+sends, for answers and errors alike, and every request they cannot take reaches Flask.
+With API tokens, both doors refuse alike a request without a valid one."""
 
 from __future__ import annotations
 
@@ -17,19 +18,28 @@ from werkzeug.test import EnvironBuilder
 from service.app import create_app
 from service.cache import Lookup
 
-from .conftest import empty_database, settings_for
+from .conftest import ApiTokens, empty_database, settings_for
 from .servers import RedisServer, TcpProxy
 from .test_api import create
 
 Answer = tuple[str, list[tuple[str, str]], bytes]
 
 
-@pytest.fixture
-def flask_calls(app: Flask) -> list[str]:
-    """The paths of the requests that reached Flask's routing."""
+def calls_to(app: Flask) -> list[str]:
+    """The paths of the requests that reach Flask's routing, from now on."""
     calls: list[str] = []
     app.before_request(lambda: calls.append(request.full_path.rstrip("?")))
     return calls
+
+
+@pytest.fixture
+def flask_calls(app: Flask) -> list[str]:
+    return calls_to(app)
+
+
+@pytest.fixture
+def guarded_calls(guarded_app: Flask) -> list[str]:
+    return calls_to(guarded_app)
 
 
 def environ(path: str, method: str = "GET", **options: object) -> dict:
@@ -174,9 +184,10 @@ def test_a_body_of_unknown_length_reaches_flask(app: Flask, flask_calls: list[st
 
 
 @pytest.fixture
-def postgres_proxy(database_url: str, redis_up: RedisServer) -> Iterator[tuple[Flask, TcpProxy]]:
+def postgres_proxy(database_url: str, owner_url: str,
+                   redis_up: RedisServer) -> Iterator[tuple[Flask, TcpProxy]]:
     """An app whose Postgres can be cut off."""
-    empty_database(database_url)
+    empty_database(owner_url)
     proxy = TcpProxy(5432)
     app = create_app(settings_for(re.sub(r"@[^/]+/", f"@127.0.0.1:{proxy.port}/", database_url),
                                   redis_up.url))
@@ -228,3 +239,88 @@ def test_hot_requests_are_counted_like_any_other(app: Flask) -> None:
     for _ in range(3):
         app.test_client().get(f"/users/{user['id']}")
     assert counted() == (hits + 3, requests + 3)
+
+
+# With API_TOKENS_FILE, one check in front of both doors (service/auth.py): every /users
+# route and method, whichever door would have answered, is refused alike without a token.
+USERS_ROUTES = [  # (method, path, request options)
+    ("GET", "/users/1", {}),  # the hot path's
+    ("POST", "/users", {"json": {"username": "mallory", "email": "m@example.org"}}),  # hot too
+    ("GET", "/users?username=mallory", {}),
+    ("PATCH", "/users/1", {"json": {"display_name": "x"}}),
+    ("DELETE", "/users/1", {}),
+    ("HEAD", "/users/1", {}),
+    ("PUT", "/users/1", {}),  # a method no route has
+    ("GET", "/users/abc", {}),  # an id no route takes
+    ("POST", "/users/", {"json": {}}),
+]
+MISSING = ('Bearer realm="cachestack"', "missing_token")
+INVALID = ('Bearer realm="cachestack", error="invalid_token"', "invalid_token")
+BAD_CREDENTIALS = [  # (Authorization header or None, the challenge and error code expected)
+    (None, MISSING),
+    ("Bearer not-one-of-ours", INVALID),
+    ("Bearer first-token.A1b2C3d4E5f6G7h", INVALID),  # all but the last character
+    ("Bearer first-token.A1b2C3d4E5f6G7h8 second~token/Zz9+Yy8=", INVALID),
+    ("Bearer  first-token.A1b2C3d4E5f6G7h8", INVALID),  # two spaces
+    ("Bearer", INVALID),
+    ("", INVALID),
+    ("first-token.A1b2C3d4E5f6G7h8", INVALID),  # no scheme
+    ("Basic Zmlyc3QtdG9rZW46", INVALID),
+]
+
+
+def counters() -> tuple[float | None, ...]:
+    return tuple(REGISTRY.get_sample_value(name) for name in (
+        "db_queries_total", "cache_hits_total", "cache_misses_total", "cache_bypasses_total"))
+
+
+@pytest.mark.parametrize(("authorization", "expected"), BAD_CREDENTIALS)
+def test_every_users_route_refuses_a_missing_or_bad_token_alike_on_both_doors(
+        guarded_app: Flask, guarded_calls: list[str], authorization: str | None,
+        expected: tuple[str, str]) -> None:
+    headers = {} if authorization is None else {"Authorization": authorization}
+    before = counters()
+    answers = [call(guarded_app.wsgi_app, environ(path, method, headers=headers, **options))
+               for method, path, options in USERS_ROUTES]
+    assert all(answer == answers[0] for answer in answers), answers
+    status, response_headers, body = answers[0]
+    challenge, code = expected
+    assert status == "401 UNAUTHORIZED"
+    assert ("WWW-Authenticate", challenge) in response_headers
+    assert ("Content-Type", "application/json") in response_headers
+    error = json.loads(body)["error"]
+    assert error["code"] == code and error["message"]
+    echoed = body + repr(response_headers).encode()
+    assert not [word for word in (authorization or "").split()
+                if word not in ("Bearer", "Basic") and word.encode() in echoed]
+    assert guarded_calls == [] and counters() == before  # neither door was reached
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_with_either_token_both_doors_answer_as_without_tokens(
+        guarded_app: Flask, guarded_calls: list[str], api_tokens: ApiTokens,
+        redis_up: RedisServer, which: int) -> None:
+    client = guarded_app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = api_tokens.header(which)["Authorization"]
+    user = create(client)
+    assert guarded_calls == []  # the hot path took the create
+    for path, before, status in [(f"/users/{user['id']}", nothing, "200 OK"),
+                                 (f"/users/{user['id'] + 9}", redis_up.client().flushall,
+                                  "404 NOT FOUND")]:
+        guarded_calls.clear()
+        hot, flask = both_ways(guarded_app, path, before=before, headers=api_tokens.header(which))
+        assert guarded_calls == [path]  # only the Flask-alone request reached Flask
+        assert hot == flask and hot[0] == status, path
+    changed = client.patch(f"/users/{user['id']}", json={"display_name": "Z"})
+    assert changed.status_code == 200 and client.delete(f"/users/{user['id']}").status_code == 204
+
+
+def test_the_bearer_scheme_is_case_insensitive(guarded_app: Flask, api_tokens: ApiTokens) -> None:
+    status, _, _ = call(guarded_app.wsgi_app, environ("/users/1", headers={
+        "Authorization": f"bEARER {api_tokens.tokens[0]}"}))
+    assert status == "404 NOT FOUND"
+
+
+def test_the_routes_outside_users_stay_open(guarded_app: Flask) -> None:
+    for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+        assert call(guarded_app.wsgi_app, environ(path))[0] == "200 OK", path

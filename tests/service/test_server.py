@@ -67,7 +67,7 @@ def threaded_service(database_url: str, redis_server: RedisServer) -> Iterator[S
 @pytest.mark.parametrize("state", ["cold", "just expired"])
 def test_stampede_on_one_key_costs_at_most_two_queries(
         threaded_service: ServiceProcess, redis_server: RedisServer, database_url: str,
-        state: str) -> None:
+        owner_url: str, state: str) -> None:
     service = threaded_service
     user = post_user(service.url, f"hot{uuid.uuid4().hex[:12]}")
     warm_up(service.url)
@@ -78,7 +78,7 @@ def test_stampede_on_one_key_costs_at_most_two_queries(
         redis_server.client().pexpire(key, 1)
         time.sleep(0.01)
     before = counter(service.url, "db_queries_total")
-    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+    with psycopg2.connect(owner_url) as conn, conn.cursor() as cur:
         # A slow database: every read waits until the stampede is fully under way.
         cur.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
         with ThreadPoolExecutor(1) as pool:
@@ -143,12 +143,13 @@ def test_redis_killed_under_load_then_back(
 
 
 @pytest.fixture
-def behind_proxy(database_url: str, redis_server: RedisServer) -> Iterator[tuple]:
+def behind_proxy(database_url: str, owner_url: str,
+                 redis_server: RedisServer) -> Iterator[tuple]:
     """A service whose Postgres connections all pass through a proxy the test can cut."""
     if redis_server.process is None:
         redis_server.start()
     redis_server.client().flushall()
-    empty_database(database_url)
+    empty_database(owner_url)
     proxy = TcpProxy(5432)
     proxied = re.sub(r"@[^/]+/", f"@127.0.0.1:{proxy.port}/", database_url)
     process = ServiceProcess({"DATABASE_URL": proxied, "REDIS_URL": redis_server.url})

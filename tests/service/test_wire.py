@@ -1,4 +1,5 @@
-"""The cache's Redis connections (service/wire.py), against the tests' private redis-server."""
+"""The cache's Redis connections (service/wire.py), against the tests' private redis-server,
+logged in as the service's Redis user (so on keys under cs: only)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from service.wire import Script, Wire
 from .servers import RedisServer, wait_until
 
 SET_AND_ECHO = Script("redis.call('SET', KEYS[1], ARGV[1]) return ARGV[1]")
+KEY = "cs:test:k"
 FAILING = Script("return redis.error_reply('NOPE on purpose')")
 
 
@@ -27,9 +29,9 @@ def wire(redis_up: RedisServer) -> Iterator[Wire]:
 def test_a_script_redis_does_not_know_is_sent_whole_and_then_known(
         wire: Wire, redis_up: RedisServer) -> None:
     redis_up.client().script_flush()
-    assert wire.run(SET_AND_ECHO, ["k"], ["one"]) == b"one"
+    assert wire.run(SET_AND_ECHO, [KEY], ["one"]) == b"one"
     assert redis_up.client().script_exists(SET_AND_ECHO.sha) == [True]
-    assert wire.run(SET_AND_ECHO, ["k"], ["two"]) == b"two"
+    assert wire.run(SET_AND_ECHO, [KEY], ["two"]) == b"two"
 
 
 def test_an_unawaited_script_takes_effect_soon_on_a_fresh_redis(
@@ -38,27 +40,27 @@ def test_an_unawaited_script_takes_effect_soon_on_a_fresh_redis(
     left unsent, or one that met NOSCRIPT, would leave its lease held and make other
     readers wait)."""
     redis_up.client().script_flush()
-    wire.run(SET_AND_ECHO, ["k"], ["filled"], wait=False)
-    wait_until(lambda: redis_up.client().get("k") == b"filled", 0.5, "the flusher to send it")
+    wire.run(SET_AND_ECHO, [KEY], ["filled"], wait=False)
+    wait_until(lambda: redis_up.client().get(KEY) == b"filled", 0.5, "the flusher to send it")
 
 
 def test_a_script_redis_lost_after_it_was_queued_is_sent_again_whole(
         wire: Wire, redis_up: RedisServer) -> None:
-    wire.run(SET_AND_ECHO, ["k"], ["filled"])
+    wire.run(SET_AND_ECHO, [KEY], ["filled"])
     redis_up.client().script_flush()
-    wire.run(SET_AND_ECHO, ["k"], ["again"], wait=False)  # by SHA1: NOSCRIPT
-    assert wire.call("GET", "k") == b"filled"  # the NOSCRIPT reply was settled first
-    wait_until(lambda: redis_up.client().get("k") == b"again", 0.5, "the script sent whole")
+    wire.run(SET_AND_ECHO, [KEY], ["again"], wait=False)  # by SHA1: NOSCRIPT
+    assert wire.call("GET", KEY) == b"filled"  # the NOSCRIPT reply was settled first
+    wait_until(lambda: redis_up.client().get(KEY) == b"again", 0.5, "the script sent whole")
     assert redis_up.client().script_exists(SET_AND_ECHO.sha) == [True]
 
 
 def test_an_unawaited_reply_is_read_before_the_next_command(wire: Wire) -> None:
-    wire.run(SET_AND_ECHO, ["k"], ["filled"])  # known to Redis, so the next one is an EVALSHA
-    assert wire.run(SET_AND_ECHO, ["k"], ["later"], wait=False) is None
+    wire.run(SET_AND_ECHO, [KEY], ["filled"])  # known to Redis, so the next one is an EVALSHA
+    assert wire.run(SET_AND_ECHO, [KEY], ["later"], wait=False) is None
     # Sent with the next command on the same (only) connection, and its reply read first:
     # had it been left unread, GET would get "later".
-    assert wire.call("GET", "missing") is None
-    assert wire.call("GET", "k") == b"later"
+    assert wire.call("GET", "cs:test:missing") is None
+    assert wire.call("GET", KEY) == b"later"
 
 
 def test_an_unawaited_error_does_not_break_the_connection(wire: Wire) -> None:
@@ -67,10 +69,10 @@ def test_an_unawaited_error_does_not_break_the_connection(wire: Wire) -> None:
 
 
 def test_an_error_reply_raises_and_leaves_the_connection_usable(wire: Wire) -> None:
-    wire.call("SET", "text", "not a number")
+    wire.call("SET", KEY, "kept")
     with pytest.raises(redis.ResponseError):
-        wire.call("INCR", "text")
-    assert wire.call("GET", "text") == b"not a number"
+        wire.call("SET", KEY, "lost", "PX", "soon")
+    assert wire.call("GET", KEY) == b"kept"
 
 
 def test_connections_are_reused_not_opened_per_command(wire: Wire,
