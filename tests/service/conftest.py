@@ -27,7 +27,7 @@ from service.cache import Keys
 from service.config import Settings
 from tests.support import require
 
-from .servers import RedisServer, ServiceProcess
+from .servers import RedisServer, ServiceProcess, TlsFiles
 
 DEFAULT_DATABASE_URL = "postgresql://cachestack_app:cachestack_app@127.0.0.1:5432/cachestack_test"
 DEFAULT_OWNER_URL = "postgresql://cachestack_owner:cachestack_owner@127.0.0.1:5432/cachestack_test"
@@ -81,22 +81,47 @@ def database_url(owner_url: str) -> str:
     return url
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
+def private_redis(tls: TlsFiles | None = None) -> Iterator[RedisServer]:
     require(shutil.which("redis-server") is not None, "redis-server (Debian package redis-server)")
-    server = RedisServer()
+    server = RedisServer(tls)
     server.start()
     yield server
     server.close()
 
 
+def running_and_empty(server: RedisServer) -> RedisServer:
+    if server.process is None:
+        server.start()
+    server.client().flushall()
+    return server
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    yield from private_redis()
+
+
 @pytest.fixture
 def redis_up(redis_server: RedisServer) -> RedisServer:
     """The private Redis, running and empty."""
-    if redis_server.process is None:
-        redis_server.start()
-    redis_server.client().flushall()
-    return redis_server
+    return running_and_empty(redis_server)
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A CA of the tests' own, and a server certificate it signed for localhost and 127.0.0.1."""
+    return TlsFiles.make(tmp_path_factory.mktemp("tls"), ["localhost", "127.0.0.1"])
+
+
+@pytest.fixture(scope="session")
+def tls_redis_server(tls_files: TlsFiles) -> Iterator[RedisServer]:
+    """A private Redis that speaks TLS only, with the same users."""
+    yield from private_redis(tls_files)
+
+
+@pytest.fixture
+def tls_redis_up(tls_redis_server: RedisServer) -> RedisServer:
+    return running_and_empty(tls_redis_server)
 
 
 def empty_database(owner_url: str) -> None:

@@ -53,9 +53,10 @@ def render_acl(passwords: dict[str, str]) -> str:
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """A CA certificate, and a server key and certificate it signed, as files."""
+    """A CA's certificate and key, and a server's key and certificate the CA signed, as files."""
 
     ca: Path
+    ca_key: Path
     cert: Path
     key: Path
 
@@ -65,11 +66,17 @@ class TlsFiles:
         ca = ca or make_ca("cachestack test CA")
         server = make_server_cert(ca, hosts)
         directory.mkdir(parents=True, exist_ok=True)
-        files = cls(directory / "ca.crt", directory / "server.crt", directory / "server.key")
-        for path, pem in ((files.ca, ca.cert), (files.cert, server.cert), (files.key, server.key)):
+        names = ("ca.crt", "ca.key", "server.crt", "server.key")
+        files = cls(*(directory / name for name in names))
+        for path, pem in ((files.ca, ca.cert), (files.ca_key, ca.key), (files.cert, server.cert),
+                          (files.key, server.key)):
             path.write_bytes(pem)
         files.key.chmod(0o600)
+        files.ca_key.chmod(0o600)
         return files
+
+    def authority(self) -> KeyPair:
+        return KeyPair(self.ca_key.read_bytes(), self.ca.read_bytes())
 
 
 class RedisServer:
@@ -95,11 +102,17 @@ class RedisServer:
             return f"rediss://{netloc}/0?ssl_ca_certs={self.tls.ca}"
         return f"redis://{netloc}/0"
 
+    @property
+    def unix_url(self) -> str:
+        """The service's URL by the server's unix socket (never TLS, whatever the port speaks)."""
+        return f"unix://service:{self.passwords['service']}@{self.dir}/redis.sock?db=0"
+
     def _listen(self) -> list[str]:
+        unix = ["--unixsocket", f"{self.dir}/redis.sock", "--unixsocketperm", "700"]
         if not self.tls:
-            return ["--port", str(self.port)]
+            return ["--port", str(self.port), *unix]
         return ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert),
-                "--tls-key-file", str(self.tls.key), "--tls-auth-clients", "no"]
+                "--tls-key-file", str(self.tls.key), "--tls-auth-clients", "no", *unix]
 
     def start(self) -> None:
         self.process = subprocess.Popen(
@@ -121,9 +134,12 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         """A client logged in as the admin user, who may run every command. One for the
-        server's life, so that counting its commands does not count its logins."""
+        server's life, so that counting its commands does not count its logins. It checks
+        the CA but not the host name, so that a server whose certificate names another host
+        (to test the service's check) can still be run."""
         if self._admin is None:
-            self._admin = redis.Redis.from_url(self.url_for("admin"))
+            check_hostname = {"ssl_check_hostname": False} if self.tls else {}
+            self._admin = redis.Redis.from_url(self.url_for("admin"), **check_hostname)
         return self._admin
 
     def close(self) -> None:

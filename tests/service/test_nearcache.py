@@ -1,5 +1,6 @@
 """The in-process near cache: hits cost no Redis command, and no change made elsewhere
-(another worker, a flush, a lost subscription) is ever hidden by it."""
+(another worker, a flush, a lost subscription) is ever hidden by it. Every test runs against
+a plain Redis and against one that speaks TLS only (the listener reads an SSL socket then)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,17 @@ from flask.testing import FlaskClient
 
 from service.app import create_app
 
-from .conftest import settings_for
+from .conftest import empty_database, running_and_empty, settings_for
 from .servers import RedisServer, wait_until
 from .test_api import create
 from .test_cache import keys, read
+
+
+@pytest.fixture(params=["plain", "tls"])
+def redis_up(request: pytest.FixtureRequest) -> RedisServer:
+    """The private Redis, running and empty: each test runs on both kinds."""
+    server = "redis_server" if request.param == "plain" else "tls_redis_server"
+    return running_and_empty(request.getfixturevalue(server))
 
 
 def commands(redis_up: RedisServer) -> int:
@@ -145,3 +153,18 @@ def test_an_idle_worker_still_reads_what_redis_sends_it(
         return sum(int(c["omem"]) for c in elsewhere.client_list() if c["sub"] != "0")
 
     wait_until(lambda: waiting_in_redis() == 0, 2, "the listener to read its messages")
+
+
+def test_the_near_cache_works_over_a_unix_socket(database_url: str, owner_url: str,
+                                                  redis_up: RedisServer) -> None:
+    empty_database(owner_url)
+    over_socket = [create_app(settings_for(database_url, redis_up.unix_url)).test_client()
+                   for _ in range(2)]
+    user = create(over_socket[0])
+    read(over_socket[0], f"/users/{user['id']}")
+    before = commands(redis_up)
+    assert read(over_socket[0], f"/users/{user['id']}")[:2] == ("HIT", user)
+    assert commands(redis_up) - before == 1  # only the INFO call above
+    new = over_socket[1].patch(f"/users/{user['id']}",
+                               json={"display_name": "changed"}).get_json()["data"]
+    assert read(over_socket[0], f"/users/{user['id']}")[1] == new
