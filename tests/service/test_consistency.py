@@ -1,15 +1,28 @@
 """The consistency checker (bench/consistency.py) in its CI size, against the default,
 fastest configuration of the multi-worker server: no read that starts after a write is
-acknowledged may return older data."""
+acknowledged may return older data. Also while Redis, out of memory, evicts keys (any of
+the service's: rows, pointers, tombstones, "nobody" entries, leases) throughout the run."""
 
 from __future__ import annotations
 
+import collections
+import itertools
+import threading
+from collections.abc import Iterator
+
+import pytest
+
 from bench.consistency import run_checker
 
-from .servers import ServiceProcess
+from .conftest import private_redis, serve
+from .servers import RedisServer, ServiceProcess
+from .test_server import counter
 
 OPERATIONS = 2_000
 CLIENTS = 32
+HEADROOM = 2**20  # bytes of maxmemory above what Redis used when the run began
+# Few and large, so that most keys Redis samples to evict are the service's.
+FILLER = b"x" * 65536
 
 
 def test_no_read_sees_data_older_than_an_acknowledged_write(service: ServiceProcess) -> None:
@@ -17,3 +30,73 @@ def test_no_read_sees_data_older_than_an_acknowledged_write(service: ServiceProc
     assert report.operations >= OPERATIONS
     assert report.reads_checked > OPERATIONS // 3
     assert report.ok, report.summary()
+
+
+@pytest.fixture(scope="module")
+def evicting_redis() -> Iterator[RedisServer]:
+    yield from private_redis()
+
+
+@pytest.fixture(scope="module")
+def service_on_evicting_redis(database_url: str, owner_url: str,
+                              evicting_redis: RedisServer) -> Iterator[ServiceProcess]:
+    yield from serve(database_url, owner_url, evicting_redis)
+
+
+class Pressure:
+    """Keeps a Redis at its maxmemory with filler keys (written as the admin), and counts
+    which of the service's keys it evicts, by kind (id, username, lease...)."""
+
+    def __init__(self, server: RedisServer) -> None:
+        self.admin = server.client()
+        self.evicted: collections.Counter[str] = collections.Counter()
+        self._stop = threading.Event()
+        self._events = self.admin.pubsub()
+        self._events.subscribe("__keyevent@0__:evicted")
+        self._threads = [threading.Thread(target=self._fill, daemon=True),
+                         threading.Thread(target=self._count, daemon=True)]
+
+    def __enter__(self) -> Pressure:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(5)
+        self._events.close()
+
+    def _fill(self) -> None:
+        for batch in itertools.count():
+            if self._stop.wait(0.005):
+                return
+            self.admin.set(f"filler:{batch}", FILLER)
+
+    def _count(self) -> None:
+        while not self._stop.is_set():
+            message = self._events.get_message(timeout=0.1)
+            if message and message["type"] == "message" and message["data"].startswith(b"cs:"):
+                # cs:1:<namespace>:<kind>:...
+                self.evicted[message["data"].split(b":")[3].decode()] += 1
+
+
+def test_no_stale_read_while_redis_evicts_throughout(
+        service_on_evicting_redis: ServiceProcess, evicting_redis: RedisServer) -> None:
+    admin = evicting_redis.client()
+    admin.config_set("appendonly", "no")  # the filler need not reach the disk
+    admin.config_set("notify-keyspace-events", "Ee")  # publish the name of every evicted key
+    admin.config_set("maxmemory-policy", "allkeys-lru")
+    admin.config_set("maxmemory", admin.info("memory")["used_memory"] + HEADROOM)
+    evicted_before = admin.info("stats")["evicted_keys"]
+    errors_before = counter(service_on_evicting_redis.url, "cache_errors_total")
+    with Pressure(evicting_redis) as pressure:
+        report = run_checker(service_on_evicting_redis.url, OPERATIONS, CLIENTS, seed=20261128)
+    assert report.ok, report.summary()
+    assert report.reads_checked > OPERATIONS // 3
+    assert admin.info("stats")["evicted_keys"] - evicted_before > 0
+    # Keys of each kind that lives long enough to be picked (leases seldom do), in numbers.
+    assert {"id", "username", "email"} <= set(pressure.evicted), pressure.evicted
+    assert sum(pressure.evicted.values()) > 100, pressure.evicted
+    # Redis evicted rather than refused writes (OOM): the cache was never bypassed.
+    assert counter(service_on_evicting_redis.url, "cache_errors_total") == errors_before
