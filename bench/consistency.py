@@ -6,10 +6,12 @@ than that write. Every write sets `display_name` to a unique token, so each stat
 names the write that produced it. Writes whose order the client cannot know (they overlap) are
 treated conservatively: the read may return any of them. Usage:
 
-    python bench/consistency.py [--url URL] [--operations N] [--clients C] [--seed S]
+    python bench/consistency.py [--url URL [--token-file F]] [--operations N] [--clients C]
+                                [--seed S]
 
 Without --url it starts its own Redis, a fresh Postgres database and `python -m service` with its
-default (fastest) settings. Importable: `run_checker(base_url, operations, clients, seed)`.
+default (fastest) settings. A service that asks for API tokens gets the first one of --token-file
+(an API_TOKENS_FILE). Importable: `run_checker(base_url, operations, clients, seed, headers)`.
 Exit status 1 when there is a violation or a server error.
 """
 
@@ -25,6 +27,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import requests
 
@@ -125,9 +128,11 @@ def any_case(rng: random.Random, text: str) -> str:
 class Client:
     """One thread's session: performs random operations and records each one's interval."""
 
-    def __init__(self, base: str, history: History, rng: random.Random, number: int) -> None:
+    def __init__(self, base: str, history: History, rng: random.Random, number: int,
+                 headers: dict[str, str]) -> None:
         self.base, self.history, self.rng = base, history, rng
         self.session = requests.Session()
+        self.session.headers.update(headers)
         self.tokens = (f"c{number}-{n}" for n in itertools.count())
 
     def run(self, operations: int) -> None:
@@ -291,14 +296,16 @@ class Checker:
 
 
 def run_checker(base_url: str, operations: int = 20_000, clients: int = 32,
-                seed: int = 1) -> Report:
-    """Run `operations` random operations from `clients` threads against base_url, then check."""
+                seed: int = 1, headers: dict[str, str] | None = None) -> Report:
+    """Run `operations` random operations from `clients` threads against base_url, each request
+    with `headers` (an Authorization header, say), then check."""
     history = History(f"k{uuid.uuid4().hex[:8]}")
     rng = random.Random(seed)
     threads = []
     for number in range(clients):
         share = operations // clients + (number < operations % clients)
-        client = Client(base_url.rstrip("/"), history, random.Random(rng.random()), number)
+        client = Client(base_url.rstrip("/"), history, random.Random(rng.random()), number,
+                        headers or {})
         threads.append(threading.Thread(target=client.run, args=(share,), daemon=True))
     started = time.monotonic()
     for thread in threads:
@@ -318,18 +325,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--operations", type=int, default=20_000)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--token-file", type=Path,
+                        help="with --url: send the first token of this API_TOKENS_FILE")
     args = parser.parse_args(argv)
     if args.url:
-        report = run_checker(args.url, args.operations, args.clients, args.seed)
+        headers = {}
+        if args.token_file:
+            token = args.token_file.read_text().split()[0]
+            headers = {"Authorization": f"Bearer {token}"}
+        report = run_checker(args.url, args.operations, args.clients, args.seed, headers)
     else:
         from stack import Stack, drop_database, recreate_database
 
         with tempfile.TemporaryDirectory(prefix="cachestack-consistency-") as tmp, \
                 Stack(tmp) as stack:
             try:
-                redis_port = stack.start_redis()
-                base, _ = stack.start_service(recreate_database("bench_consistency"),
-                                              f"redis://127.0.0.1:{redis_port}/0")
+                recreate_database("bench_consistency")
+                base, _ = stack.start_service("bench_consistency",
+                                              f"redis://127.0.0.1:{stack.start_redis()}/0")
                 print(f"service {base} (default settings), {args.clients} clients", flush=True)
                 report = run_checker(base, args.operations, args.clients, args.seed)
             finally:

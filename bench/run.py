@@ -1,18 +1,25 @@
 """Side-by-side wrk benchmark: our service, the Express reference and a constant-JSON baseline.
 
-Usage: python bench/run.py [--duration S] [--rounds N] [--only hit|miss|create] [--users N]
+Usage: python bench/run.py [--duration S] [--rounds N] [--tls-rounds N] [--only hit|miss|create]
+                           [--users N]
 
-Starts its own redis-server (no persistence), our service (`python -m service`, default settings)
-and the Express peer on fresh databases of the local Postgres, seeds both with the same number of
-users, then drives each workload with wrk (2 threads, 32 connections), alternating rounds of
-ours / reference / baseline so that drift of the machine hits all three alike. Medians are
-reported with the targets of issue 4. Every process it starts is stopped on the way out.
+Starts its own redis-server (no persistence), our service (`python -m service`, default settings,
+an API token required as in the stack) and the Express peer on fresh databases of the local
+Postgres, seeds both with the same number of users, then drives each workload with wrk (2 threads,
+32 connections), alternating rounds of ours / reference / baseline so that drift of the machine
+hits all three alike. A second instance of ours, "ours+tls", has TLS on both of its connections
+(a TLS-only redis-server with a certificate of a CA made for the run; Postgres with
+sslmode=require, which the host's Postgres answers with its own certificate) and runs right after
+ours in the first --tls-rounds rounds. Medians are reported with the targets of issues 4 and 10.
+Every process it starts is stopped on the way out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -31,10 +38,12 @@ LUA = Path(__file__).resolve().parent / "wrk" / "load.lua"
 THREADS, CONNECTIONS = 2, 32
 HOT_IDS = 1000
 OURS_DB, PEER_DB = "bench", "seedpeer"
-TARGETS = {  # issue 4, "Faster than the reference"
-    "hit_vs_ref": 1.0, "hit_vs_baseline": 0.8, "miss_vs_ref": 1.0, "create_vs_ref": 1.0,
-    "hit_p99_ms": 5.0, "memory_mb": 150.0,
+TARGETS = {  # issue 10, "Speed" (ours against the reference, ours+tls against ours), and issue 4
+    "hit_vs_ref": 2.8, "miss_vs_ref": 1.05, "create_vs_ref": 0.9,
+    "miss_tls_vs_plain": 0.9, "create_tls_vs_plain": 0.9,
+    "hit_vs_baseline": 0.8, "hit_p99_ms": 5.0, "memory_mb": 150.0,
 }
+TLS_DATABASE = "?sslmode=require"
 
 
 @dataclass
@@ -154,38 +163,51 @@ def prewarm(session: requests.Session, base: str, paths_file: str) -> None:
         session.get(base + path, timeout=5).raise_for_status()
 
 
+# Which database and path files each server uses; ours+tls shares ours's database, so its creates
+# get names of their own.
+SIDES = {"ours": "ours", "ours+tls": "ours", "reference": "peer"}
+CREATE_TAGS = {"ours": "r", "ours+tls": "s", "reference": "r"}
+
+
 @dataclass
 class Targets:
-    ours: str
-    peer: str
+    bases: dict[str, str]  # server -> base URL
     counters: dict[str, Counters]
     files: dict[str, str]
     duration: int
     rounds: int
+    tls_rounds: int
+    headers: dict[str, str]
     cold_offset: dict[str, int] = field(default_factory=lambda: {"ours": 0, "peer": 0})
 
+    def _servers(self, number: int) -> list[str]:
+        return ["ours", *(["ours+tls"] if number < self.tls_rounds else []), "reference"]
+
+    def _args(self, name: str, who: str, number: int) -> list[str]:
+        side = SIDES[who]
+        if name == "hit":
+            return ["paths", self.files[f"{side}_hot"], str(THREADS)]
+        if name == "miss":  # every server walks on where the last round of its database stopped
+            return ["paths", self.files[f"{side}_cold"], str(THREADS), str(self.cold_offset[side])]
+        return ["create", side, str(THREADS), f"{CREATE_TAGS[who]}{number}"]
+
     def scenario(self, name: str) -> dict[str, Series]:
-        """Alternate ours / reference / baseline rounds of one workload."""
+        """Alternate ours / ours+tls / reference / baseline rounds of one workload."""
         session = requests.Session()
-        series = {"ours": Series(), "reference": Series(), "baseline": Series()}
+        session.headers.update(self.headers)
+        series = {who: Series() for who in [*self._servers(0), "baseline"]}
         for number in range(self.rounds):
-            for who, base in (("ours", self.ours), ("reference", self.peer)):
-                side = "ours" if who == "ours" else "peer"
+            for who in self._servers(number):
+                base = self.bases[who]
                 if name == "hit":
-                    prewarm(session, base, self.files[f"{side}_hot"])
-                    args = ["paths", self.files[f"{side}_hot"], str(THREADS)]
-                elif name == "miss":
-                    args = ["paths", self.files[f"{side}_cold"], str(THREADS),
-                            str(self.cold_offset[side])]
-                else:
-                    args = ["create", side, str(THREADS), f"r{number}"]
+                    prewarm(session, base, self.files[f"{SIDES[who]}_hot"])
                 counted = self.counters[who] if name != "create" else no_counters
-                result = wrk(base, args, self.duration, counted)
+                result = wrk(base, self._args(name, who, number), self.duration, counted)
                 if name == "miss":
-                    self.cold_offset[side] += result.used + THREADS
+                    self.cold_offset[SIDES[who]] += result.used + THREADS
                 series[who].rounds.append(result)
                 print(f"  {name} round {number + 1} {who:9} {result.rps:9.0f} req/s", flush=True)
-            result = wrk(self.ours, ["paths", self.files["baseline"], str(THREADS)],
+            result = wrk(self.bases["ours"], ["paths", self.files["baseline"], str(THREADS)],
                          self.duration)
             series["baseline"].rounds.append(result)
             print(f"  {name} round {number + 1} baseline  {result.rps:9.0f} req/s", flush=True)
@@ -208,7 +230,7 @@ def report(results: dict[str, dict[str, Series]], memory: tuple[int, int, int]) 
         if name == "miss" and any(r.wraps for who in ("ours", "reference")
                                   for r in series[who].rounds):
             print(f"{name:8} WARNING: the key space ran out; some reads repeated (raise --users)")
-    print("\nratios and targets (issue 4)")
+    print("\nratios and targets (issue 10; for the baseline, p99 and memory issue 4)")
     for name, series in results.items():
         ours, ref, base = (series[k].median("rps") for k in ("ours", "reference", "baseline"))
         target = TARGETS[f"{name}_vs_ref"]
@@ -219,6 +241,14 @@ def report(results: dict[str, dict[str, Series]], memory: tuple[int, int, int]) 
             target = TARGETS["hit_vs_baseline"]
             line += f" (target >= {target}x: {verdict(ours / base >= target)})"
         print(line)
+        if "ours+tls" in series:
+            tls = series["ours+tls"].median("rps")
+            line = (f"{name:8} ours+tls/ours  = {tls:.0f}/{ours:.0f} = {tls / ours:.2f}x "
+                    f"({len(series['ours+tls'].rounds)} TLS round(s))")
+            target = TARGETS.get(f"{name}_tls_vs_plain")
+            if target:
+                line += f" (target >= {target}x: {verdict(tls / ours >= target)})"
+            print(line)
         if name == "hit":
             p99 = series["ours"].median("p99_ms")
             limit = TARGETS["hit_p99_ms"]
@@ -238,26 +268,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["hit", "miss", "create"], action="append",
                         help="run only this workload (repeatable)")
     parser.add_argument("--users", type=int, default=300_000, help="users seeded per server")
+    parser.add_argument("--tls-rounds", type=int, default=1,
+                        help="rounds of each workload that also run ours+tls (default 1; 0: none)")
     parser.add_argument("--peer-dir", type=Path, default=Path("/tmp/express-seed"),
                         help="where the Express peer is (copied and npm-installed if missing)")
     args = parser.parse_args(argv)
     workloads = args.only or ["hit", "miss", "create"]
     with tempfile.TemporaryDirectory(prefix="cachestack-bench-") as tmp, Stack(tmp) as stack:
         work = Path(tmp)
+        guarded = {"API_TOKENS_FILE": str(work / "api_tokens")}  # as in the stack
+        token = secrets.token_urlsafe(24)
+        (work / "api_tokens").write_text(token + "\n")
+        os.environ["BENCH_AUTHORIZATION"] = f"Bearer {token}"  # for wrk's load.lua
         redis_port = stack.start_redis()
         ours_db, peer_db = recreate_database(OURS_DB), recreate_database(PEER_DB)
         try:
-            ours, service = stack.start_service(ours_db, f"redis://127.0.0.1:{redis_port}/0")
+            ours, service = stack.start_service(OURS_DB, f"redis://127.0.0.1:{redis_port}/0",
+                                                env=guarded)
             peer = stack.start_peer(args.peer_dir, peer_db, f"redis://127.0.0.1:{redis_port}/1")
+            bases = {"ours": ours, "reference": peer}
+            if args.tls_rounds:
+                bases["ours+tls"], _ = stack.start_service(
+                    OURS_DB, stack.start_tls_redis(), name="service-tls",
+                    database_options=TLS_DATABASE, env=guarded)
             started = time.monotonic()
             files = seed(ours_db, peer_db, args.users, work)
             print(f"seeded {args.users} users per server in {time.monotonic() - started:.1f} s; "
-                  f"ours {ours}, reference {peer}", flush=True)
-            counters = {"ours": metrics_counters(ours),
-                        "reference": redis_counters(redis.Redis(port=redis_port))}
-            targets = Targets(ours, peer, counters, files, args.duration, args.rounds)
-            for base, side in ((ours, "ours"), (peer, "peer")):  # warm up both servers, untimed
-                wrk(base, ["paths", files[f"{side}_hot"], str(THREADS)], 3)
+                  + ", ".join(f"{who} {base}" for who, base in bases.items()), flush=True)
+            counters = {who: metrics_counters(base) for who, base in bases.items()}
+            counters["reference"] = redis_counters(redis.Redis(port=redis_port))
+            targets = Targets(bases, counters, files, args.duration, args.rounds,
+                              args.tls_rounds, {"Authorization": f"Bearer {token}"})
+            for who, base in bases.items():  # warm up every server, untimed
+                wrk(base, ["paths", files[f"{SIDES[who]}_hot"], str(THREADS)], 3)
             results = {name: targets.scenario(name) for name in workloads}
             memory = tree_memory(service.pid)
             report(results, memory)

@@ -2,7 +2,9 @@
 them again, on success, failure, Ctrl-C or SIGTERM alike.
 
 Every process gets its own session, so stopping one stops all of its children (granian's workers)
-and nothing else on the machine.
+and nothing else on the machine. Our service runs as in the stack: `python -m service migrate`
+as the database's owner (BENCH_PG_URL's role, which creates the bench databases), then the
+service as the least-privileged role of BENCH_APP_PG_URL.
 """
 
 from __future__ import annotations
@@ -17,12 +19,17 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import urlsplit
 
 import psycopg2
 import requests
 
+from orchestrate.certs import make_ca, make_server_cert
+
 REPO = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("BENCH_PG_URL", "postgresql://cachestack:cachestack@127.0.0.1:5432")
+APP_PG_URL = os.environ.get("BENCH_APP_PG_URL",
+                            "postgresql://cachestack_app:cachestack_app@127.0.0.1:5432")
 PEER_SOURCE = Path("/work/shared/peers/express-seed")
 
 
@@ -97,25 +104,61 @@ class Stack:
     def start_redis(self) -> int:
         """A private redis-server without persistence; returns its port."""
         port = free_port()
-        self.spawn("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(self.workdir)])
+        self._redis("redis", ["--port", str(port)], port)
+        return port
+
+    def start_tls_redis(self) -> str:
+        """The same, speaking TLS only, with a certificate of a CA made for the run (as the
+        stack's Redis does); returns the URL that verifies it."""
+        port = free_port()
+        self._redis("redis-tls", self._tls_listen(port), port)
+        return f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={self.workdir / 'ca.crt'}"
+
+    def _redis(self, name: str, listen: list[str], port: int) -> None:
+        self.spawn(name, ["redis-server", *listen, "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no", "--dir", str(self.workdir)])
         deadline = time.monotonic() + 10
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    return port
+                    return
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis did not start:\n{self.log_tail('redis')}") from None
+                    raise RuntimeError(f"{name} did not start:\n{self.log_tail(name)}") from None
                 time.sleep(0.05)
 
-    def start_service(self, database_url: str, redis_url: str) -> tuple[str, subprocess.Popen]:
-        """`python -m service` with its defaults (workers, threads); returns (base URL, process)."""
+    def _tls_listen(self, port: int) -> list[str]:
+        ca = make_ca("cachestack bench CA")
+        server = make_server_cert(ca, ["localhost", "127.0.0.1"])
+        files = {"ca.crt": ca.cert, "redis.crt": server.cert, "redis.key": server.key}
+        for name, pem in files.items():
+            (self.workdir / name).write_bytes(pem)
+        return ["--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no",
+                "--tls-cert-file", str(self.workdir / "redis.crt"),
+                "--tls-key-file", str(self.workdir / "redis.key")]
+
+    def migrate(self, database: str) -> None:
+        """`python -m service migrate` on DATABASE as its owner, for BENCH_APP_PG_URL's role."""
+        done = subprocess.run(
+            [sys.executable, "-m", "service", "migrate", "--wait", "10"], cwd=REPO, text=True,
+            capture_output=True, env={**os.environ, "DATABASE_URL": f"{PG_URL}/{database}",
+                                      "DATABASE_APP_ROLE": urlsplit(APP_PG_URL).username or ""})
+        if done.returncode:
+            raise RuntimeError(f"migrate failed: {done.stderr.strip()}")
+
+    def start_service(self, database: str, redis_url: str, name: str = "service",
+                      database_options: str = "",
+                      env: dict[str, str] | None = None) -> tuple[str, subprocess.Popen]:
+        """Migrate DATABASE, then `python -m service` on it with its defaults (workers, threads)
+        as the runtime role; `database_options` is the URL's query (`?sslmode=...`). Returns
+        (base URL, process)."""
+        self.migrate(database)
         port = free_port()
-        proc = self.spawn("service", [sys.executable, "-m", "service", "--port", str(port)],
-                          env={"DATABASE_URL": database_url, "REDIS_URL": redis_url}, cwd=REPO)
+        database_url = f"{APP_PG_URL}/{database}{database_options}"
+        proc = self.spawn(name, [sys.executable, "-m", "service", "--port", str(port)], cwd=REPO,
+                          env={"DATABASE_URL": database_url, "REDIS_URL": redis_url, **(env or {})})
         base = f"http://127.0.0.1:{port}"
-        self.wait_http("service", f"{base}/readyz")
+        self.wait_http(name, f"{base}/readyz")
         return base, proc
 
     def start_peer(self, peer_dir: Path, database_url: str, redis_url: str) -> str:
@@ -150,7 +193,7 @@ def _administer(*statements: str) -> None:
 
 
 def recreate_database(name: str) -> str:
-    """Drop and create database NAME on the bench Postgres server; returns its URL."""
+    """Drop and create database NAME on the bench Postgres server; returns its owner's URL."""
     _administer(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"')
     return f"{PG_URL}/{name}"
 

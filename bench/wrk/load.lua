@@ -5,7 +5,8 @@
 --                                runs out; then it wraps and `wraps` says so)
 --   create STYLE THREADS TAG     POST a user with a unique username and email on every request;
 --                                STYLE "ours" posts /users, "peer" posts / (with a password)
--- done() prints one line "BENCH {json}" with the figures run.py reads.
+-- done() prints one line "BENCH {json}" with the figures run.py reads. Every request carries the
+-- header BENCH_AUTHORIZATION names, when it is set (our service asks for an API token).
 
 local threads = {}
 
@@ -18,7 +19,7 @@ local function load_paths(file, nthreads, offset)
   local mine, n = {}, 0
   for line in io.lines(file) do
     if n >= offset and (n - offset) % nthreads == tid then
-      mine[#mine + 1] = wrk.format("GET", line)
+      mine[#mine + 1] = wrk.format("GET", line, headers)
     end
     n = n + 1
   end
@@ -28,11 +29,12 @@ end
 function init(args)
   mode = args[1]
   pos, wraps = 0, 0
+  headers = { Authorization = os.getenv("BENCH_AUTHORIZATION") }
   if mode == "paths" then
     reqs = load_paths(args[2], tonumber(args[3]), tonumber(args[4] or "0"))
   elseif mode == "create" then
     style, tag = args[2], args[4] .. "t" .. tid .. "n"
-    headers = { ["Content-Type"] = "application/json" }
+    headers["Content-Type"] = "application/json"
   else
     error("unknown mode " .. tostring(mode))
   end

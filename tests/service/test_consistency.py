@@ -1,7 +1,8 @@
 """The consistency checker (bench/consistency.py) in its CI size, against the default,
-fastest configuration of the multi-worker server: no read that starts after a write is
-acknowledged may return older data. Also while Redis, out of memory, evicts keys (any of
-the service's: rows, pointers, tombstones, "nobody" entries, leases) throughout the run."""
+fastest configuration of the multi-worker server (with an API token, as deployed): no read
+that starts after a write is acknowledged may return older data. Also while Redis, out of
+memory, evicts keys (any of the service's: rows, pointers, tombstones, "nobody" entries,
+leases) throughout the run."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 from bench.consistency import run_checker
 
-from .conftest import private_redis, serve
+from .conftest import ApiTokens, private_redis, serve
 from .servers import RedisServer, ServiceProcess
 from .test_server import counter
 
@@ -25,8 +26,10 @@ HEADROOM = 2**20  # bytes of maxmemory above what Redis used when the run began
 FILLER = b"x" * 65536
 
 
-def test_no_read_sees_data_older_than_an_acknowledged_write(service: ServiceProcess) -> None:
-    report = run_checker(service.url, OPERATIONS, CLIENTS, seed=20261127)
+def test_no_read_sees_data_older_than_an_acknowledged_write(
+        guarded_service: ServiceProcess, api_tokens: ApiTokens) -> None:
+    report = run_checker(guarded_service.url, OPERATIONS, CLIENTS, seed=20261127,
+                         headers=api_tokens.header())
     assert report.operations >= OPERATIONS
     assert report.reads_checked > OPERATIONS // 3
     assert report.ok, report.summary()
