@@ -2,6 +2,7 @@
 # orchestrate/images.py) because pip inside a build may not reach PyPI; only the base
 # dependencies are installed, never the extras.
 # BASE_IMAGE: python:3.11-slim-bookworm (official) or the offline Debian base.
+# checkov:skip=CKV_DOCKER_7: BASE_IMAGE is a pinned tag (orchestrate/stack.py) or a local image tagged by its recipe's hash
 ARG BASE_IMAGE=python:3.11.10-slim-bookworm
 FROM ${BASE_IMAGE}
 RUN groupadd --gid 10001 app \

@@ -1,11 +1,16 @@
-"""Images for each mode: pull pinned official images, or build everything offline.
+"""The stack's images: each is built from a recipe in this repository on a base image.
 
-Offline images are keyed by a hash of their recipe (tag = first 12 hex digits), so they are
-built once and reused by every later `up`, test and CI step on the same engine:
-  cachestack-offline/base:<hash>      debootstrap (docker/base/mkrootfs.sh) + docker import
-  cachestack-offline/postgres:<hash>  docker/postgres on the base (hash includes the base)
-  cachestack-offline/redis:<hash>     docker/redis on the base
-  cachestack/service:<hash>           root Dockerfile; hash of the service sources + base id
+With a registry the bases are the pinned official images (postgres, redis, python). Without
+one (offline) every base is made from Debian packages instead: debootstrap makes a Debian
+base image, and docker/offline/<name> stands in for the official postgres and redis images
+on it. Every image is tagged with a hash of its recipe and its base's id (12 hex digits), so
+it is built once and reused by every later `up`, test and CI step on the same engine:
+  cachestack-offline/base:<hash>      debootstrap (docker/offline/base/mkrootfs.sh) + import
+  cachestack-offline/postgres:<hash>  docker/offline/postgres on that base
+  cachestack-offline/redis:<hash>     docker/offline/redis on that base
+  cachestack/postgres:<hash>          docker/postgres on postgres:<tag> or its stand-in
+  cachestack/redis:<hash>             docker/redis on redis:<tag> or its stand-in
+  cachestack/service:<hash>           the root Dockerfile on python:<tag> or the Debian base
 The service image is built from wheels made on the host (build/wheels), because pip inside a
 build cannot be relied on to reach PyPI.
 """
@@ -37,7 +42,7 @@ BUILD = ROOT / "build"
 IMAGE_LABEL = "org.cachestack.image"
 PULL_TIMEOUT_S = 60
 PULL_PROBE_TIMEOUT_S = 3
-OFFLINE_BASE_RECIPE = "docker/base/mkrootfs.sh"
+OFFLINE_BASE_RECIPE = "docker/offline/base/mkrootfs.sh"
 # Debian's python3 is 3.11.2: redis-py then needs async-timeout, which pip on a newer host
 # Python leaves out.
 EXTRA_WHEELS = ("async-timeout",)
@@ -149,21 +154,17 @@ def ensure_offline_base(client: docker.DockerClient) -> str:
     return tag
 
 
-def ensure_offline_image(client: docker.DockerClient, spec: ImageSpec, name: str, base: str) -> str:
-    """Build an offline image from its recipe directory on the base, unless present."""
+def build_recipe(client: docker.DockerClient, repository: str, context: str, base: str) -> str:
+    """Build the Dockerfile in `context` on `base`, unless an image of the same recipe and
+    base exists; return its tag."""
     base_id = client.images.get(base).id
-    tag = f"cachestack-offline/{name}:{tree_hash(files_under(spec.context), base_id)}"
+    tag = f"{repository}:{tree_hash(files_under(context), base_id)}"
     if image_exists(client, tag):
         say(f"reusing {tag}")
         return tag
-    stream_build(
-        client,
-        tag,
-        f"offline {name} image",
-        path=str(ROOT / spec.context),
-        dockerfile=spec.dockerfile,
-        buildargs={"BASE_IMAGE": base},
-    )
+    stream_build(client, tag, f"{repository} image", path=str(ROOT / context),
+                 buildargs={"BASE_IMAGE": base})
+    prune_older(client, tag)
     return tag
 
 
@@ -206,7 +207,7 @@ def ensure_service_image(client: docker.DockerClient, spec: ImageSpec, base: str
     dockerfile = ROOT / spec.dockerfile
     sources = files_under("service") + [dockerfile, ROOT / "pyproject.toml"]
     sources += [p for p in (ROOT / "README.md",) if p.exists()]
-    tag = f"cachestack/service:{tree_hash(sources, client.images.get(base).id)}"
+    tag = f"{spec.repository}:{tree_hash(sources, client.images.get(base).id)}"
     if image_exists(client, tag):
         say(f"reusing {tag}")
         return tag
@@ -242,9 +243,8 @@ def prune_older(client: docker.DockerClient, keep: str) -> None:
 
 
 def official_refs(stack: Stack) -> list[str]:
-    """Every registry reference the official mode needs."""
-    refs = [spec.official or spec.official_base for spec in stack.images.values()]
-    return [ref for ref in refs if ref]
+    """Every registry reference the official mode needs: the bases of the stack's images."""
+    return list(dict.fromkeys(spec.base for spec in stack.images.values()))
 
 
 def pull(ref: str, read_timeout_s: float = PULL_TIMEOUT_S) -> None:
@@ -278,29 +278,36 @@ def choose_mode(client: docker.DockerClient, stack: Stack, mode: str) -> str:
     return "official"
 
 
+def pull_missing(client: docker.DockerClient, refs: list[str]) -> None:
+    for ref in refs:
+        if not image_exists(client, ref):
+            say(f"pulling {ref}")
+            try:
+                pull(ref)
+            except Exception as exc:
+                raise OrchestrateError(
+                    f"cannot pull {ref}: {reason(exc)} (use --images offline)"
+                ) from None
+
+
 def resolve_images(client: docker.DockerClient, stack: Stack, mode: str) -> dict[str, str]:
     """Make every image of the stack present; return image key -> local reference."""
     mode = choose_mode(client, stack, mode)
     refs: dict[str, str] = {}
     with build_lock():
         if mode == "official":
-            for ref in official_refs(stack):
-                if not image_exists(client, ref):
-                    say(f"pulling {ref}")
-                    try:
-                        pull(ref)
-                    except Exception as exc:
-                        raise OrchestrateError(
-                            f"cannot pull {ref}: {reason(exc)} (use --images offline)"
-                        ) from None
-            base = None
+            pull_missing(client, official_refs(stack))
         else:
-            base = ensure_offline_base(client)
+            debian = ensure_offline_base(client)
         for key, spec in stack.images.items():
-            if spec.official is None:
-                refs[key] = ensure_service_image(client, spec, base or spec.official_base or "")
-            elif mode == "official":
-                refs[key] = spec.official
+            if mode == "official":
+                base = spec.base
+            elif spec.offline_base is None:
+                base = debian
             else:
-                refs[key] = ensure_offline_image(client, spec, key, base or "")
+                base = build_recipe(client, f"cachestack-offline/{key}", spec.offline_base, debian)
+            if spec.host_wheels:
+                refs[key] = ensure_service_image(client, spec, base)
+            else:
+                refs[key] = build_recipe(client, spec.repository, spec.context, base)
     return refs

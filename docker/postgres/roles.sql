@@ -1,0 +1,33 @@
+-- The roles of cachestack's database, run by cachestack-postgres at every start, as the
+-- superuser over a private socket, before the server accepts network logins. Idempotent.
+-- psql variables: database, owner (runs the migrations, owns the tables), app (the runtime
+-- role the service logs in as; its table privileges are set by `python -m service migrate`).
+
+-- A statement that fails must not write a password into the server log.
+SET log_min_error_statement = panic;
+\set superuser_password `cat /run/secrets/postgres_password`
+\set owner_password `cat /run/secrets/postgres_owner_password`
+\set app_password `cat /run/secrets/postgres_app_password`
+
+SELECT format('CREATE ROLE %I', name)
+  FROM (VALUES (:'owner'), (:'app')) AS wanted (name)
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = name) \gexec
+ALTER ROLE :"owner" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
+      PASSWORD :'owner_password';
+ALTER ROLE :"app" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
+      PASSWORD :'app_password';
+ALTER ROLE postgres PASSWORD :'superuser_password';
+
+SELECT format('CREATE DATABASE %I OWNER %I', :'database', :'owner')
+ WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'database') \gexec
+ALTER DATABASE :"database" OWNER TO :"owner";
+
+-- A volume made before these roles existed: its bootstrap superuser owned the tables and
+-- was the service's login. The tables go to the owner; that superuser may no longer log in.
+\connect :"database"
+SELECT format('ALTER TABLE public.%I OWNER TO %I', tablename, :'owner')
+  FROM pg_tables
+ WHERE schemaname = 'public' AND tableowner <> :'owner' \gexec
+SELECT format('ALTER ROLE %I NOLOGIN PASSWORD NULL', rolname)
+  FROM pg_roles
+ WHERE oid = 10 AND rolname <> 'postgres' AND rolcanlogin \gexec
