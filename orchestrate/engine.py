@@ -26,17 +26,25 @@ from docker.types import Healthcheck, Mount
 from . import images, smoke
 from .errors import OrchestrateError, reason
 from .output import say, step
-from .secretfiles import ensure_secrets, remove_staged, secret_digest, stage_secrets
+from .secretfiles import (
+    api_token,
+    ensure_secrets,
+    remove_staged,
+    secret_digest,
+    stage_secrets,
+)
 from .stack import (
     CONFIG_HASH_LABEL,
     PROJECT_LABEL,
     SERVICE_LABEL,
+    HealthCheck,
     Service,
     Stack,
 )
 
 HEALTH_DEADLINE_S = 120.0
 READY_DEADLINE_S = 90.0
+TASK_DEADLINE_S = 180.0
 LOG_TAIL = 20
 NS = 1_000_000_000
 
@@ -120,6 +128,18 @@ def config_hash(stack: Stack, service: Service, image_id: str) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def docker_healthcheck(check: HealthCheck | None) -> Healthcheck | None:
+    if check is None:
+        return None
+    return Healthcheck(
+        test=list(check.test),
+        interval=int(check.interval_s * NS),
+        timeout=int(check.timeout_s * NS),
+        retries=check.retries,
+        start_period=int(check.start_period_s * NS),
+    )
+
+
 def create_container(
     client: docker.DockerClient, stack: Stack, service: Service, image_ref: str, digest: str
 ) -> Container:
@@ -150,14 +170,6 @@ def create_container(
         privileged=hard.privileged,
         network_mode=networks[0],
     )
-    check = service.healthcheck
-    healthcheck = Healthcheck(
-        test=list(check.test),
-        interval=int(check.interval_s * NS),
-        timeout=int(check.timeout_s * NS),
-        retries=check.retries,
-        start_period=int(check.start_period_s * NS),
-    )
     labels = {**stack.labels(), SERVICE_LABEL: service.name, CONFIG_HASH_LABEL: digest}
     created = api.create_container(
         image=image_ref,
@@ -168,7 +180,7 @@ def create_container(
         labels=labels,
         ports=[p.container for p in service.ports] or None,
         host_config=host_config,
-        healthcheck=healthcheck,
+        healthcheck=docker_healthcheck(service.healthcheck),
         networking_config=api.create_networking_config(
             {networks[0]: api.create_endpoint_config(aliases=[service.name])}
         ),
@@ -318,34 +330,76 @@ def verify_secrets(container: Container, service: Service) -> None:
             )
 
 
+def run_task(
+    client: docker.DockerClient, stack: Stack, service: Service, image_ref: str,
+    deadline_s: float = TASK_DEADLINE_S,
+) -> None:
+    """Run a `once` service to completion and remove it; raise with its logs unless it
+    exited 0 within the deadline."""
+    for old in project_containers(client, stack.project, service.name):
+        old.remove(force=True)  # left by an interrupted run
+    container = create_container(client, stack, service, image_ref, "task")
+    try:
+        container.start()
+        try:
+            result = container.wait(timeout=deadline_s)
+        except Exception as exc:  # the engine's read timed out: the task hangs
+            raise OrchestrateError(
+                f"{container.name} did not finish within {deadline_s:.0f}s", last_logs(container)
+            ) from exc
+        if result["StatusCode"] != 0:
+            raise OrchestrateError(
+                f"{container.name} failed (exit code {result['StatusCode']})", last_logs(container)
+            )
+        for line in last_logs(container):
+            say(line)
+    finally:
+        container.remove(force=True)
+
+
+def wait_running(container: Container, service: Service) -> None:
+    """Wait until the container is healthy (or, when it publishes a readiness path, ready),
+    then check its secrets."""
+    if service.ready_path and service.ports:  # readiness is stronger than health
+        port = service.ports[0]
+        wait_ready(container, f"http://{port.host_ip}:{port.host}{service.ready_path}")
+    else:
+        wait_healthy(container)
+    verify_secrets(container, service)
+    say(
+        f"{container.name}: healthy, {len(service.secrets)} secret(s) readable by "
+        f"uid {service.user.split(':')[0]} only"
+    )
+
+
 def realise(
     client: docker.DockerClient, stack: Stack, refs: dict[str, str], timings: dict[str, float]
 ) -> dict[str, Container]:
-    """Networks, volumes and containers for the stack, each healthy, secrets checked."""
+    """Networks, volumes and containers for the stack, in order: the containers before a task
+    are healthy before it runs, and the task has succeeded before the ones after it start."""
     with step("networks and volumes", timings):
         for net in stack.networks:
             ensure_network(client, stack, net.name, net.internal)
         for volume in stack.volumes:
             ensure_volume(client, stack, volume)
     containers: dict[str, Container] = {}
+    waiting: list[Service] = []
     with step("containers", timings):
         for service in stack.services:
-            container, action = ensure_container(client, stack, service, refs[service.image])
+            ref = refs[service.image]
+            if service.once:
+                for started in waiting:
+                    wait_running(containers[started.name], started)
+                waiting = []
+                say(f"{stack.container_name(service.name)}: running {' '.join(service.command)}")
+                run_task(client, stack, service, ref)
+                continue
+            container, action = ensure_container(client, stack, service, ref)
             containers[service.name] = container
-            say(f"{container.name}: {action} ({container.short_id}, {refs[service.image]})")
-    with step("health and secrets", timings):
-        for service in stack.services:
-            container = containers[service.name]
-            if service.ready_path and service.ports:  # readiness is stronger than health
-                port = service.ports[0]
-                wait_ready(container, f"http://{port.host_ip}:{port.host}{service.ready_path}")
-            else:
-                wait_healthy(container)
-            verify_secrets(container, service)
-            say(
-                f"{container.name}: healthy, {len(service.secrets)} secret(s) readable by "
-                f"uid {service.user.split(':')[0]} only"
-            )
+            waiting.append(service)
+            say(f"{container.name}: {action} ({container.short_id}, {ref})")
+        for started in waiting:
+            wait_running(containers[started.name], started)
     return containers
 
 
@@ -366,7 +420,7 @@ def up(stack: Stack, mode: str) -> dict[str, float]:
         refs = images.resolve_images(client, stack, mode)
     realise(client, stack, refs, timings)
     with step("smoke checks", timings):
-        if not smoke.run_smoke(service_url(stack)):
+        if not smoke.run_smoke(service_url(stack), api_token()):
             raise OrchestrateError("smoke checks failed")
     return timings
 

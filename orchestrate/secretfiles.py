@@ -1,5 +1,9 @@
 """Secret files: generated into secrets/ on the host, staged per container for bind mounts.
 
+secrets/ holds one value per file, mode 0600: passwords (256 random bits each), the API
+tokens (one per line), the project CA (ca.key never leaves this folder) and the server
+certificates it signed.
+
 Containers get each secret as a read-only bind mount of a per-container copy at
 /run/secrets/NAME, owned by the container's uid:gid with mode 0400, staged in
 build/secrets/<project>/<service>/ (directories mode 0700, root-owned). So only the container's
@@ -9,35 +13,91 @@ engine on this machine (a local DOCKER_HOST socket).
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import secrets as stdlib_secrets
 import shutil
 from pathlib import Path
 
+from . import certs
 from .errors import OrchestrateError
-from .stack import SECRETS_DIR, Service, Stack
+from .stack import API_TOKENS, CA_CERT, SECRETS_DIR, Certificate, Service, Stack
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_ROOT = ROOT / "build" / "secrets"
+CA_KEY = "ca.key"
+CA_NAME = "cachestack CA"
+EXPIRY_WARNING = datetime.timedelta(days=30)
 
 
 def secret_path(name: str) -> Path:
     return ROOT / SECRETS_DIR / name
 
 
-def ensure_secrets(stack: Stack) -> list[str]:
-    """Create missing secret files (mode 0600, 256 bits of randomness); return the new names."""
+def _present(name: str) -> bool:
+    path = secret_path(name)
+    return path.exists() and bool(path.read_bytes().strip())
+
+
+def write_secret(name: str, value: bytes) -> None:
+    """Replace a secret file with `value`, mode 0600 from the start (never readable by others,
+    not even between its creation and a chmod)."""
+    path = secret_path(name)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    partial = path.with_name(f".{name}.new")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(value)
+    partial.replace(path)
+
+
+def new_password() -> bytes:
+    return stdlib_secrets.token_urlsafe(32).encode()
+
+
+def new_token() -> bytes:
+    """An API token: `cs_` and 256 random bits, so it is easy to recognise in a leak scan."""
+    return f"cs_{stdlib_secrets.token_urlsafe(32)}".encode()
+
+
+def _ensure_certificates(stack: Stack) -> list[str]:
+    """The CA (when missing, every certificate is made anew) and each server certificate."""
     created = []
+    fresh_ca = not (_present(CA_KEY) and _present(CA_CERT))
+    if fresh_ca:
+        ca = certs.make_ca(CA_NAME)
+        write_secret(CA_KEY, ca.key)
+        write_secret(CA_CERT, ca.cert)
+        created += [CA_KEY, CA_CERT]
+    else:
+        ca = certs.KeyPair(secret_path(CA_KEY).read_bytes(), secret_path(CA_CERT).read_bytes())
+    for server in stack.certificates:
+        if fresh_ca or not (_present(server.key) and _present(server.cert)):
+            created += issue_certificate(ca, server)
+    return created
+
+
+def issue_certificate(ca: certs.KeyPair, server: Certificate) -> list[str]:
+    pair = certs.make_server_cert(ca, list(server.hosts))
+    write_secret(server.key, pair.key)
+    write_secret(server.cert, pair.cert)
+    return [server.key, server.cert]
+
+
+def ensure_secrets(stack: Stack) -> list[str]:
+    """Create missing secret files; return the names of the new ones."""
+    created = _ensure_certificates(stack)
+    made_by_certificates = {CA_CERT} | {n for c in stack.certificates for n in (c.cert, c.key)}
     for name in stack.secrets:
         path = secret_path(name)
-        path.parent.mkdir(exist_ok=True)
-        if path.exists() and path.read_text().strip():
+        if name in made_by_certificates:
+            continue
+        if _present(name):
             os.chmod(path, 0o600)
             continue
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(stdlib_secrets.token_urlsafe(32))
+        write_secret(name, new_token() + b"\n" if name == API_TOKENS else new_password())
         created.append(name)
     return created
 
@@ -48,6 +108,26 @@ def read_secret(name: str) -> str:
         return secret_path(name).read_text().strip()
     except OSError as exc:
         raise OrchestrateError(f"cannot read secret {name}: {exc.strerror}") from None
+
+
+def api_token() -> str:
+    """The first API token of secrets/api_tokens (what the smoke checks send)."""
+    return read_secret(API_TOKENS).splitlines()[0].strip()
+
+
+def expiring_certificates(stack: Stack, now: datetime.datetime | None = None) -> list[str]:
+    """One line for each certificate that expires within EXPIRY_WARNING (or already has)."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    warnings = []
+    for name in [CA_CERT, *(c.cert for c in stack.certificates)]:
+        if not _present(name):
+            continue
+        left = certs.expires(secret_path(name).read_bytes()) - now
+        if left < EXPIRY_WARNING:
+            state = f"expires in {left.days} days" if left.total_seconds() > 0 else "has expired"
+            warnings.append(f"certificate secrets/{name} {state}: remove it and run "
+                            "`python -m orchestrate up` to renew it")
+    return warnings
 
 
 def secret_digest(name: str) -> str:

@@ -1,8 +1,9 @@
 """End-to-end smoke checks of a running stack, through its published URL.
 
-`run_smoke(base_url)` is used by `orchestrate up`/`smoke` and by the compose/swarm tests.
-It prints one line per check and returns True only when every check passed. Stdlib only
-(urllib), so it needs no test dependencies.
+`run_smoke(base_url, token)` is used by `orchestrate up`/`smoke` and by the compose/swarm tests.
+It prints one line per check and returns True only when every check passed. With a token
+(the stack's API token) every request sends it, and one check makes sure a request without
+it is refused. Stdlib only (urllib), so it needs no test dependencies.
 """
 
 from __future__ import annotations
@@ -37,14 +38,16 @@ class CheckFailed(Exception):
     pass
 
 
-def call(base_url: str, method: str, path: str, payload: Any = None) -> Reply:
+def call(
+    base_url: str, method: str, path: str, payload: Any = None, token: str | None = None
+) -> Reply:
     """One HTTP request; any status is a Reply, only transport errors raise."""
     data = None if payload is None else json.dumps(payload).encode()
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(
-        base_url.rstrip("/") + path,
-        data=data,
-        method=method,
-        headers={"Content-Type": "application/json", "Accept": "application/json"},
+        base_url.rstrip("/") + path, data=data, method=method, headers=headers
     )
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
@@ -71,11 +74,15 @@ class Smoke:
     """The checks, in order; later checks use the user the first one created."""
 
     base_url: str
+    token: str | None = None
     tag: str = field(default_factory=lambda: secrets.token_hex(4))
     user: dict[str, Any] = field(default_factory=dict)
 
+    def call(self, method: str, path: str, payload: Any = None) -> Reply:
+        return call(self.base_url, method, path, payload, self.token)
+
     def get(self, path: str) -> Reply:
-        return call(self.base_url, "GET", path)
+        return self.call("GET", path)
 
     def create(self) -> None:
         payload = {
@@ -83,7 +90,7 @@ class Smoke:
             "email": f"smoke-{self.tag}@example.com",
             "display_name": "Smoke Test",
         }
-        reply = call(self.base_url, "POST", "/users", payload)
+        reply = self.call("POST", "/users", payload)
         expect(reply.status == 201, "want 201", reply)
         self.user = reply.body["data"]
         expect(self.user.get("username") == payload["username"], "username echoed", reply)
@@ -136,7 +143,7 @@ class Smoke:
 
     def update(self) -> None:
         path = f"/users/{self.user['id']}"
-        reply = call(self.base_url, "PATCH", path, {"display_name": "Smoke Updated"})
+        reply = self.call("PATCH", path, {"display_name": "Smoke Updated"})
         expect(reply.status == 200, "want 200", reply)
         reply = self.get(path)
         expect(
@@ -147,22 +154,33 @@ class Smoke:
 
     def delete(self) -> None:
         path = f"/users/{self.user['id']}"
-        reply = call(self.base_url, "DELETE", path)
+        reply = self.call("DELETE", path)
         expect(reply.status == 204, "want 204", reply)
         reply = self.get(path)
         expect(reply.status == 404, "want 404 after delete", reply)
 
     def bad_payload(self) -> None:
-        reply = call(self.base_url, "POST", "/users", {"username": "x", "email": "nope"})
+        reply = self.call("POST", "/users", {"username": "x", "email": "nope"})
         expect(
             reply.status == 400 and "error" in (reply.body or {}),
             "want 400 with an error object",
             reply,
         )
 
+    def no_token(self) -> None:
+        reply = call(self.base_url, "GET", f"/users/{self.user['id']}")
+        expect(
+            reply.status == 401 and "error" in (reply.body or {})
+            and reply.headers.get("www-authenticate", "").startswith("Bearer"),
+            "want 401 with WWW-Authenticate: Bearer",
+            reply,
+        )
+
     def checks(self) -> list[tuple[str, Callable[[], None]]]:
+        refusal = [("no token: 401", self.no_token)] if self.token else []
         return [
             ("create user", self.create),
+            *refusal,
             ("read by id (write-through HIT)", self.read_by_id),
             ("read by username (HIT)", self.read_by_username),
             ("read by email (HIT)", self.read_by_email),
@@ -174,10 +192,12 @@ class Smoke:
         ]
 
 
-def run_smoke(base_url: str, out: Callable[[str], None] = say) -> bool:
+def run_smoke(
+    base_url: str, token: str | None = None, out: Callable[[str], None] = say
+) -> bool:
     """Run every check against `base_url`; print one line each; True when all pass."""
     passed = True
-    for name, check in Smoke(base_url).checks():
+    for name, check in Smoke(base_url, token).checks():
         if not passed:
             out(f"smoke skip {name}")
             continue

@@ -3,8 +3,16 @@
 Everything that runs the stack (this orchestrator; the compose, swarm and k8s files and their
 tests) is meant to agree with `describe_stack()`. It is plain, frozen data: `as_dict()` turns
 it into dicts/lists/str/int only, so a test can compare another deployment format against it.
-The code that realises it with the Docker SDK lives in `orchestrate.engine`; image references
-per mode (official/offline) are resolved by `orchestrate.images` from `ImageSpec`.
+The code that realises it with the Docker SDK lives in `orchestrate.engine`; images are built by
+`orchestrate.images` from `ImageSpec`, and secret files are made by `orchestrate.secretfiles`.
+
+Who may do what:
+- Postgres: the superuser `postgres` logs in only through the local socket inside its
+  container; from the network only the owner role (migrations) and the runtime role (the
+  service) may log in, to the stack's database only, with SCRAM over TLS (docker/postgres).
+- Redis: the `default` user is off; the service, the health check and operators each have a
+  user of their own (docker/redis/users.acl); it listens on a TLS port only.
+- HTTP: every /users route needs a bearer token from secrets/api_tokens.
 
 Resource names: containers `<project>-<service>`, networks and volumes `<project>_<name>`;
 every container, network and volume carries the label `org.cachestack.project=<project>`.
@@ -29,33 +37,46 @@ POSTGRES_UID = 999
 REDIS_UID = 999
 SERVICE_UID = 10001
 
-DB_USER = "cachestack"
 DB_NAME = "cachestack"
+DB_OWNER = "cachestack_owner"  # owns the database and its tables; runs the migrations
+DB_APP = "cachestack_app"  # the service's login: exactly the DML it needs, owns nothing
+REDIS_SERVICE_USER = "service"  # the users are defined in docker/redis/users.acl
+REDIS_HEALTH_USER = "health"
 
-# Redis must get requirepass from a config file, never argv: printf is a shell builtin, so the
-# value is in no process's command line; /tmp is a tmpfs readable by uid 999 only (umask 077).
-REDIS_COMMAND = (
-    "umask 077; "
-    "printf 'requirepass %s\\n' \"$(cat /run/secrets/redis_password)\" > /tmp/redis.conf; "
-    "exec redis-server /tmp/redis.conf --appendonly yes --dir /data"
-)
-REDIS_HEALTH = 'REDISCLI_AUTH="$(cat /run/secrets/redis_password)" redis-cli ping | grep -q PONG'
+# Secret files under secrets/, one value each, and where containers find them.
+CA_CERT = "ca.crt"
+API_TOKENS = "api_tokens"
+
+REDIS_MEMORY_LIMIT = 256 * 2**20
+# Redis rewrites its append-only file in a forked child, which shares memory with Redis
+# copy-on-write: while it runs, every page Redis writes is copied. Under a steady stream of
+# writes and evictions the container peaked at about twice maxmemory (bench/README.md), so
+# maxmemory is 3/8 of the limit and the rest is headroom.
+REDIS_MAXMEMORY = REDIS_MEMORY_LIMIT * 3 // 8
+
+
+def secret_target(name: str) -> str:
+    return f"{SECRETS_TARGET_DIR}/{name}"
 
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """Where an image comes from in each mode.
+    """How one image of the stack is built: `context` (repo-relative, with `dockerfile`) on
+    the base image passed as build arg BASE_IMAGE.
 
-    official: a pinned reference pulled from a registry (None: always built locally).
-    context: build context (repo-relative) for the offline build, or for every mode when
-    `official` is None. The offline base image (debootstrap, docker/base/mkrootfs.sh) is passed
-    as build arg BASE_IMAGE; `official_base` is the BASE_IMAGE in official mode.
+    With a registry the base is `base`, a pinned official image. Offline, the base is built
+    from Debian packages instead: from the recipe `offline_base` (a folder under
+    docker/offline/) on the debootstrap base, or the debootstrap base itself when None.
     """
 
-    official: str | None
+    repository: str
     context: str
+    base: str
+    offline_base: str | None
     dockerfile: str = "Dockerfile"
-    official_base: str | None = None
+    # The build context is only the Dockerfile and wheels made on the host, because pip inside
+    # a build cannot be relied on to reach PyPI.
+    host_wheels: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,6 +88,23 @@ class SecretMount:
     uid: int
     gid: int
     mode: int = 0o400
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A server certificate signed by the project CA, valid for `hosts`: the files
+    `<name>.crt` and `<name>.key` under secrets/."""
+
+    name: str
+    hosts: tuple[str, ...]
+
+    @property
+    def cert(self) -> str:
+        return f"{self.name}.crt"
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}.key"
 
 
 @dataclass(frozen=True)
@@ -106,7 +144,11 @@ class Port:
 
 @dataclass(frozen=True)
 class Service:
-    """One container of the stack. `image` is a key of `Stack.images`."""
+    """One container of the stack. `image` is a key of `Stack.images`.
+
+    A `once` service is a task: it runs to completion (exit 0) after the services before it
+    are healthy and before the ones after it start, and has no health check.
+    """
 
     name: str
     image: str
@@ -116,10 +158,11 @@ class Service:
     secrets: tuple[SecretMount, ...]
     networks: tuple[str, ...]
     volumes: tuple[tuple[str, str], ...]  # (volume name, mount path)
-    healthcheck: HealthCheck
+    healthcheck: HealthCheck | None
     hardening: Hardening
     ports: tuple[Port, ...] = ()
     ready_path: str | None = None  # HTTP readiness path through the published port
+    once: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,7 +177,8 @@ class Stack:
     services: tuple[Service, ...]
     networks: tuple[Network, ...]
     volumes: tuple[str, ...]
-    secrets: tuple[str, ...]  # file names under secrets/
+    secrets: tuple[str, ...]  # file names under secrets/ that containers get
+    certificates: tuple[Certificate, ...] = ()
     images: dict[str, ImageSpec] = field(default_factory=dict)
 
     def labels(self) -> dict[str, str]:
@@ -153,40 +197,89 @@ class Stack:
 
 
 IMAGES: dict[str, ImageSpec] = {
-    "postgres": ImageSpec(official="postgres:16.6-bookworm", context="docker/postgres"),
-    "redis": ImageSpec(official="redis:7.4.1-bookworm", context="docker/redis"),
-    "service": ImageSpec(official=None, context=".", official_base="python:3.11.10-slim-bookworm"),
+    "postgres": ImageSpec(
+        repository="cachestack/postgres",
+        context="docker/postgres",
+        base="postgres:16.6-bookworm",
+        offline_base="docker/offline/postgres",
+    ),
+    "redis": ImageSpec(
+        repository="cachestack/redis",
+        context="docker/redis",
+        base="redis:7.4.1-bookworm",
+        offline_base="docker/offline/redis",
+    ),
+    "service": ImageSpec(
+        repository="cachestack/service",
+        context=".",
+        base="python:3.11.10-slim-bookworm",
+        offline_base=None,
+        host_wheels=True,
+    ),
 }
+
+POSTGRES_CERT = Certificate("postgres", ("postgres", "localhost", "127.0.0.1"))
+REDIS_CERT = Certificate("redis", ("redis", "localhost", "127.0.0.1"))
+# Clients verify the server's certificate and its name (verify-full, redis-py's default).
+DATABASE_TLS = f"sslmode=verify-full&sslrootcert={secret_target(CA_CERT)}"
+REDIS_TLS = f"ssl_ca_certs={secret_target(CA_CERT)}"
+REDIS_HEALTH = (
+    f'REDISCLI_AUTH="$(cat {secret_target("redis_health_password")})" '
+    f"redis-cli --tls --cacert {secret_target(CA_CERT)} --user {REDIS_HEALTH_USER} "
+    "-h 127.0.0.1 ping | grep -q PONG"
+)
+
+
+def _mounts(uid: int, *names: str) -> tuple[SecretMount, ...]:
+    return tuple(SecretMount(name, secret_target(name), uid, uid) for name in names)
+
+
+def _database_url(role: str) -> str:
+    return f"postgresql://{role}@postgres:5432/{DB_NAME}?{DATABASE_TLS}"
+
+
+def _private_tmp(uid: int, size: str) -> tuple[str, str]:
+    return ("/tmp", f"rw,noexec,nosuid,size={size},uid={uid},gid={uid}")
 
 
 def describe_stack(project: str = DEFAULT_PROJECT, port: int = DEFAULT_PORT) -> Stack:
     """Return the stack for `project` with the service published on 127.0.0.1:`port`."""
-    pg_secret = SecretMount(
-        "postgres_password", f"{SECRETS_TARGET_DIR}/postgres_password", POSTGRES_UID, POSTGRES_UID
-    )
-    redis_secret = SecretMount(
-        "redis_password", f"{SECRETS_TARGET_DIR}/redis_password", REDIS_UID, REDIS_UID
-    )
     postgres = Service(
         name="postgres",
         image="postgres",
         user=f"{POSTGRES_UID}:{POSTGRES_UID}",
-        command=("postgres",),
-        environment=(
-            ("POSTGRES_USER", DB_USER),
-            ("POSTGRES_DB", DB_NAME),
-            ("POSTGRES_PASSWORD_FILE", pg_secret.target),
-            ("PGDATA", "/var/lib/postgresql/data"),
+        command=(
+            "postgres",
+            "-c", "listen_addresses=*",
+            "-c", "ssl=on",
+            "-c", f"ssl_cert_file={secret_target(POSTGRES_CERT.cert)}",
+            "-c", f"ssl_key_file={secret_target(POSTGRES_CERT.key)}",
+            "-c", "ssl_min_protocol_version=TLSv1.3",
         ),
-        secrets=(pg_secret,),
+        environment=(
+            ("PGDATA", "/var/lib/postgresql/data"),
+            ("CACHESTACK_DATABASE", DB_NAME),
+            ("CACHESTACK_OWNER_ROLE", DB_OWNER),
+            ("CACHESTACK_APP_ROLE", DB_APP),
+        ),
+        secrets=_mounts(
+            POSTGRES_UID,
+            "postgres_password",
+            "postgres_owner_password",
+            "postgres_app_password",
+            POSTGRES_CERT.cert,
+            POSTGRES_CERT.key,
+        ),
         networks=("backend",),
         volumes=(("pgdata", "/var/lib/postgresql/data"),),
+        # Through the local socket (peer authentication): a TCP probe would be refused by
+        # pg_hba and log a FATAL line every few seconds.
         healthcheck=HealthCheck(
-            ("CMD", "pg_isready", "-h", "127.0.0.1", "-U", DB_USER, "-d", DB_NAME)
+            ("CMD", "pg_isready", "-h", "/var/run/postgresql", "-U", "postgres", "-d", DB_NAME)
         ),
         hardening=Hardening(
             tmpfs=(
-                ("/tmp", "rw,noexec,nosuid,size=64m"),
+                _private_tmp(POSTGRES_UID, "64m"),
                 (
                     "/var/run/postgresql",
                     f"rw,noexec,nosuid,size=8m,uid={POSTGRES_UID},gid={POSTGRES_UID},mode=0775",
@@ -200,17 +293,58 @@ def describe_stack(project: str = DEFAULT_PROJECT, port: int = DEFAULT_PORT) -> 
         name="redis",
         image="redis",
         user=f"{REDIS_UID}:{REDIS_UID}",
-        command=("sh", "-c", REDIS_COMMAND),
+        command=(
+            "redis-server",
+            "--port", "0",
+            "--tls-port", "6379",
+            "--tls-cert-file", secret_target(REDIS_CERT.cert),
+            "--tls-key-file", secret_target(REDIS_CERT.key),
+            "--tls-auth-clients", "no",
+            "--maxmemory", str(REDIS_MAXMEMORY),
+            "--maxmemory-policy", "allkeys-lru",
+            # Evict as much as a command needs before it runs, however long that takes; the
+            # default bounds the time and lets a burst of writes outgrow maxmemory.
+            "--maxmemory-eviction-tenacity", "100",
+            "--appendonly", "yes",
+            "--dir", "/data",
+        ),
         environment=(),
-        secrets=(redis_secret,),
+        secrets=_mounts(
+            REDIS_UID,
+            "redis_service_password",
+            "redis_health_password",
+            "redis_admin_password",
+            REDIS_CERT.cert,
+            REDIS_CERT.key,
+            CA_CERT,
+        ),
         networks=("backend",),
         volumes=(("redisdata", "/data"),),
         healthcheck=HealthCheck(("CMD-SHELL", REDIS_HEALTH)),
         hardening=Hardening(
-            tmpfs=(("/tmp", f"rw,noexec,nosuid,size=8m,uid={REDIS_UID},gid={REDIS_UID}"),),
-            mem_limit="256m",
+            tmpfs=(_private_tmp(REDIS_UID, "8m"),),
+            mem_limit=f"{REDIS_MEMORY_LIMIT // 2**20}m",
             pids_limit=64,
         ),
+    )
+    migrate = Service(
+        name="migrate",
+        image="service",
+        user=f"{SERVICE_UID}:{SERVICE_UID}",
+        command=("python", "-m", "service", "migrate"),
+        environment=(
+            ("DATABASE_URL", _database_url(DB_OWNER)),
+            ("DATABASE_PASSWORD_FILE", secret_target("postgres_owner_password")),
+            ("DATABASE_APP_ROLE", DB_APP),
+        ),
+        secrets=_mounts(SERVICE_UID, "postgres_owner_password", CA_CERT),
+        networks=("backend",),
+        volumes=(),
+        healthcheck=None,
+        hardening=Hardening(
+            tmpfs=(_private_tmp(SERVICE_UID, "16m"),), restart="no", pids_limit=32
+        ),
+        once=True,
     )
     service = Service(
         name="service",
@@ -218,38 +352,36 @@ def describe_stack(project: str = DEFAULT_PROJECT, port: int = DEFAULT_PORT) -> 
         user=f"{SERVICE_UID}:{SERVICE_UID}",
         command=("python", "-m", "service", "--host", "0.0.0.0", "--port", "8000"),
         environment=(
-            ("DATABASE_URL", f"postgresql://{DB_USER}@postgres:5432/{DB_NAME}"),
-            ("DATABASE_PASSWORD_FILE", f"{SECRETS_TARGET_DIR}/postgres_password"),
-            ("REDIS_URL", "redis://redis:6379/0"),
-            ("REDIS_PASSWORD_FILE", f"{SECRETS_TARGET_DIR}/redis_password"),
+            ("DATABASE_URL", _database_url(DB_APP)),
+            ("DATABASE_PASSWORD_FILE", secret_target("postgres_app_password")),
+            ("REDIS_URL", f"rediss://{REDIS_SERVICE_USER}@redis:6379/0?{REDIS_TLS}"),
+            ("REDIS_PASSWORD_FILE", secret_target("redis_service_password")),
+            ("API_TOKENS_FILE", secret_target(API_TOKENS)),
             ("TMPDIR", "/tmp"),
         ),
-        secrets=(
-            SecretMount("postgres_password", pg_secret.target, SERVICE_UID, SERVICE_UID),
-            SecretMount("redis_password", redis_secret.target, SERVICE_UID, SERVICE_UID),
+        secrets=_mounts(
+            SERVICE_UID, "postgres_app_password", "redis_service_password", API_TOKENS, CA_CERT
         ),
         networks=("backend", "frontend"),
         volumes=(),
         healthcheck=HealthCheck(("CMD", "python", "-m", "service.probe"), interval_s=5.0),
         hardening=Hardening(
-            tmpfs=(
-                (
-                    "/tmp",
-                    f"rw,noexec,nosuid,size=64m,uid={SERVICE_UID},gid={SERVICE_UID}",
-                ),
-            ),
+            tmpfs=(_private_tmp(SERVICE_UID, "64m"),),
             mem_limit="512m",
             pids_limit=256,
         ),
         ports=(Port(container=8000, host=port),),
         ready_path="/readyz",
     )
+    services = (postgres, redis, migrate, service)
+    mounted = dict.fromkeys(m.secret for s in services for m in s.secrets)
     return Stack(
         project=project,
-        services=(postgres, redis, service),
+        services=services,
         networks=(Network("backend", internal=True), Network("frontend", internal=False)),
         volumes=("pgdata", "redisdata"),
-        secrets=("postgres_password", "redis_password"),
+        secrets=tuple(mounted),
+        certificates=(POSTGRES_CERT, REDIS_CERT),
         images=dict(IMAGES),
     )
 
