@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/test-services.sh
+bash scripts/install-linters.sh
 python -m ruff check .
 python -m pytest "$@"

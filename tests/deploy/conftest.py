@@ -110,8 +110,9 @@ def secret_files() -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="session")
-def k8s_objects(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """Render k8s/ with kustomize, using throwaway secret files so a clean clone works.
+def k8s_rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """k8s/ rendered by kustomize into one file, with throwaway secret files so a clean clone
+    works.
 
     The kustomization is copied to a temporary directory, so the repository's own k8s/secrets/
     (real passwords, if any) is neither read nor touched.
@@ -122,5 +123,12 @@ def k8s_objects(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]
     (root / "secrets").mkdir(mode=0o700)
     for name in SECRET_NAMES:
         (root / "secrets" / name).write_text(f"test-{name}")
-    rendered = run(kubectl, "kustomize", str(root), timeout=60).stdout
-    return [doc for doc in yaml.safe_load_all(rendered) if doc]
+    rendered = root.parent / "rendered.yaml"
+    rendered.write_text(run(kubectl, "kustomize", str(root), timeout=60).stdout)
+    return rendered
+
+
+@pytest.fixture(scope="session")
+def k8s_objects(k8s_rendered: Path) -> list[dict[str, Any]]:
+    """Every object of the rendered manifests."""
+    return [doc for doc in yaml.safe_load_all(k8s_rendered.read_text()) if doc]

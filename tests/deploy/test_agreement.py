@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -34,7 +35,7 @@ from .conftest import REPO, run, tool
 
 STACK = describe_stack()
 SERVICES = [s.name for s in STACK.services]
-SERVICE_REPOSITORY = "cachestack/service"  # the orchestrator tags cachestack/service:<hash>
+VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
 View = dict[str, Any]
@@ -91,13 +92,13 @@ def expected(service: Service) -> View:
     """The reference view of one service, from the orchestrator's stack description."""
     spec = STACK.images[service.image]
     return {
-        "image": spec.official or SERVICE_REPOSITORY,
+        "image": spec.repository,
         "user": service.user,
         "command": list(service.command),
         "environment": dict(service.environment),
         "secrets": sorted(m.target for m in service.secrets),
         "data": sorted(service.volumes),
-        "health": list(service.healthcheck.test),
+        "health": list(service.healthcheck.test) if service.healthcheck else None,
         "ports": [p.container for p in service.ports],
         "read_only": service.hardening.read_only,
         "cap_drop": list(service.hardening.cap_drop),
@@ -123,8 +124,25 @@ def rendered_timing(health: dict[str, Any]) -> dict[str, float]:
 
 
 def image_name(ref: str) -> str:
-    """The service image is compared by repository: its tag is the build's business."""
-    return ref.rsplit(":", 1)[0] if ref.startswith(SERVICE_REPOSITORY + ":") else ref
+    """Images are compared by repository: the tag is the build's business."""
+    return ref.rsplit(":", 1)[0]
+
+
+def start_order() -> dict[str, dict[str, str]]:
+    """What each service waits for, by the orchestrator's rule (engine.realise): a task waits
+    until the services before it are healthy, and the services after a task wait for it to
+    have succeeded."""
+    waits: dict[str, dict[str, str]] = {}
+    before: list[str] = []
+    task = None
+    for service in STACK.services:
+        if service.once:
+            waits[service.name] = {name: "service_healthy" for name in before}
+            before, task = [], service.name
+        else:
+            waits[service.name] = {task: "service_completed_successfully"} if task else {}
+            before.append(service.name)
+    return waits
 
 
 # --- compose -----------------------------------------------------------------------------------
@@ -146,7 +164,7 @@ def compose_view(doc: dict[str, Any], name: str) -> View:
         "data": sorted(tuple(v.split(":")[:2]) for v in svc["volumes"] if not v.startswith("/"))
         if "volumes" in svc
         else [],
-        "health": unescape(svc["healthcheck"]["test"]),
+        "health": unescape(svc["healthcheck"]["test"]) if "healthcheck" in svc else None,
         "ports": [int(p.split(":")[2].split("/")[0]) for p in svc.get("ports", [])],
         "read_only": svc["read_only"],
         "cap_drop": svc["cap_drop"],
@@ -161,7 +179,8 @@ def test_compose_agrees(compose: dict[str, Any], name: str) -> None:
     assert compose_view(compose, name) == expected(service)
     svc = compose["services"][name]
     hardening = service.hardening
-    assert rendered_timing(svc["healthcheck"]) == health_timing(service.healthcheck)
+    if service.healthcheck:
+        assert rendered_timing(svc["healthcheck"]) == health_timing(service.healthcheck)
     assert sorted(svc["tmpfs"]) == sorted(f"{p}:{o}" for p, o in hardening.tmpfs)
     assert svc["pids_limit"] == hardening.pids_limit
     assert svc["restart"] == hardening.restart
@@ -175,11 +194,21 @@ def test_compose_agrees(compose: dict[str, Any], name: str) -> None:
         source = next(s["source"] for s in svc["secrets"] if s["target"] == Path(mount.target).name)
         staged = STAGE_ROOT / DEFAULT_PROJECT / name / mount.secret
         assert Path(compose["secrets"][source]["file"]) == staged
-    spec = STACK.images[service.image]
-    if spec.official is None:
-        assert Path(svc["build"]["context"]) == (REPO / spec.context).resolve()
-        assert svc["build"].get("dockerfile", "Dockerfile") == spec.dockerfile
-        assert svc["build"]["args"]["BASE_IMAGE"] == spec.official_base
+    waits = {dep: how["condition"] for dep, how in svc.get("depends_on", {}).items()}
+    assert waits == start_order()[name]
+
+
+@pytest.mark.parametrize("key", sorted(STACK.images))
+def test_compose_builds_every_image_once_as_the_orchestrator_does(
+    compose: dict[str, Any], key: str
+) -> None:
+    spec = STACK.images[key]
+    builds = [s["build"] for s in compose["services"].values() if "build" in s
+              and image_name(s["image"]) == spec.repository]
+    assert len(builds) == 1, f"{key}: built by {len(builds)} services"
+    assert Path(builds[0]["context"]) == (REPO / spec.context).resolve()
+    assert builds[0].get("dockerfile", "Dockerfile") == spec.dockerfile
+    assert builds[0]["args"]["BASE_IMAGE"] == spec.base
 
 
 def test_compose_networks_and_volumes_agree(compose: dict[str, Any]) -> None:
@@ -216,7 +245,7 @@ def swarm_view(doc: dict[str, Any], name: str) -> View:
             for m in mounts
             if m["type"] == "volume" and m["source"] not in tmpfs_volumes
         ),
-        "health": svc["healthcheck"]["test"],
+        "health": svc["healthcheck"]["test"] if "healthcheck" in svc else None,
         "ports": [p["target"] for p in svc.get("ports", [])],
         "read_only": svc["read_only"],
         "cap_drop": svc["cap_drop"],
@@ -233,7 +262,11 @@ def test_swarm_agrees(swarm: dict[str, Any], name: str) -> None:
     service = STACK.service(name)
     assert swarm_view(swarm, name) == expected(service)
     svc = swarm["services"][name]
-    assert rendered_timing(svc["healthcheck"]) == health_timing(service.healthcheck)
+    if service.healthcheck:
+        assert rendered_timing(svc["healthcheck"]) == health_timing(service.healthcheck)
+    # Swarm has no start order: a task is restarted until it has succeeded once.
+    policy = svc["deploy"]["restart_policy"]["condition"]
+    assert policy == ("on-failure" if service.once else "any")
     assert svc["deploy"]["resources"]["limits"]["pids"] == service.hardening.pids_limit
     assert sorted(svc["networks"]) == sorted(service.networks)
     assert svc["labels"] == svc["deploy"]["labels"] == STACK.labels()
@@ -267,19 +300,44 @@ def test_swarm_networks_volumes_and_secret_files_agree(swarm: dict[str, Any]) ->
 
 
 def workload_of(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """The Deployment or StatefulSet that runs the stack's service `name`, as its container
+    or (a task) as an init container."""
     return next(
         o
         for o in objects
-        if o["kind"] in ("Deployment", "StatefulSet") and o["metadata"]["name"] == name
+        if o["kind"] in ("Deployment", "StatefulSet")
+        and any(c["name"] == name for c in containers_of(o))
     )
+
+
+def containers_of(workload: dict[str, Any]) -> list[dict[str, Any]]:
+    pod = workload["spec"]["template"]["spec"]
+    return pod.get("initContainers", []) + pod["containers"]
+
+
+def container_of(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return next(c for c in containers_of(workload_of(objects, name)) if c["name"] == name)
+
+
+def k8s_health(container: dict[str, Any]) -> list[str] | None:
+    liveness = container.get("livenessProbe")
+    if liveness is None:
+        return None
+    if "httpGet" in liveness:
+        path = liveness["httpGet"]["path"]
+        return ["CMD", "python", "-m", "service.probe"] + (
+            [] if path == probe_default_path() else [path]
+        )
+    command = liveness["exec"]["command"]
+    return ["CMD-SHELL", command[2]] if command[:2] == ["sh", "-c"] else ["CMD", *command]
 
 
 def k8s_view(objects: list[dict[str, Any]], name: str) -> View:
     workload = workload_of(objects, name)
     pod = workload["spec"]["template"]["spec"]
-    container = pod["containers"][0]
+    container = container_of(objects, name)
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    volumes = {v["name"]: v for v in pod["volumes"]}
+    volumes = {v["name"]: v for v in pod["volumes"] if v["name"] in mounts}
     # Secret names behind the /run/secrets volume (a plain secret or a projected volume).
     secret_volumes = {n: v for n, v in volumes.items() if "secret" in v or "projected" in v}
     assert [mounts[n] for n in secret_volumes] == [SECRETS_TARGET_DIR]
@@ -290,14 +348,6 @@ def k8s_view(objects: list[dict[str, Any]], name: str) -> View:
     ]
     data = {o["metadata"]["name"]: o["data"] for o in objects if o["kind"] == "Secret"}
     keys = sorted(key for secret in secret_names for key in data[secret])
-    liveness = container["livenessProbe"]
-    if "httpGet" in liveness:
-        path = liveness["httpGet"]["path"]
-        health = ["CMD", "python", "-m", "service.probe"]
-        health += [] if path == probe_default_path() else [path]
-    else:
-        command = liveness["exec"]["command"]
-        health = ["CMD-SHELL", command[2]] if command[:2] == ["sh", "-c"] else ["CMD", *command]
     environment = {e["name"]: e["value"] for e in container.get("env", [])}
     if name == "postgres":
         # A fresh volume claim may hold lost+found, which initdb refuses: data go one level down.
@@ -313,8 +363,9 @@ def k8s_view(objects: list[dict[str, Any]], name: str) -> View:
         "data": sorted(
             (c["metadata"]["name"], mounts[c["metadata"]["name"]])
             for c in workload["spec"].get("volumeClaimTemplates", [])
+            if c["metadata"]["name"] in mounts
         ),
-        "health": health,
+        "health": k8s_health(container),
         "ports": [p["containerPort"] for p in container.get("ports", []) if p["name"] == "http"],
         "read_only": container["securityContext"]["readOnlyRootFilesystem"],
         "cap_drop": container["securityContext"]["capabilities"]["drop"],
@@ -331,7 +382,7 @@ def test_kubernetes_agrees(k8s_objects: list[dict[str, Any]], name: str) -> None
     assert k8s_view(k8s_objects, name) == expected(service)
     workload = workload_of(k8s_objects, name)
     pod = workload["spec"]["template"]["spec"]
-    container = pod["containers"][0]
+    container = container_of(k8s_objects, name)
     assert container["securityContext"]["allowPrivilegeEscalation"] is (
         not service.hardening.no_new_privileges
     )
@@ -340,6 +391,8 @@ def test_kubernetes_agrees(k8s_objects: list[dict[str, Any]], name: str) -> None
     assert {m.gid for m in service.secrets} == {pod["securityContext"]["fsGroup"]}
     if service.ready_path:
         assert container["readinessProbe"]["httpGet"]["path"] == service.ready_path
+    # A task runs to completion before the pod's service starts: an init container.
+    assert (container in pod.get("initContainers", [])) is service.once
     assert workload["metadata"]["labels"][PROJECT_LABEL] == STACK.project
 
 
@@ -350,9 +403,11 @@ def test_every_format_uses_the_same_images(
         refs = {
             compose["services"][name]["image"],
             swarm["services"][name]["image"],
-            workload_of(k8s_objects, name)["spec"]["template"]["spec"]["containers"][0]["image"],
+            container_of(k8s_objects, name)["image"],
         }
         assert len(refs) == 1, f"{name}: {refs}"
+        # What the formats pull by default is the release in pyproject.toml, not `latest`.
+        assert refs.pop().endswith(":" + VERSION), name
 
 
 def test_secrets_in_k8s_are_generated_from_the_same_files() -> None:

@@ -22,9 +22,10 @@ import pytest
 import requests
 import yaml
 
-from orchestrate.secretfiles import read_secret, remove_staged, stage_secrets
+from orchestrate.secretfiles import api_token, read_secret, remove_staged, stage_secrets
 from orchestrate.smoke import run_smoke
-from orchestrate.stack import Stack, describe_stack
+from orchestrate.stack import Service, Stack, describe_stack
+from tests.containers import redis_cli
 from tests.support import free_port
 
 from .conftest import REPO, image_env, run, tool, unique_name, wait_ready
@@ -40,12 +41,17 @@ class ComposeRun:
     command: list[str]
     env: dict[str, str]
 
+    def running(self) -> list[Service]:
+        """The services that keep running (a task's container has exited)."""
+        return [s for s in self.stack.services if not s.once]
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.stack.service('service').ports[0].host}"
 
     def container(self, client: docker.DockerClient, service: str) -> Any:
         found = client.containers.list(
+            all=True,
             filters={
                 "label": [
                     f"{COMPOSE_LABEL}={self.stack.project}",
@@ -140,14 +146,14 @@ def test_dev_override_runs_the_working_tree_with_reload() -> None:
 
 def test_smoke_checks_pass(compose: ComposeRun) -> None:
     lines: list[str] = []
-    assert run_smoke(compose.url, out=lines.append), "\n".join(lines)
+    assert run_smoke(compose.url, api_token(), out=lines.append), "\n".join(lines)
 
 
 def test_secrets_are_files_only_the_container_user_can_read(
     compose: ComposeRun, docker_client: docker.DockerClient
 ) -> None:
     values = {name: read_secret(name) for name in compose.stack.secrets}
-    for service in compose.stack.services:
+    for service in compose.running():
         container = compose.container(docker_client, service.name)
         for mount in service.secrets:
             result = container.exec_run(["stat", "-c", "%a %u %g", mount.target])
@@ -165,7 +171,7 @@ def test_secrets_are_files_only_the_container_user_can_read(
 def test_only_the_service_is_published_and_only_on_loopback(
     compose: ComposeRun, docker_client: docker.DockerClient
 ) -> None:
-    for service in compose.stack.services:
+    for service in compose.running():
         ports = (
             docker_client.api.inspect_container(compose.container(docker_client, service.name).id)[
                 "NetworkSettings"
@@ -178,7 +184,7 @@ def test_only_the_service_is_published_and_only_on_loopback(
 
 
 def test_containers_are_hardened(compose: ComposeRun, docker_client: docker.DockerClient) -> None:
-    for service in compose.stack.services:
+    for service in compose.running():
         info = docker_client.api.inspect_container(
             compose.container(docker_client, service.name).id
         )
@@ -191,16 +197,21 @@ def test_containers_are_hardened(compose: ComposeRun, docker_client: docker.Dock
         assert info["Config"]["Labels"]["org.cachestack.project"] == compose.stack.project
 
 
+def test_tasks_ran_before_the_service_and_succeeded(
+    compose: ComposeRun, docker_client: docker.DockerClient
+) -> None:
+    service = compose.container(docker_client, "service").attrs["State"]["StartedAt"]
+    for task in compose.stack.services:
+        if task.once:
+            state = compose.container(docker_client, task.name).attrs["State"]
+            assert (state["Status"], state["ExitCode"]) == ("exited", 0), task.name
+            assert state["FinishedAt"] < service, f"{task.name} finished before the service"
+
+
 def test_redis_is_append_only(compose: ComposeRun, docker_client: docker.DockerClient) -> None:
     redis = compose.container(docker_client, "redis")
-    result = redis.exec_run(
-        [
-            "sh",
-            "-c",
-            'REDISCLI_AUTH="$(cat /run/secrets/redis_password)" redis-cli config get appendonly',
-        ]
-    )
-    assert result.output.decode().split() == ["appendonly", "yes"]
+    assert redis_cli(redis, "admin", "CONFIG", "GET", "appendonly")[1].split() == [
+        "appendonly", "yes"]
 
 
 def test_dev_override_reloads_changed_code(

@@ -19,6 +19,7 @@ import docker
 import pytest
 import requests
 
+from orchestrate.secretfiles import api_token
 from orchestrate.smoke import run_smoke
 from orchestrate.stack import Stack, describe_stack
 from tests.support import free_port, require
@@ -147,7 +148,7 @@ def swarm(
 
 def test_smoke_checks_pass(swarm: SwarmRun) -> None:
     lines: list[str] = []
-    assert run_smoke(swarm.urls[0], out=lines.append), "\n".join(lines)
+    assert run_smoke(swarm.urls[0], api_token(), out=lines.append), "\n".join(lines)
 
 
 def test_replicas_share_the_database_and_cache(
@@ -160,16 +161,19 @@ def test_replicas_share_the_database_and_cache(
         assert container.attrs["State"]["Health"]["Status"] == "healthy"
     first, last = swarm.urls[0], swarm.urls[-1]
     tag = unique_name("")
+    auth = {"Authorization": f"Bearer {api_token()}"}
     created = requests.post(
         f"{first}/users",
         json={"username": f"swarm_{tag}", "email": f"{tag}@example.com"},
+        headers=auth,
         timeout=10,
     )
     assert created.status_code == 201, created.text
     user = created.json()["data"]
-    read = requests.get(f"{last}/users/{user['id']}", timeout=10)
+    read = requests.get(f"{last}/users/{user['id']}", headers=auth, timeout=10)
     assert read.status_code == 200 and read.json()["data"] == user
-    assert requests.delete(f"{last}/users/{user['id']}", timeout=10).status_code == 204
+    deleted = requests.delete(f"{last}/users/{user['id']}", headers=auth, timeout=10)
+    assert deleted.status_code == 204
 
 
 def test_secrets_are_swarm_secrets_owned_by_each_container_user(
@@ -183,6 +187,8 @@ def test_secrets_are_swarm_secrets_owned_by_each_container_user(
     }
     assert names == {f"{swarm.stack.project}_{n}" for n in swarm.stack.secrets}
     for service in swarm.stack.services:
+        if service.once:  # its container has exited: the next test checks it succeeded
+            continue
         container = swarm.containers(docker_client, service.name)[0]
         for mount in service.secrets:
             result = container.exec_run(["stat", "-c", "%a %u %g", mount.target])
@@ -191,6 +197,13 @@ def test_secrets_are_swarm_secrets_owned_by_each_container_user(
                 str(mount.uid),
                 str(mount.gid),
             ]
+
+
+def test_tasks_ran_to_completion(swarm: SwarmRun, docker_client: docker.DockerClient) -> None:
+    for service in swarm.stack.services:
+        if service.once:
+            tasks = docker_client.services.get(f"{swarm.stack.project}_{service.name}").tasks()
+            assert "complete" in {task["Status"]["State"] for task in tasks}, service.name
 
 
 def test_service_rolls_updates_healthy_first(
