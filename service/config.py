@@ -13,6 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import psycopg2
+import psycopg2.extensions
+import redis
+
 
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message names it, never its value."""
@@ -82,6 +86,27 @@ def _api_tokens(env: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(tokens)
 
 
+def _urls(env: Mapping[str, str]) -> tuple[str, str]:
+    """DATABASE_URL and REDIS_URL with their passwords, checked as their clients will read
+    them: a typo is one line at start, not a failure on every request."""
+    database_url = read_setting(env, "DATABASE_URL")
+    if not database_url:
+        raise ConfigError("DATABASE_URL (or DATABASE_URL_FILE) is required")
+    database_url = with_password(database_url, read_setting(env, "DATABASE_PASSWORD"))
+    try:
+        psycopg2.extensions.parse_dsn(database_url)
+    except psycopg2.ProgrammingError:
+        raise ConfigError("DATABASE_URL is not a URL libpq takes (postgresql://user@host:port/"
+                          "database?option=value, with libpq's option names)") from None
+    redis_url = read_setting(env, "REDIS_URL", "redis://127.0.0.1:6379/0") or ""
+    redis_url = with_password(redis_url, read_setting(env, "REDIS_PASSWORD"))
+    try:  # makes a connection object, which connects only when used
+        redis.ConnectionPool.from_url(redis_url).make_connection()
+    except (ValueError, TypeError) as exc:  # a scheme, a port, a query option redis-py lacks
+        raise ConfigError(f"REDIS_URL is not a URL redis-py takes: {exc}") from None
+    return database_url, redis_url
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service reads from its environment, validated once at start."""
@@ -105,10 +130,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        database_url = read_setting(env, "DATABASE_URL")
-        if not database_url:
-            raise ConfigError("DATABASE_URL (or DATABASE_URL_FILE) is required")
-        redis_url = read_setting(env, "REDIS_URL", "redis://127.0.0.1:6379/0") or ""
+        database_url, redis_url = _urls(env)
         jitter = _number(env, "CACHE_TTL_JITTER", 0.1)
         if jitter >= 1:
             raise ConfigError(f"CACHE_TTL_JITTER must be below 1, got {jitter}")
@@ -116,8 +138,8 @@ class Settings:
         if not app_role.strip():
             raise ConfigError("DATABASE_APP_ROLE must name a role")
         return cls(
-            database_url=with_password(database_url, read_setting(env, "DATABASE_PASSWORD")),
-            redis_url=with_password(redis_url, read_setting(env, "REDIS_PASSWORD")),
+            database_url=database_url,
+            redis_url=redis_url,
             cache_ttl=_number(env, "CACHE_TTL_SECONDS", 300.0, minimum=1),
             cache_ttl_jitter=jitter,
             cache_negative_ttl=_number(env, "CACHE_NEGATIVE_TTL_SECONDS", 60.0, minimum=1),

@@ -12,7 +12,8 @@ Flask's routes call (`api.user_by_id`, `api.create`), so both doors give the sam
   error handlers, so every error is Flask's JSON error, logged as Flask logs it.
 tests/service/test_hotpath.py sends each kind of request both ways and compares the bytes.
 Flask's request hooks (`before_request` and the like) do not run for the requests answered
-here; the app registers none, and one added later must be added here too.
+here; the app registers none, and one added later must be added here too. What must hold for
+both doors stands in front of this one: the API-token check (auth.py) and the timing.
 """
 
 from __future__ import annotations

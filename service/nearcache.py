@@ -49,6 +49,10 @@ BEHIND_BYTES = 4096
 IDLE_DRAIN_SECONDS = 0.02
 
 
+def _none() -> int:
+    return 0
+
+
 class InvalidationListener:
     """A subscribed socket that reports what changed under `prefix` since the last drain
     (as the rest of each key's name: the user's id).
@@ -73,6 +77,12 @@ class InvalidationListener:
             connection.disconnect()
             raise
         self._sock.setblocking(False)
+        # Asking whether anything waits costs a third of a recv that finds nothing (which
+        # raises), and a drain usually finds nothing. With TLS, bytes already decrypted
+        # wait inside the SSL object, where poll cannot see them.
+        self._poll = select.poll()
+        self._poll.register(self._sock, select.POLLIN)
+        self._decrypted = self._sock.pending if isinstance(self._sock, ssl.SSLSocket) else _none
 
     def _ask(self, *parts: str | bytes | int) -> object:
         self._sock.sendall(hiredis.pack_command(parts))
@@ -89,10 +99,10 @@ class InvalidationListener:
         """What changed since the last call; None means "everything" (a flush, or this
         listener fell behind and Redis may hold messages it could not send yet)."""
         waiting = 0
-        while True:
+        while self._readable():
             try:
                 data = self._sock.recv(65536)
-            except (BlockingIOError, ssl.SSLWantReadError):  # nothing waiting (plain, TLS)
+            except (BlockingIOError, ssl.SSLWantReadError):  # a TLS record not yet whole
                 break
             if not data:
                 raise ConnectionError("redis closed the invalidation connection")
@@ -107,11 +117,14 @@ class InvalidationListener:
                     changed += (key[self._prefix_length:].decode() for key in message[2])
         return None if waiting >= BEHIND_BYTES else changed
 
+    def _readable(self) -> bool:
+        """Whether a recv would find something now, or the connection broke. (The poll object
+        is the drains', which run one at a time: a poll object takes one caller at once.)"""
+        return bool(self._decrypted() or self._poll.poll(0))
+
     def wait(self, timeout: float) -> bool:
-        """Whether anything arrives within `timeout` seconds (False at once when closed).
-        With TLS, bytes already decrypted wait inside the SSL object, where select cannot
-        see them."""
-        if isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
+        """Whether anything arrives within `timeout` seconds (False at once when closed)."""
+        if self._decrypted():
             return True
         try:
             return bool(select.select([self._sock], [], [], timeout)[0])

@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from .servers import ROOT
 
 SECRET = "do-not-print-this-3f9a"
@@ -71,3 +73,15 @@ def test_token_file_with_a_line_that_cannot_be_a_token_names_the_line_only(tmp_p
     result = run_service(DATABASE_URL="postgresql://u@127.0.0.1/db",
                          API_TOKENS_FILE=str(tmp_path / "api_tokens"))
     assert_one_line_error(result, "API_TOKENS_FILE", "line 3")
+
+
+def test_database_url_that_libpq_cannot_read() -> None:
+    result = run_service(DATABASE_URL=f"postgresql://u:{SECRET}@127.0.0.1/db?ssl_mode=require")
+    assert_one_line_error(result, "DATABASE_URL")
+
+
+@pytest.mark.parametrize("url", [f"http://u:{SECRET}@127.0.0.1/0",
+                                 f"rediss://u:{SECRET}@127.0.0.1/0?ssl_ca_cert=/ca.crt"])
+def test_redis_url_that_redis_py_cannot_take(url: str) -> None:
+    result = run_service(DATABASE_URL="postgresql://u@127.0.0.1/db", REDIS_URL=url)
+    assert_one_line_error(result, "REDIS_URL")
