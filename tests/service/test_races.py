@@ -1,7 +1,8 @@
 """The cache-aside races, forced to happen in the worst order, must not leave stale data.
 
 `UserCache.before_fill` runs between a reader's database read and its cache fill; the
-tests park a reader there while a writer commits, then let it fill.
+tests park a reader there while a writer commits, then let it fill. Some run again with a
+key evicted at the worst moment, as a Redis out of memory may do (test_eviction.py has more).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -44,23 +46,34 @@ def finish(thread: threading.Thread, release: threading.Event) -> None:
     thread.join(5)
 
 
+def evicted(redis_up: RedisServer, *names: str) -> None:
+    """Gone, as Redis evicts a key when it is out of memory."""
+    assert redis_up.client().delete(*names) == len(names), names
+
+
+@pytest.mark.parametrize("lease", ["kept", "evicted"])
 def test_reader_cannot_fill_a_row_older_than_an_acknowledged_update(
-        app: Flask, client: FlaskClient, redis_up: RedisServer) -> None:
+        app: Flask, client: FlaskClient, redis_up: RedisServer, lease: str) -> None:
     user = create(client)
     redis_up.client().flushall()
     thread, release, result = parked_reader(app, f"/users/{user['id']}")
+    if lease == "evicted":
+        evicted(redis_up, keys(app).lease(keys(app).user(user["id"])))
     new = client.patch(f"/users/{user['id']}", json={"display_name": "new"}).get_json()["data"]
     finish(thread, release)
     assert result[0][1] == user  # the reader started first: old data is a fair answer for it
     assert read(client, f"/users/{user['id']}")[1] == new
 
 
+@pytest.mark.parametrize("pointers", ["kept", "evicted"])
 def test_reader_by_username_cannot_undo_a_rename(
-        app: Flask, client: FlaskClient, redis_up: RedisServer) -> None:
+        app: Flask, client: FlaskClient, redis_up: RedisServer, pointers: str) -> None:
     user = create(client, "olga", "olga@example.org")
     redis_up.client().flushall()
     thread, release, _ = parked_reader(app, "/users?username=olga")
     new = client.patch(f"/users/{user['id']}", json={"username": "olivia"}).get_json()["data"]
+    if pointers == "evicted":  # the new one, and the row it points at
+        evicted(redis_up, keys(app).of(Lookup.of("username", "olivia")), keys(app).user(user["id"]))
     finish(thread, release)
     assert read(client, "/users?username=olga")[1] == []
     assert read(client, "/users?username=olivia")[1] == [new]
@@ -75,12 +88,15 @@ def test_reader_cannot_cache_not_found_over_a_create(app: Flask, client: FlaskCl
     assert read(client, "/users?email=dave@example.org")[:2] == ("HIT", [dave])
 
 
+@pytest.mark.parametrize("tombstone", ["kept", "evicted"])
 def test_reader_cannot_bring_back_a_deleted_user(
-        app: Flask, client: FlaskClient, redis_up: RedisServer) -> None:
+        app: Flask, client: FlaskClient, redis_up: RedisServer, tombstone: str) -> None:
     user = create(client)
     redis_up.client().flushall()
     thread, release, _ = parked_reader(app, f"/users/{user['id']}")
     assert client.delete(f"/users/{user['id']}").status_code == 204
+    if tombstone == "evicted":
+        evicted(redis_up, keys(app).user(user["id"]))
     finish(thread, release)
     assert read(client, f"/users/{user['id']}")[2] == 404
 
