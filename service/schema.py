@@ -80,8 +80,9 @@ def migrate(conn: psycopg2.extensions.connection, app_role: str) -> list[str]:
 
 def _check_roles(cur: Any, app_role: str) -> None:
     """Refuse to grant to the role migrate runs as (it would revoke its own rights), and to
-    work on tables another role owns: their owner alone may alter them and grant on them
-    (a GRANT by anyone else only warns, and would leave the rights wrong)."""
+    work on tables, or a database, that another role owns: their owner alone may alter
+    them and grant on them (a GRANT by anyone else only warns, and would leave the rights
+    wrong). The public schema belongs to the database's owner (Postgres 15 and later)."""
     cur.execute("SELECT current_user")
     (me,) = cur.fetchone()
     if me == app_role:
@@ -95,6 +96,13 @@ def _check_roles(cur: Any, app_role: str) -> None:
         table, owner = foreign
         raise MigrationError(f"table {table} is owned by {owner}, not by {me} (the role migrate "
                              f"runs as): ALTER TABLE {table} OWNER TO {me}, or migrate as {owner}")
+    cur.execute("SELECT datname, pg_get_userbyid(datdba) FROM pg_database "
+                "WHERE datname = current_database()")
+    database, owner = cur.fetchone()
+    if owner != me:
+        raise MigrationError(f"database {database} is owned by {owner}, not by {me} (the role "
+                             f"migrate runs as): ALTER DATABASE {database} OWNER TO {me}, "
+                             f"or migrate as {owner}")
 
 
 def _grant(cur: Any, app_role: str) -> None:

@@ -177,25 +177,32 @@ def test_migrate_as_the_service_role_is_refused(database_url: str) -> None:
         "run migrate as the database's owner"]
 
 
-def test_migrate_refuses_tables_another_role_owns(owner_url: str, database_url: str) -> None:
-    """A database whose tables belong to someone else (as the bootstrap superuser's did):
-    migrate says what to do instead of granting what it cannot."""
+@pytest.fixture
+def foreign() -> Iterator[str]:
+    """A database that another role made (the one bench/ uses to create databases), as the
+    bootstrap superuser made the stack's before; yields its URL as that role."""
     try:
-        foreign = recreate_database("cachestack_test_foreign")
+        url = recreate_database("cachestack_test_foreign")
     except psycopg2.OperationalError:
         pytest.skip("no role that may create databases (BENCH_PG_URL)")
-    try:
+    yield url
+    drop_database("cachestack_test_foreign")
+
+
+@pytest.mark.parametrize("what", ["table", "database"])
+def test_migrate_refuses_what_another_role_owns(owner_url: str, database_url: str,
+                                                foreign: str, what: str) -> None:
+    """Migrate says what to do instead of granting what it cannot."""
+    if what == "table":
         query(foreign, "CREATE TABLE users (id bigint)")
-        creator = role_of(PG_URL)
-        url = owner_url.rsplit("/", 1)[0] + "/cachestack_test_foreign"
-        result = run_migrate(url, role_of(database_url), "--wait", "0")
-        assert result.returncode == 1
-        assert result.stderr.strip().splitlines() == [
-            f"error: table users is owned by {creator}, not by {role_of(owner_url)} (the role "
-            f"migrate runs as): ALTER TABLE users OWNER TO {role_of(owner_url)}, "
-            f"or migrate as {creator}"]
-    finally:
-        drop_database("cachestack_test_foreign")
+    url = owner_url.rsplit("/", 1)[0] + "/cachestack_test_foreign"
+    result = run_migrate(url, role_of(database_url), "--wait", "0")
+    creator, me = role_of(PG_URL), role_of(owner_url)
+    name = "users" if what == "table" else "cachestack_test_foreign"
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {what} {name} is owned by {creator}, not by {me} (the role migrate runs as): "
+        f"ALTER {what.upper()} {name} OWNER TO {me}, or migrate as {creator}"]
 
 
 @pytest.mark.parametrize(("env", "named"), [
