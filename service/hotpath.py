@@ -1,19 +1,19 @@
 """The two busiest routes, `GET /users/<id>` and `POST /users`, answered in front of Flask.
 
-Flask's request handling (request context, routing, Response objects, hooks) costs about
-100 µs of CPU per request on this project's 2-core machines: measured under wrk, a third
-of a cache miss, a third of a create and two thirds of a near-cache hit (see bench/README.md).
-So this WSGI middleware gives those two routes a shorter way in. It calls the very functions
-Flask's routes call (`api.user_by_id`, `api.create`), so both doors give the same answer:
+Flask's request handling (request context, routing, Response objects, hooks) costs more CPU
+than a near-cache hit's own work, and a large share of a miss or a create (bench/README.md,
+"Measurements behind the code"). So this WSGI middleware gives those two routes a shorter
+way in. It writes out the very Replies Flask's routes write out (replies.py), so both doors
+give the same answer:
 - a request it cannot take whole goes to Flask untouched: an id that does not validate,
   any other method or path, a body that is not plain `application/json` with a
   Content-Length within the limit;
 - an exception (a conflict, bad JSON, Postgres down, a bug) is answered by Flask's own
   error handlers, so every error is Flask's JSON error, logged as Flask logs it.
 tests/service/test_hotpath.py sends each kind of request both ways and compares the bytes.
-Flask's request hooks (`before_request` and the like) do not run for the requests answered
-here; the app registers none, and one added later must be added here too. What must hold for
-both doors stands in front of this one: the API-token check (auth.py) and the timing.
+What Flask runs around a request it routes (request hooks, request signals) would not run
+here, so an app that has any is refused at start-up; what must hold for both doors stands
+in front of this one, as WSGI middleware: the API-token check (auth.py) and the timing.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from flask import Flask, Response
+from flask import Flask, Response, signals
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.http import HTTP_STATUS_CODES
 
 from . import validation
-from .api import JSON, Reply, create, parse_json, user_by_id
+from .app import users_of
 from .errors import ApiError
+from .replies import JSON, Reply, create, parse_json, user_by_id
 from .users import Users
 
 if TYPE_CHECKING:
@@ -35,12 +36,25 @@ if TYPE_CHECKING:
 
 USER_PREFIX = "/users/"
 STATUS_LINES = {code: f"{code} {reason.upper()}" for code, reason in HTTP_STATUS_CODES.items()}
+# Where a Flask app keeps what it runs around the requests it routes, by the decorator
+# that adds to it; and the signals it sends for them.
+REQUEST_HOOKS = {
+    "before_request_funcs": "before_request", "after_request_funcs": "after_request",
+    "teardown_request_funcs": "teardown_request",
+    "teardown_appcontext_funcs": "teardown_appcontext",
+    "url_value_preprocessors": "url_value_preprocessor", "url_default_functions": "url_defaults",
+}
+REQUEST_SIGNALS = (signals.request_started, signals.request_finished,
+                   signals.request_tearing_down, signals.appcontext_pushed,
+                   signals.appcontext_popped, signals.appcontext_tearing_down)
 
 
 def serve_hot_routes(flask_app: Flask) -> WSGIApplication:
-    """Wrap `flask_app.wsgi_app`: the hot routes are answered here, every other request there."""
+    """Wrap `flask_app.wsgi_app`: the hot routes are answered here, every other request there.
+    Refuses (RuntimeError) an app with request hooks or request signal receivers."""
+    _refuse_request_hooks(flask_app)
     flask_wsgi = flask_app.wsgi_app
-    service: Users = flask_app.extensions["cachestack.users"]
+    service = users_of(flask_app)
     body_limit: int = flask_app.config["MAX_CONTENT_LENGTH"]
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -56,6 +70,25 @@ def serve_hot_routes(flask_app: Flask) -> WSGIApplication:
         return [reply.body]
 
     return app
+
+
+def _refuse_request_hooks(flask_app: Flask) -> None:
+    """Fail at start-up rather than answer the busiest requests without what the app runs
+    around the others. Checked once, when create_app puts this door in front of the app, after
+    it registered everything; a hook added after that is not seen (the tests add one that
+    way, to count the requests that reach Flask)."""
+    found = [decorator for name, decorator in REQUEST_HOOKS.items()
+             if _any_registered(getattr(flask_app, name))]
+    found += [signal.name for signal in REQUEST_SIGNALS if signal.has_receivers_for(flask_app)]
+    if found:
+        raise RuntimeError(
+            f"the hot routes would skip this app's {', '.join(found)}: put that work in a WSGI "
+            "middleware around both doors, as service/auth.py and service/metrics.py do")
+
+
+def _any_registered(hooks: dict[str | None, list] | list) -> bool:
+    """Whether a hook store holds a hook: one list, or a list by blueprint."""
+    return any(hooks.values()) if isinstance(hooks, dict) else bool(hooks)
 
 
 def _hot_route(environ: WSGIEnvironment, service: Users,

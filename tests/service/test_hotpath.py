@@ -11,12 +11,13 @@ import re
 from collections.abc import Callable, Iterator
 
 import pytest
-from flask import Flask, request
+from flask import Blueprint, Flask, request, request_started
 from prometheus_client import REGISTRY
 from werkzeug.test import EnvironBuilder
 
 from service.app import create_app
 from service.cache import Lookup
+from service.hotpath import serve_hot_routes
 
 from .conftest import ApiTokens, empty_database, settings_for
 from .servers import RedisServer, TcpProxy
@@ -324,3 +325,37 @@ def test_the_bearer_scheme_is_case_insensitive(guarded_app: Flask, api_tokens: A
 def test_the_routes_outside_users_stay_open(guarded_app: Flask) -> None:
     for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
         assert call(guarded_app.wsgi_app, environ(path))[0] == "200 OK", path
+
+
+
+def ignore(*args: object, **kwargs: object) -> None:
+    pass
+
+
+@pytest.mark.parametrize("hook", ["before_request", "after_request", "teardown_request",
+                                  "teardown_appcontext", "url_value_preprocessor",
+                                  "url_defaults"])
+def test_an_app_with_a_request_hook_is_refused_at_start(hook: str) -> None:
+    hooked = Flask(hook)
+    getattr(hooked, hook)(ignore)
+    with pytest.raises(RuntimeError, match=f"skip this app's {hook}: put that work in a WSGI"):
+        serve_hot_routes(hooked)
+
+
+def test_a_blueprints_request_hook_is_refused_at_start() -> None:
+    blueprint = Blueprint("hooked", __name__)
+    blueprint.before_request(ignore)
+    hooked = Flask("hooked")
+    hooked.register_blueprint(blueprint)
+    with pytest.raises(RuntimeError, match="skip this app's before_request"):
+        serve_hot_routes(hooked)
+
+
+def test_an_app_whose_requests_a_signal_receiver_watches_is_refused_at_start() -> None:
+    watched = Flask("watched")
+    request_started.connect(ignore, watched)
+    try:
+        with pytest.raises(RuntimeError, match="skip this app's request-started"):
+            serve_hot_routes(watched)
+    finally:
+        request_started.disconnect(ignore, watched)
