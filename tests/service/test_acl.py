@@ -15,9 +15,8 @@ from flask.testing import FlaskClient
 from service.cache import FORMAT
 from service.nearcache import CHANNEL
 
-from .conftest import query
+from .helpers import create, query, send_fills
 from .servers import ACL_TEMPLATE, RedisServer
-from .test_api import create
 
 
 def as_user(server: RedisServer, user: str) -> redis.Redis:
@@ -88,7 +87,7 @@ def test_the_service_sends_only_what_its_user_may_run(
     assert client.patch(f"/users/{user['id']}", json={"username": "alicia"}).status_code == 200
     redis_up.client().flushall()
     assert client.get(f"/users/{user['id']}").headers["X-Cache"] == "MISS"
-    app.extensions["cachestack.users"].cache.redis.flush()  # the fill
+    send_fills(client)
     assert redis_up.client().acl_log() == []
     redis_up.stop()
     assert client.delete(f"/users/{user['id']}").status_code == 204  # keys left to repair

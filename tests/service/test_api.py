@@ -7,14 +7,9 @@ import re
 import pytest
 from flask.testing import FlaskClient
 
+from .helpers import create
+
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
-
-
-def create(client: FlaskClient, username: str = "alice", email: str = "Alice@Example.org",
-           **extra) -> dict:
-    response = client.post("/users", json={"username": username, "email": email, **extra})
-    assert response.status_code == 201, response.get_json()
-    return response.get_json()["data"]
 
 
 def assert_error(response, status: int, field: str | None = None) -> dict:

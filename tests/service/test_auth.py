@@ -9,9 +9,8 @@ import re
 import requests
 from flask.testing import FlaskClient
 
-from .conftest import ApiTokens
+from .helpers import ApiTokens, counter
 from .servers import ServiceProcess
-from .test_server import counter
 
 OPEN_NOTICE = "API_TOKENS_FILE is not set"
 

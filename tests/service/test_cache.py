@@ -11,93 +11,75 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from service.app import create_app
-from service.cache import Keys, Lookup
+from service.cache import Lookup
 
-from .conftest import empty_database, settings_for
+from .helpers import (
+    Read,
+    create,
+    empty_database,
+    keys,
+    lookups,
+    read,
+    send_fills,
+    settings_for,
+)
 from .servers import RedisServer
-from .test_api import create
-
-
-def read(client: FlaskClient, path: str) -> tuple[str, object, int]:
-    response = client.get(path)
-    body = response.get_json()
-    data = body.get("data") if "data" in body else None
-    if "source" in body:
-        assert body["source"] == ("cache" if response.headers["X-Cache"] == "HIT" else "db")
-    return response.headers.get("X-Cache", ""), data, response.status_code
-
-
-def send_fills(client: FlaskClient) -> None:
-    """A miss's fill goes out with the next Redis command or a millisecond later (wire.py);
-    send it now, before looking into Redis."""
-    client.application.extensions["cachestack.users"].cache.redis.flush()
-
-
-def lookups(user: dict) -> list[str]:
-    return [f"/users/{user['id']}", f"/users?id={user['id']}",
-            f"/users?username={user['username'].upper()}", f"/users?email={user['email']}"]
 
 
 def test_first_reads_after_create_are_hits_by_every_key(client: FlaskClient) -> None:
     user = create(client)
-    for path in lookups(user):
-        status, data, _ = read(client, path)
-        assert status == "HIT", path
-        assert data in (user, [user])
+    for path, data in lookups(user):
+        assert read(client, path) == Read("HIT", data), path
 
 
 def test_miss_then_hit(client: FlaskClient, redis_up: RedisServer) -> None:
     user = create(client)
     redis_up.client().flushall()
-    for path in lookups(user)[1:]:  # /users/<id> and ?id= share one key
-        assert read(client, path)[0] == "MISS", path
-        assert read(client, path)[:2] in (("HIT", user), ("HIT", [user])), path
+    for path, data in lookups(user)[1:]:  # /users/<id> and ?id= share one key
+        assert read(client, path) == Read("MISS", data), path
+        assert read(client, path) == Read("HIT", data), path
 
 
 def test_no_read_returns_old_data_after_patch(client: FlaskClient) -> None:
     old = create(client, "alice", "alice@example.org")
-    for path in lookups(old):  # warm every key that could go stale
+    for path, _ in lookups(old):  # warm every key that could go stale
         read(client, path)
     new = client.patch(f"/users/{old['id']}", json={"username": "alicia",
                                                     "email": "alicia@example.org",
                                                     "display_name": "A"}).get_json()["data"]
-    assert read(client, f"/users/{old['id']}")[:2] == ("HIT", new)
-    assert read(client, f"/users?id={old['id']}")[1] == [new]
-    assert read(client, "/users?username=alice")[1] == []
-    assert read(client, "/users?email=alice@example.org")[1] == []
-    for path in lookups(new):
-        assert read(client, path)[:2] in (("HIT", new), ("HIT", [new])), path
+    assert read(client, f"/users/{old['id']}") == Read("HIT", new)
+    assert read(client, f"/users?id={old['id']}").data == [new]
+    assert read(client, "/users?username=alice").data == []
+    assert read(client, "/users?email=alice@example.org").data == []
+    for path, data in lookups(new):
+        assert read(client, path) == Read("HIT", data), path
 
 
 def test_no_read_returns_old_data_after_delete(client: FlaskClient) -> None:
     user = create(client)
-    for path in lookups(user):
+    for path, _ in lookups(user):
         read(client, path)
     assert client.delete(f"/users/{user['id']}").status_code == 204
-    assert read(client, f"/users/{user['id']}")[2] == 404
-    for path in lookups(user)[1:]:
-        assert read(client, path)[1] == [], path
+    assert read(client, f"/users/{user['id']}").status == 404
+    for path, _ in lookups(user)[1:]:
+        assert read(client, path).data == [], path
 
 
 def test_cached_not_found_is_gone_once_the_user_is_created(client: FlaskClient) -> None:
     queries = ["/users?username=carol", "/users?email=carol@example.org"]
     for path in queries:
-        assert read(client, path)[:2] == ("MISS", [])
-        assert read(client, path)[:2] == ("HIT", [])
+        assert read(client, path) == Read("MISS", [])
+        assert read(client, path) == Read("HIT", [])
     carol = create(client, "carol", "carol@example.org")
     for path in queries:
-        assert read(client, path)[:2] == ("HIT", [carol])
+        assert read(client, path) == Read("HIT", [carol])
 
 
 def test_cached_404_by_id_is_gone_once_the_id_exists(client: FlaskClient) -> None:
-    assert read(client, "/users/1")[2] == 404
-    assert read(client, "/users/1")[:1] == ("HIT",)
+    assert read(client, "/users/1") == Read("MISS", None, 404)
+    assert read(client, "/users/1") == Read("HIT", None, 404)
     user = create(client)
-    assert read(client, "/users/1")[:2] == ("HIT", user)
-
-
-def keys(app: Flask) -> Keys:
-    return app.extensions["cachestack.users"].cache.keys
+    assert read(client, "/users/1") == Read("HIT", user)
 
 
 def test_stale_index_entry_is_a_miss(
@@ -105,7 +87,7 @@ def test_stale_index_entry_is_a_miss(
     alice = create(client, "alice", "alice@example.org")
     bob = create(client, "bob", "bob@example.org")
     redis_up.client().set(keys(app).of(Lookup("username", "alice")), str(bob["id"]))
-    assert read(client, "/users?username=alice")[:2] == ("MISS", [alice])
+    assert read(client, "/users?username=alice") == Read("MISS", [alice])
 
 
 def ttls(redis_up: RedisServer) -> dict[str, float]:
@@ -153,9 +135,9 @@ def test_failed_write_changes_neither_postgres_nor_redis(
         .status_code == 409
     after = {key: redis_up.client().get(key) for key in redis_up.client().scan_iter()}
     assert after == snapshot
-    assert read(client, f"/users/{bob['id']}")[1] == bob
-    assert read(client, "/users?username=carol")[1] == []
-    assert read(client, f"/users/{alice['id']}")[1] == alice
+    assert read(client, f"/users/{bob['id']}").data == bob
+    assert read(client, "/users?username=carol").data == []
+    assert read(client, f"/users/{alice['id']}").data == alice
 
 
 @pytest.fixture
@@ -169,30 +151,29 @@ def test_redis_stopped_mid_run_every_answer_still_right(
         client: FlaskClient, stopped_redis: RedisServer) -> None:
     user = create(client)
     stopped_redis.stop()
-    for path in lookups(user):
-        status, data, code = read(client, path)
-        assert (status, code) == ("BYPASS", 200) and data in (user, [user]), path
+    for path, data in lookups(user):
+        assert read(client, path) == Read("BYPASS", data), path
     assert client.get("/readyz").get_json() == {"database": "ok", "cache": "degraded"}
     assert client.get("/readyz").status_code == 200
     # writes keep working and are acknowledged while Redis is gone
     changed = client.patch(f"/users/{user['id']}", json={"display_name": "during outage"})
     assert changed.status_code == 200
     bob = create(client, "bob", "bob@example.org")
-    assert read(client, "/users?username=bob")[:2] == ("BYPASS", [bob])
+    assert read(client, "/users?username=bob") == Read("BYPASS", [bob])
 
 
 def test_redis_back_with_old_data_never_serves_it(
         client: FlaskClient, stopped_redis: RedisServer) -> None:
     user = create(client)
-    assert read(client, f"/users/{user['id']}")[0] == "HIT"
+    assert read(client, f"/users/{user['id']}").cache == "HIT"
     stopped_redis.stop()  # the append-only file keeps the old row
     new = client.patch(f"/users/{user['id']}", json={"username": "renamed"}).get_json()["data"]
     stopped_redis.start()
     time.sleep(0.3)  # past the breaker's cool-down
-    assert read(client, f"/users/{user['id']}")[1] == new
-    assert read(client, f"/users?username={user['username']}")[1] == []
+    assert read(client, f"/users/{user['id']}").data == new
+    assert read(client, f"/users?username={user['username']}").data == []
     deadline = time.monotonic() + 5
-    while read(client, f"/users/{user['id']}")[0] != "HIT":
+    while read(client, f"/users/{user['id']}").cache != "HIT":
         assert time.monotonic() < deadline, "no cache hits within 5 s of Redis coming back"
         time.sleep(0.1)
 
@@ -206,8 +187,7 @@ def test_slow_redis_costs_at_most_the_timeout(client: FlaskClient, redis_up: Red
     try:
         started = time.monotonic()
         for _ in range(10):
-            status, data, _ = read(client, f"/users/{user['id']}")
-            assert (status, data) == ("BYPASS", user)
+            assert read(client, f"/users/{user['id']}") == Read("BYPASS", user)
         elapsed = time.monotonic() - started
     finally:
         blocker.join()
@@ -219,8 +199,8 @@ def test_flushed_redis_refills(client: FlaskClient, redis_up: RedisServer) -> No
     users = [create(client, f"user{n}", f"user{n}@example.org") for n in range(3)]
     redis_up.client().flushall()
     for user in users:
-        assert read(client, f"/users/{user['id']}")[:2] == ("MISS", user)
-        assert read(client, f"/users/{user['id']}")[:2] == ("HIT", user)
+        assert read(client, f"/users/{user['id']}") == Read("MISS", user)
+        assert read(client, f"/users/{user['id']}") == Read("HIT", user)
 
 
 def test_app_starts_without_redis_and_uses_it_once_it_appears(
@@ -229,12 +209,12 @@ def test_app_starts_without_redis_and_uses_it_once_it_appears(
     app: Flask = create_app(settings_for(database_url, stopped_redis.url))
     client = app.test_client()
     user = create(client)
-    assert read(client, f"/users/{user['id']}")[:2] == ("BYPASS", user)
+    assert read(client, f"/users/{user['id']}") == Read("BYPASS", user)
     stopped_redis.start()
     stopped_redis.client().flushall()
     time.sleep(0.3)
-    assert read(client, f"/users/{user['id']}")[:2] == ("MISS", user)
-    assert read(client, f"/users/{user['id']}")[:2] == ("HIT", user)
+    assert read(client, f"/users/{user['id']}") == Read("MISS", user)
+    assert read(client, f"/users/{user['id']}") == Read("HIT", user)
 
 
 def test_a_recreated_database_never_reads_its_predecessors_entries(
@@ -246,5 +226,5 @@ def test_a_recreated_database_never_reads_its_predecessors_entries(
     fresh = create_app(settings_for(database_url, redis_up.url)).test_client()
     bob = create(fresh, "bob", "bob@example.org")
     assert bob["id"] == old["id"]
-    assert read(fresh, f"/users/{bob['id']}")[1] == bob
-    assert read(fresh, "/users?username=alice")[1] == []
+    assert read(fresh, f"/users/{bob['id']}").data == bob
+    assert read(fresh, "/users?username=alice").data == []

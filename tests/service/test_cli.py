@@ -2,33 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 
 import pytest
 
-from .servers import ROOT
-
-SECRET = "do-not-print-this-3f9a"
-
-
-def run_service(*args: str, **env: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("DATABASE_", "REDIS_", "API_TOKENS"))}
-    return subprocess.run([sys.executable, "-m", "service", *args], cwd=ROOT, timeout=30,
-                          env={**clean, **env}, capture_output=True, text=True)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    assert SECRET not in result.stderr + result.stdout
-    for word in words:
-        assert word in lines[0]
+from .helpers import SECRET, assert_one_line_error, run_service
 
 
 def test_missing_database_url() -> None:

@@ -15,9 +15,8 @@ import pytest
 
 from bench.consistency import run_checker
 
-from .conftest import ApiTokens, private_redis, serve
+from .helpers import ApiTokens, counter, private_redis, serve
 from .servers import RedisServer, ServiceProcess
-from .test_server import counter
 
 OPERATIONS = 2_000
 CLIENTS = 32

@@ -15,13 +15,21 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from service import db
+from service.app import users_of
 from service.cache import Lookup
 
-from .conftest import app_for
+from .helpers import (
+    Read,
+    app_for,
+    create,
+    evicted,
+    finish,
+    keys,
+    late_update,
+    parked_reader,
+    read,
+)
 from .servers import RedisServer
-from .test_api import create
-from .test_cache import keys, read
-from .test_races import evicted, finish, late_update, parked_reader
 
 
 @pytest.fixture
@@ -32,7 +40,7 @@ def app(database_url: str, owner_url: str, redis_up: RedisServer) -> Iterator[Fl
 def test_a_writers_evicted_lease_taken_by_a_reader_cannot_fill_the_old_row(
         app: Flask, client: FlaskClient, redis_up: RedisServer) -> None:
     user = create(client)
-    users = app.extensions["cachestack.users"]
+    users = users_of(app)
     key = keys(app).user(user["id"])
     token = users.cache.lease_for_write(user["id"])  # the writer, before its transaction
     evicted(redis_up, keys(app).lease(key), key)
@@ -40,8 +48,8 @@ def test_a_writers_evicted_lease_taken_by_a_reader_cannot_fill_the_old_row(
     change = db.update_user(users.database, user["id"], {"display_name": "new"})  # commits
     users.cache.updated(change, token)  # its lease is gone: it deletes instead of writing
     finish(thread, release)  # the reader's lease went with it: its old row is refused
-    assert result[0][1] == user
-    assert read(client, f"/users/{user['id']}")[1]["display_name"] == "new"
+    assert result[0].data == user
+    assert read(client, f"/users/{user['id']}").data["display_name"] == "new"
 
 
 def test_an_evicted_tombstone_lets_no_older_write_through_back_in(
@@ -51,7 +59,7 @@ def test_an_evicted_tombstone_lets_no_older_write_through_back_in(
     assert client.delete(f"/users/{user['id']}").status_code == 204  # leaves a tombstone
     evicted(redis_up, keys(app).user(user["id"]))
     older()
-    assert read(client, f"/users/{user['id']}")[2] == 404
+    assert read(client, f"/users/{user['id']}").status == 404
 
 
 @pytest.mark.parametrize(("path", "lookup"), [("/users?username=dave", ("username", "dave")),
@@ -60,11 +68,11 @@ def test_an_evicted_nobody_entry_hides_no_user_created_after_it(
         app: Flask, client: FlaskClient, redis_up: RedisServer, path: str,
         lookup: tuple[str, str | int]) -> None:
     read(client, path)
-    assert read(client, path)[0] == "HIT"  # "nobody", cached
+    assert read(client, path).cache == "HIT"  # "nobody", cached
     nobody = keys(app).of(Lookup.of(*lookup))
     evicted(redis_up, nobody)
     thread, release, _ = parked_reader(app, path)  # a miss: it finds nobody in Postgres
     evicted(redis_up, keys(app).lease(nobody))
     dave = create(client, "dave", "dave@example.org")
     finish(thread, release)
-    assert read(client, path)[:2] in (("HIT", [dave]), ("HIT", dave))
+    assert read(client, path) == Read("HIT", [dave] if "?" in path else dave)

@@ -9,7 +9,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from .conftest import ApiTokens
+from .helpers import ApiTokens
 from .servers import ServiceProcess
 
 EXAMPLES_PER_OPERATION = 250

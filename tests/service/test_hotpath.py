@@ -7,23 +7,28 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import pytest
 from flask import Blueprint, Flask, request, request_started
 from prometheus_client import REGISTRY
 from werkzeug.test import EnvironBuilder
 
-from service.app import create_app
+from service.app import create_app, users_of
 from service.cache import Lookup
 from service.hotpath import serve_hot_routes
 
-from .conftest import ApiTokens, empty_database, settings_for
+from .helpers import ApiTokens, create, empty_database, settings_for, via_proxy
 from .servers import RedisServer, TcpProxy
-from .test_api import create
 
-Answer = tuple[str, list[tuple[str, str]], bytes]
+
+class Sent(NamedTuple):
+    """What a WSGI app sent: the status line, the headers (sorted) and the body."""
+
+    status: str
+    headers: list[tuple[str, str]]
+    body: bytes
 
 
 def calls_to(app: Flask) -> list[str]:
@@ -47,10 +52,10 @@ def environ(path: str, method: str = "GET", **options: object) -> dict:
     return EnvironBuilder(path=path, method=method, **options).get_environ()
 
 
-def call(wsgi_app: Callable, env: dict) -> Answer:
+def call(wsgi_app: Callable, env: dict) -> Sent:
     started: list = []
     body = b"".join(wsgi_app(env, lambda status, headers, *_: started.extend([status, headers])))
-    return started[0], sorted(started[1]), body
+    return Sent(started[0], sorted(started[1]), body)
 
 
 def nothing() -> None:
@@ -63,7 +68,7 @@ def flask_alone(app: Flask) -> Callable:
 
 
 def both_ways(app: Flask, path: str, method: str = "GET", before: Callable[[], object] = nothing,
-              **options: object) -> tuple[Answer, Answer]:
+              **options: object) -> tuple[Sent, Sent]:
     """The same request through the app (hot path first) and through Flask alone, each after
     `before()`."""
     before()
@@ -98,7 +103,7 @@ def test_reads_by_id_are_answered_without_flask_with_the_bytes_flask_sends(
         hot, flask = both_ways(app, path, before=before)
         assert flask_calls == [path], path  # only the Flask-alone request reached Flask
         assert hot == flask, path
-        assert hot[0] == status and ("X-Cache", cache_status) in hot[1], path
+        assert hot.status == status and ("X-Cache", cache_status) in hot.headers, path
 
 
 def test_creates_are_answered_without_flask_as_flask_answers_them(
@@ -110,7 +115,7 @@ def test_creates_are_answered_without_flask_as_flask_answers_them(
                                           json={"username": "bob", "email": "b@example.org"}))
     assert flask_calls == ["/users"]
 
-    def shape(answer: Answer) -> tuple:
+    def shape(answer: Sent) -> tuple:
         status, headers, body = answer
         document = json.loads(body)
         user_id = document["data"]["id"]
@@ -119,8 +124,8 @@ def test_creates_are_answered_without_flask_as_flask_answers_them(
                 document["message"], document["source"], sorted(document["data"]))
 
     assert shape(hot) == shape(flask)
-    created = json.loads(hot[2])["data"]
-    assert hot[0] == "201 CREATED" and ("Location", f"/users/{created['id']}") in hot[1]
+    created = json.loads(hot.body)["data"]
+    assert hot.status == "201 CREATED" and ("Location", f"/users/{created['id']}") in hot.headers
     assert app.test_client().get(f"/users/{created['id']}").get_json()["data"] == created
 
 
@@ -135,7 +140,7 @@ def test_create_errors_are_flasks_errors(app: Flask, flask_calls: list[str], bod
     hot, flask = both_ways(app, "/users", "POST", data=body, content_type="application/json")
     assert flask_calls == ["/users"]  # only the Flask-alone request was routed by Flask
     assert hot == flask
-    assert hot[0][:3] in {"400", "409"} and json.loads(hot[2])["error"]["code"]
+    assert hot.status[:3] in {"400", "409"} and json.loads(hot.body)["error"]["code"]
 
 
 def test_a_body_shorter_than_its_content_length_is_flasks_400(app: Flask) -> None:
@@ -147,7 +152,7 @@ def test_a_body_shorter_than_its_content_length_is_flasks_400(app: Flask) -> Non
 
     hot = call(app.wsgi_app, short_body())
     assert hot == call(flask_alone(app), short_body())
-    assert hot[0] == "400 BAD REQUEST"
+    assert hot.status == "400 BAD REQUEST"
 
 
 def test_requests_the_hot_path_cannot_take_whole_reach_flask(
@@ -173,7 +178,7 @@ def test_requests_the_hot_path_cannot_take_whole_reach_flask(
     for path, method, options, status in requests:
         flask_calls.clear()
         answer = call(app.wsgi_app, environ(path, method, **options))
-        assert answer[0][:3] == str(status), (method, path, answer)
+        assert answer.status[:3] == str(status), (method, path, answer)
         assert flask_calls == [path], (method, path)
 
 
@@ -190,10 +195,9 @@ def postgres_proxy(database_url: str, owner_url: str,
     """An app whose Postgres can be cut off."""
     empty_database(owner_url)
     proxy = TcpProxy(5432)
-    app = create_app(settings_for(re.sub(r"@[^/]+/", f"@127.0.0.1:{proxy.port}/", database_url),
-                                  redis_up.url))
+    app = create_app(settings_for(via_proxy(database_url, proxy.port), redis_up.url))
     yield app, proxy
-    app.extensions["cachestack.users"].database.close()
+    users_of(app).database.close()
     proxy.close()
 
 
@@ -208,7 +212,7 @@ def test_postgres_down_is_flasks_503_on_the_hot_routes(
     ]:
         hot, flask = both_ways(app, path, method, before=redis_up.client().flushall, **options)
         assert hot == flask
-        assert hot[0] == "503 SERVICE UNAVAILABLE" and ("Retry-After", "1") in hot[1]
+        assert hot.status == "503 SERVICE UNAVAILABLE" and ("Retry-After", "1") in hot.headers
 
 
 def test_an_unexpected_error_on_a_hot_route_is_flasks_500_and_logged(
@@ -218,7 +222,7 @@ def test_an_unexpected_error_on_a_hot_route_is_flasks_500_and_logged(
     def fail(lookup: Lookup) -> None:
         raise RuntimeError("boom between the read and the fill")
 
-    app.extensions["cachestack.users"].cache.before_fill = fail
+    users_of(app).cache.before_fill = fail
     with caplog.at_level(logging.ERROR):
         status, headers, body = call(app.wsgi_app, environ(f"/users/{user['id'] + 1}"))
     assert status == "500 INTERNAL SERVER ERROR"
@@ -311,7 +315,7 @@ def test_with_either_token_both_doors_answer_as_without_tokens(
         guarded_calls.clear()
         hot, flask = both_ways(guarded_app, path, before=before, headers=api_tokens.header(which))
         assert guarded_calls == [path]  # only the Flask-alone request reached Flask
-        assert hot == flask and hot[0] == status, path
+        assert hot == flask and hot.status == status, path
     changed = client.patch(f"/users/{user['id']}", json={"display_name": "Z"})
     assert changed.status_code == 200 and client.delete(f"/users/{user['id']}").status_code == 204
 
@@ -324,7 +328,7 @@ def test_the_bearer_scheme_is_case_insensitive(guarded_app: Flask, api_tokens: A
 
 def test_the_routes_outside_users_stay_open(guarded_app: Flask) -> None:
     for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
-        assert call(guarded_app.wsgi_app, environ(path))[0] == "200 OK", path
+        assert call(guarded_app.wsgi_app, environ(path)).status == "200 OK", path
 
 
 

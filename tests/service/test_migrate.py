@@ -14,12 +14,18 @@ import requests
 from flask import Flask
 
 from bench.stack import PG_URL, drop_database, recreate_database
-from service.app import create_app
+from service.app import create_app, users_of
 from tests.support import free_port
 
-from .conftest import migrate, query, role_of, settings_for
+from .helpers import (
+    assert_one_line_error,
+    migrate,
+    query,
+    role_of,
+    run_service,
+    settings_for,
+)
 from .servers import ROOT, RedisServer, ServiceProcess, wait_until
-from .test_cli import assert_one_line_error, run_service
 
 PACKAGED = sorted(path.name for path in (ROOT / "service" / "migrations").glob("*.sql"))
 TABLES = ("users", "cache_repairs", "cache_namespace", "schema_migrations")
@@ -153,7 +159,7 @@ def test_a_missing_migration_is_one_log_line_and_503_until_migrate_runs(
     assert [record.getMessage() for record in caplog.records] == [
         f"database schema is behind: {one_behind} not applied; run `python -m service migrate`",
         "database available again"]
-    app.extensions["cachestack.users"].database.close()
+    users_of(app).database.close()
 
 
 def test_migrate_waits_for_postgres_then_fails_with_one_line() -> None:

@@ -10,12 +10,19 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service.app import create_app
+from service.app import create_app, users_of
 
-from .conftest import empty_database, running_and_empty, settings_for
+from .helpers import (
+    Read,
+    create,
+    empty_database,
+    keys,
+    read,
+    running_and_empty,
+    send_fills,
+    settings_for,
+)
 from .servers import RedisServer, wait_until
-from .test_api import create
-from .test_cache import keys, read
 
 
 @pytest.fixture(params=["plain", "tls"])
@@ -38,10 +45,10 @@ def other_worker(database_url: str, redis_up: RedisServer) -> FlaskClient:
 def test_repeated_hits_are_served_from_process_memory(
         client: FlaskClient, redis_up: RedisServer) -> None:
     user = create(client)
-    assert read(client, f"/users/{user['id']}")[:2] == ("HIT", user)  # from Redis, then kept
+    assert read(client, f"/users/{user['id']}") == Read("HIT", user)  # from Redis, then kept
     before = commands(redis_up)
     for _ in range(5):
-        assert read(client, f"/users/{user['id']}")[:2] == ("HIT", user)
+        assert read(client, f"/users/{user['id']}") == Read("HIT", user)
     assert commands(redis_up) - before == 1  # only the INFO call above
 
 
@@ -52,16 +59,16 @@ def test_a_write_by_another_worker_is_seen_at_once(
     read(client, f"/users/{user['id']}")
     new = other_worker.patch(f"/users/{user['id']}",
                              json={"display_name": "changed"}).get_json()["data"]
-    assert read(client, f"/users/{user['id']}")[1] == new
+    assert read(client, f"/users/{user['id']}").data == new
     assert other_worker.delete(f"/users/{user['id']}").status_code == 204
-    assert read(client, f"/users/{user['id']}")[2] == 404
+    assert read(client, f"/users/{user['id']}").status == 404
 
 
 def test_flushall_empties_the_near_cache(
         app: Flask, client: FlaskClient, redis_up: RedisServer) -> None:
     user = create(client)
     read(client, f"/users/{user['id']}")
-    near = app.extensions["cachestack.users"].cache.near
+    near = users_of(app).cache.near
     assert near.get(str(user["id"])) is not None
     redis_up.client().flushall()
     # Redis may write a flush's message just after the flusher's own reply (unlike a write's,
@@ -77,11 +84,11 @@ def test_a_fill_elsewhere_leaves_the_near_cache_alone(
     user = create(client)
     read(client, f"/users/{user['id']}")  # from Redis, then kept
     redis_up.client().delete(keys(app).user(user["id"]))
-    assert read(other_worker, f"/users/{user['id']}")[:2] == ("MISS", user)
-    other_worker.application.extensions["cachestack.users"].cache.redis.flush()  # the fill
+    assert read(other_worker, f"/users/{user['id']}") == Read("MISS", user)
+    send_fills(other_worker)
     assert redis_up.client().exists(keys(app).user(user["id"]))
     before = commands(redis_up)
-    assert read(client, f"/users/{user['id']}")[:2] == ("HIT", user)
+    assert read(client, f"/users/{user['id']}") == Read("HIT", user)
     assert commands(redis_up) - before == 1  # only the INFO call above
 
 
@@ -92,12 +99,12 @@ def test_a_lost_subscription_turns_the_near_cache_off_then_on(
     redis_up.client().client_kill_filter(_type="pubsub")  # every listener, both "workers"
     new = other_worker.patch(f"/users/{user['id']}",
                              json={"display_name": "after kill"}).get_json()["data"]
-    assert read(client, f"/users/{user['id']}")[1] == new
+    assert read(client, f"/users/{user['id']}").data == new
     time.sleep(1.1)  # past the wait before subscribing again
     read(client, f"/users/{user['id']}")
     read(client, f"/users/{user['id']}")
     before = commands(redis_up)
-    assert read(client, f"/users/{user['id']}")[:2] == ("HIT", new)
+    assert read(client, f"/users/{user['id']}") == Read("HIT", new)
     assert commands(redis_up) - before == 1
 
 
@@ -107,7 +114,7 @@ def test_a_value_read_before_another_thread_drained_its_invalidation_is_not_kept
     """Thread A reads a row from Redis; a write elsewhere invalidates it; thread B drains
     that invalidation; only then does A try to keep its (now old) copy."""
     user = create(client)
-    near = app.extensions["cachestack.users"].cache.near
+    near = users_of(app).cache.near
     assert near.get(str(user["id"])) is None
     epoch = near.epoch  # A's read of Redis starts here
     old = redis_up.client().get(keys(app).user(user["id"]))
@@ -115,7 +122,7 @@ def test_a_value_read_before_another_thread_drained_its_invalidation_is_not_kept
                              json={"display_name": "newer"}).get_json()["data"]
     near.get(str(user["id"] + 1))  # B drains the invalidation of A's user
     near.put(str(user["id"]), old, epoch)  # A, late
-    assert read(client, f"/users/{user['id']}")[1] == new
+    assert read(client, f"/users/{user['id']}").data == new
 
 
 def test_a_worker_that_fell_behind_trusts_nothing_it_held(
@@ -124,7 +131,7 @@ def test_a_worker_that_fell_behind_trusts_nothing_it_held(
     the buffers may have been full, with newer ones still in Redis: everything is dropped."""
     user = create(client)
     read(client, f"/users/{user['id']}")  # from Redis, then kept
-    near = app.extensions["cachestack.users"].cache.near
+    near = users_of(app).cache.near
     elsewhere = redis_up.client()  # as writes elsewhere announce other users
     for n in range(1, 4):
         elsewhere.set(keys(app).changes + str(user["id"] + n), "x")
@@ -134,7 +141,7 @@ def test_a_worker_that_fell_behind_trusts_nothing_it_held(
         burst.set(keys(app).changes + str(user["id"] + n), "x")
     burst.execute()
     assert near.get(str(user["id"])) is None
-    assert read(client, f"/users/{user['id']}")[:2] == ("HIT", user)  # from Redis again
+    assert read(client, f"/users/{user['id']}") == Read("HIT", user)  # from Redis again
 
 
 def test_an_idle_worker_still_reads_what_redis_sends_it(
@@ -165,8 +172,8 @@ def test_the_near_cache_works_over_a_unix_socket(database_url: str, owner_url: s
     user = create(over_socket[0])
     read(over_socket[0], f"/users/{user['id']}")
     before = commands(redis_up)
-    assert read(over_socket[0], f"/users/{user['id']}")[:2] == ("HIT", user)
+    assert read(over_socket[0], f"/users/{user['id']}") == Read("HIT", user)
     assert commands(redis_up) - before == 1  # only the INFO call above
     new = over_socket[1].patch(f"/users/{user['id']}",
                                json={"display_name": "changed"}).get_json()["data"]
-    assert read(over_socket[0], f"/users/{user['id']}")[1] == new
+    assert read(over_socket[0], f"/users/{user['id']}").data == new

@@ -7,7 +7,7 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from .conftest import query
+from .helpers import query
 
 INSUFFICIENT_PRIVILEGE = "42501"
 

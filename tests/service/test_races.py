@@ -7,48 +7,14 @@ key evicted at the worst moment, as a Redis out of memory may do (test_eviction.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service import db
 from service.cache import Lookup
 
+from .helpers import Read, create, evicted, finish, keys, late_update, parked_reader, read
 from .servers import RedisServer
-from .test_api import create
-from .test_cache import keys, read
-
-
-def parked_reader(app: Flask, path: str) -> tuple[threading.Thread, threading.Event, list]:
-    """Start a GET of `path` that stops after reading Postgres, before filling Redis."""
-    reached, release, result = threading.Event(), threading.Event(), []
-    cache = app.extensions["cachestack.users"].cache
-    reader = threading.current_thread  # the hook runs in the reader's thread
-
-    def hold(_lookup: Lookup) -> None:
-        if reader().name == "parked-reader":
-            reached.set()
-            release.wait(5)
-
-    cache.before_fill = hold
-    thread = threading.Thread(name="parked-reader",
-                              target=lambda: result.append(read(app.test_client(), path)))
-    thread.start()
-    assert reached.wait(5), "the reader never reached its fill"
-    return thread, release, result
-
-
-def finish(thread: threading.Thread, release: threading.Event) -> None:
-    release.set()
-    thread.join(5)
-
-
-def evicted(redis_up: RedisServer, *names: str) -> None:
-    """Gone, as Redis evicts a key when it is out of memory."""
-    assert redis_up.client().delete(*names) == len(names), names
 
 
 @pytest.mark.parametrize("lease", ["kept", "evicted"])
@@ -61,8 +27,8 @@ def test_reader_cannot_fill_a_row_older_than_an_acknowledged_update(
         evicted(redis_up, keys(app).lease(keys(app).user(user["id"])))
     new = client.patch(f"/users/{user['id']}", json={"display_name": "new"}).get_json()["data"]
     finish(thread, release)
-    assert result[0][1] == user  # the reader started first: old data is a fair answer for it
-    assert read(client, f"/users/{user['id']}")[1] == new
+    assert result[0].data == user  # the reader started first: old data is a fair answer for it
+    assert read(client, f"/users/{user['id']}").data == new
 
 
 @pytest.mark.parametrize("pointers", ["kept", "evicted"])
@@ -75,17 +41,17 @@ def test_reader_by_username_cannot_undo_a_rename(
     if pointers == "evicted":  # the new one, and the row it points at
         evicted(redis_up, keys(app).of(Lookup.of("username", "olivia")), keys(app).user(user["id"]))
     finish(thread, release)
-    assert read(client, "/users?username=olga")[1] == []
-    assert read(client, "/users?username=olivia")[1] == [new]
-    assert read(client, f"/users/{user['id']}")[1] == new
+    assert read(client, "/users?username=olga").data == []
+    assert read(client, "/users?username=olivia").data == [new]
+    assert read(client, f"/users/{user['id']}").data == new
 
 
 def test_reader_cannot_cache_not_found_over_a_create(app: Flask, client: FlaskClient) -> None:
     thread, release, result = parked_reader(app, "/users?email=dave@example.org")
     dave = create(client, "dave", "dave@example.org")
     finish(thread, release)
-    assert result[0][1] == []
-    assert read(client, "/users?email=dave@example.org")[:2] == ("HIT", [dave])
+    assert result[0].data == []
+    assert read(client, "/users?email=dave@example.org") == Read("HIT", [dave])
 
 
 @pytest.mark.parametrize("tombstone", ["kept", "evicted"])
@@ -98,7 +64,7 @@ def test_reader_cannot_bring_back_a_deleted_user(
     if tombstone == "evicted":
         evicted(redis_up, keys(app).user(user["id"]))
     finish(thread, release)
-    assert read(client, f"/users/{user['id']}")[2] == 404
+    assert read(client, f"/users/{user['id']}").status == 404
 
 
 def test_fill_after_flushall_is_refused(
@@ -109,15 +75,7 @@ def test_fill_after_flushall_is_refused(
     new = client.patch(f"/users/{user['id']}", json={"display_name": "new"}).get_json()["data"]
     redis_up.client().flushall()  # takes the writer's update and the reader's lease with it
     finish(thread, release)
-    assert read(client, f"/users/{user['id']}")[1] == new
-
-
-def late_update(app: Flask, user_id: int, changes: dict) -> Callable[[], None]:
-    """Commit an update now but hold back its write-through: returns the write-through."""
-    users = app.extensions["cachestack.users"]
-    token = users.cache.lease_for_write(user_id)
-    change = db.update_user(users.database, user_id, changes)
-    return lambda: users.cache.updated(change, token)
+    assert read(client, f"/users/{user['id']}").data == new
 
 
 def test_older_writer_cannot_overwrite_a_newer_one(app: Flask, client: FlaskClient) -> None:
@@ -125,9 +83,9 @@ def test_older_writer_cannot_overwrite_a_newer_one(app: Flask, client: FlaskClie
     first = late_update(app, user["id"], {"username": "wendy"})
     second = client.patch(f"/users/{user['id']}", json={"username": "willa"}).get_json()["data"]
     first()
-    assert read(client, f"/users/{user['id']}")[1] == second
+    assert read(client, f"/users/{user['id']}").data == second
     for name, expected in (("wanda", []), ("wendy", []), ("willa", [second])):
-        assert read(client, f"/users?username={name}")[1] == expected, name
+        assert read(client, f"/users?username={name}").data == expected, name
 
 
 def test_older_writer_after_a_flush_cannot_restore_its_row(
@@ -139,4 +97,4 @@ def test_older_writer_after_a_flush_cannot_restore_its_row(
     redis_up.client().flushall()
     first()
     assert redis_up.client().get(keys(app).user(user["id"])) is None
-    assert read(client, f"/users/{user['id']}")[1] == second
+    assert read(client, f"/users/{user['id']}").data == second

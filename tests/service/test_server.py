@@ -3,7 +3,6 @@ under load, Postgres cut off and back. Each test starts what it breaks itself.""
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 import uuid
@@ -14,15 +13,10 @@ import psycopg2
 import pytest
 import requests
 
-from .conftest import empty_database, keys_of
+from .helpers import counter, empty_database, keys_of, via_proxy
 from .servers import RedisServer, ServiceProcess, TcpProxy
 
 STAMPEDE = 200
-
-
-def counter(base_url: str, name: str) -> float:
-    text = requests.get(base_url + "/metrics", timeout=5).text
-    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
 
 
 def post_user(base_url: str, name: str) -> dict:
@@ -151,8 +145,8 @@ def behind_proxy(database_url: str, owner_url: str,
     redis_server.client().flushall()
     empty_database(owner_url)
     proxy = TcpProxy(5432)
-    proxied = re.sub(r"@[^/]+/", f"@127.0.0.1:{proxy.port}/", database_url)
-    process = ServiceProcess({"DATABASE_URL": proxied, "REDIS_URL": redis_server.url})
+    process = ServiceProcess({"DATABASE_URL": via_proxy(database_url, proxy.port),
+                              "REDIS_URL": redis_server.url})
     yield process, proxy
     process.close()
     proxy.close()

@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from service.app import create_app
+from service.app import create_app, users_of
 
-from .conftest import empty_database, settings_for
+from .helpers import create, empty_database, settings_for
 from .servers import RedisServer, TcpProxy, TlsFiles
-from .test_api import create
 
 TLS_HANDSHAKE = 0x16  # the first byte of a TLS record that carries a handshake
 
@@ -48,7 +47,7 @@ def test_every_redis_connection_speaks_tls_from_its_first_byte(
             assert sent[0] == TLS_HANDSHAKE, bytes(sent[:16])
             assert password not in sent and b"AUTH" not in sent
     finally:
-        app.extensions["cachestack.users"].database.close()
+        users_of(app).database.close()
         proxy.close()
 
 
@@ -84,7 +83,7 @@ def misconfigured(database_url: str, owner_url: str) -> Iterator[list[Flask]]:
     apps: list[Flask] = []
     yield apps
     for app in apps:
-        app.extensions["cachestack.users"].database.close()
+        users_of(app).database.close()
 
 
 def test_a_redis_certificate_from_another_ca_is_one_line_and_no_hang(
@@ -132,7 +131,7 @@ def test_postgres_over_tls_as_the_url_asks(database_url: str, redis_up: RedisSer
     app = create_app(settings_for(f"{database_url}?sslmode=require", redis_up.url))
     misconfigured.append(app)
     assert app.test_client().get("/readyz").status_code == 200
-    database = app.extensions["cachestack.users"].database
+    database = users_of(app).database
 
     def own_session(cur: object) -> tuple:
         cur.execute("SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
