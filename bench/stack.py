@@ -34,6 +34,7 @@ PEER_SOURCE = Path("/work/shared/peers/express-seed")
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listened on a moment ago (the tests use it too)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

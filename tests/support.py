@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import docker
 import docker.errors
 import pytest
+
+from bench.stack import free_port as free_port  # one definition, for the benchmarks and tests
 
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
 
@@ -19,12 +20,6 @@ def require(condition: bool, what: str) -> None:
     if IN_CI:
         pytest.fail(f"{what} is required in CI but is not available", pytrace=False)
     pytest.skip(f"{what} is not available")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def docker_engine() -> docker.DockerClient:
