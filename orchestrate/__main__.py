@@ -10,16 +10,16 @@ from pathlib import Path
 
 import docker.errors
 
-from . import engine, images
+from . import backup, engine, images
 from .errors import OrchestrateError, reason
 from .output import error, say, step
 from .secretfiles import api_token, ensure_secrets, expiring_certificates, stage_secrets
 from .smoke import run_smoke
-from .stack import DEFAULT_PORT, DEFAULT_PROJECT, describe_stack
+from .stack import DEFAULT_PORT, DEFAULT_PROJECT, DEFAULT_REPLICAS, MAX_REPLICAS, describe_stack
 
 
 def up(args: argparse.Namespace) -> None:
-    stack = describe_stack(args.project, args.port)
+    stack = describe_stack(args.project, args.port, args.replicas)
     started = time.monotonic()
     timings = engine.up(stack, args.images)
     summary = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items())
@@ -37,13 +37,13 @@ def down(args: argparse.Namespace) -> None:
 
 
 def status(args: argparse.Namespace) -> None:
-    rows = engine.status(args.project)
+    rows = engine.status(describe_stack(args.project, args.port))
     if not rows:
         say(f"project {args.project}: no containers")
     for row in rows:
         say(
             "{service:<9} {container:<28} {id:<12} {state:<10} {health:<10} {ports:<16} "
-            "{image}".format(**row)
+            "{proxy:<6} {image}".format(**row)
         )
     for warning in expiring_certificates(describe_stack(args.project, args.port)):
         say(f"warning: {warning}")
@@ -82,6 +82,45 @@ def build(args: argparse.Namespace) -> None:
         say(f"wrote {args.env_file}")
 
 
+def replica_count(text: str) -> int:
+    """--replicas: a whole number from 1 to MAX_REPLICAS (the proxy's slots)."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= count <= MAX_REPLICAS:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_REPLICAS}, got {count}")
+    return count
+
+
+def backup_command(args: argparse.Namespace) -> None:
+    started = time.monotonic()
+    path, manifest = backup.backup(describe_stack(args.project, args.port),
+                                   Path(args.output) if args.output else None)
+    say(f"backed up project {args.project} to {path} ({manifest.bytes / 2**20:.1f} MiB, "
+        f"SHA-256 in {path.name}.sha256) in {time.monotonic() - started:.1f}s")
+
+
+def restore_command(args: argparse.Namespace) -> int:
+    client = engine.connect()
+    stack = describe_stack(args.project, args.port, engine.replica_count(client, args.project))
+    dump = Path(args.file)
+    manifest = backup.verify(stack, dump)
+    if not args.yes:
+        say(f"this would replace the database of project {args.project} with {dump} (taken "
+            f"{manifest.taken_at}, {manifest.bytes / 2**20:.1f} MiB) and give the cache a new "
+            "namespace; run it again with --yes")
+        return 2
+    started = time.monotonic()
+    backup.restore(stack, dump)
+    refs = images.resolve_images(client, stack, args.images)
+    engine.realise(client, stack, refs, {})
+    if not run_smoke(engine.service_url(stack), api_token()):
+        raise OrchestrateError("restored, but the smoke checks failed")
+    say(f"restored project {args.project} from {dump} in {time.monotonic() - started:.1f}s")
+    return 0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -106,13 +145,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(
-        name: str, run: Callable[[argparse.Namespace], None], help: str
+        name: str, run: Callable[[argparse.Namespace], int | None], help: str
     ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, parents=[common], help=help)
         sub.set_defaults(run=run)
         return sub
 
-    command("up", up, "build, run, check and smoke-test")
+    command("up", up, "build, run, check and smoke-test; replace changed replicas one by one"
+            ).add_argument("--replicas", type=replica_count, default=DEFAULT_REPLICAS,
+                           help=f"service replicas behind the proxy (default {DEFAULT_REPLICAS}, "
+                           f"at most {MAX_REPLICAS})")
     command("down", down, "remove the project's resources").add_argument(
         "--volumes", action="store_true", help="also remove the named volumes"
     )
@@ -125,6 +167,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "secrets", secrets,
         "generate missing secret files and stage each container's copies (for compose)",
     )
+    command("backup", backup_command, "pg_dump the database into backups/").add_argument(
+        "--output", help="the file to write (default backups/<project>-<UTC time>.dump)")
+    restore = command("restore", restore_command,
+                      "replace the database with a backup, with a new cache namespace")
+    restore.add_argument("file", help="a file `backup` wrote (its .sha256 and .json beside it)")
+    restore.add_argument("--yes", action="store_true", help="do it (without: say what it would do)")
     command("build", build, "build the images only").add_argument(
         "--env-file",
         help="also write CACHESTACK_<IMAGE>_IMAGE=<ref> lines here (for docker-compose --env-file)",
@@ -135,8 +183,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        args.run(args)
-        return 0
+        return args.run(args) or 0
     except OrchestrateError as exc:
         error(exc.message, exc.log_lines)
     except docker.errors.DockerException as exc:

@@ -1,88 +1,49 @@
 """Realise the stack description (orchestrate.stack) with the Docker SDK.
 
 Small functions, each doing one thing to the engine: networks, volumes, containers (with a
-config-hash label, so an unchanged container is kept and a changed one recreated), wait
-strategies with deadlines that fail fast with the container's last log lines, and cleanup by
-the label org.cachestack.project=<project>.
+config-hash label, so an unchanged container is kept and a changed one replaced: stop-first,
+or start-first one replica at a time, see orchestrate.rollout), tasks run to completion, and
+cleanup by the label org.cachestack.project=<project>.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import os
 import socket
-import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 import docker
 import docker.errors
 from docker.models.containers import Container
-from docker.types import Healthcheck, Mount
 
-from . import images, smoke
-from .errors import OrchestrateError, reason
-from .output import say, step
-from .secretfiles import (
-    api_token,
-    ensure_secrets,
-    remove_staged,
-    secret_digest,
-    stage_secrets,
+from . import images, rollout, smoke
+from .containers import (
+    config_hash,
+    connect,
+    create_container,
+    last_logs,
+    project_containers,
+    project_filter,
+    verify_secrets,
+    wait_healthy,
+    wait_ready,
 )
+from .errors import OrchestrateError
+from .output import say, step
+from .proxy import Proxy
+from .secretfiles import api_token, ensure_secrets, remove_staged
 from .stack import (
     CONFIG_HASH_LABEL,
+    DEFAULT_REPLICAS,
     PROJECT_LABEL,
+    REPLICA_LABEL,
     SERVICE_LABEL,
-    HealthCheck,
     Service,
     Stack,
 )
 
-HEALTH_DEADLINE_S = 120.0
-READY_DEADLINE_S = 90.0
 TASK_DEADLINE_S = 180.0
-LOG_TAIL = 20
-NS = 1_000_000_000
 
-
-def connect(timeout_s: int = 600) -> docker.DockerClient:
-    """A client for DOCKER_HOST (or the default socket), API version negotiated."""
-    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-    try:
-        client = docker.from_env(version="auto", timeout=timeout_s)
-        client.ping()
-    except docker.errors.DockerException as exc:
-        raise OrchestrateError(
-            f"no Docker engine answers at {host}: start one with "
-            f"`bash scripts/ensure-docker.sh` ({reason(exc)})"
-        ) from None
-    return client
-
-
-def project_filter(project: str, service: str | None = None) -> dict[str, list[str]]:
-    labels = [f"{PROJECT_LABEL}={project}"]
-    if service:
-        labels.append(f"{SERVICE_LABEL}={service}")
-    return {"label": labels}
-
-
-def project_containers(
-    client: docker.DockerClient, project: str, service: str | None = None
-) -> list[Container]:
-    found = client.containers.list(all=True, filters=project_filter(project, service))
-    return sorted(found, key=lambda c: c.name)
-
-
-def last_logs(container: Container, lines: int = LOG_TAIL) -> list[str]:
-    try:
-        text = container.logs(tail=lines).decode(errors="replace")
-    except docker.errors.DockerException:
-        return []
-    return [f"{container.name}: {line}" for line in text.splitlines()]
+__all__ = ["connect", "down", "logs", "realise", "service_url", "status", "up"]
 
 
 def ensure_network(client: docker.DockerClient, stack: Stack, name: str, internal: bool) -> str:
@@ -115,80 +76,6 @@ def ensure_volume(client: docker.DockerClient, stack: Stack, name: str) -> str:
             f"volume {full} exists but does not belong to project {stack.project}"
         )
     return full
-
-
-def config_hash(stack: Stack, service: Service, image_id: str) -> str:
-    """What the container is made of: its description, image id and secret contents."""
-    material = {
-        "project": stack.project,
-        "service": dataclasses.asdict(service),
-        "image": image_id,
-        "secrets": {m.secret: secret_digest(m.secret) for m in service.secrets},
-    }
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def docker_healthcheck(check: HealthCheck | None) -> Healthcheck | None:
-    if check is None:
-        return None
-    return Healthcheck(
-        test=list(check.test),
-        interval=int(check.interval_s * NS),
-        timeout=int(check.timeout_s * NS),
-        retries=check.retries,
-        start_period=int(check.start_period_s * NS),
-    )
-
-
-def create_container(
-    client: docker.DockerClient, stack: Stack, service: Service, image_ref: str, digest: str
-) -> Container:
-    """Create (not start) the hardened container for `service`."""
-    api = client.api
-    staged = stage_secrets(stack, service)
-    mounts = [
-        Mount(target=target, source=str(path), type="bind", read_only=True)
-        for target, path in staged.items()
-    ]
-    mounts += [
-        Mount(target=path, source=stack.resource_name(volume), type="volume")
-        for volume, path in service.volumes
-    ]
-    hard = service.hardening
-    networks = [stack.resource_name(n) for n in service.networks]
-    host_config = api.create_host_config(
-        mounts=mounts,
-        port_bindings={p.container: (p.host_ip, p.host) for p in service.ports},
-        read_only=hard.read_only,
-        tmpfs=dict(hard.tmpfs),
-        cap_drop=list(hard.cap_drop),
-        cap_add=list(hard.cap_add) or None,
-        security_opt=["no-new-privileges:true"] if hard.no_new_privileges else None,
-        mem_limit=hard.mem_limit,
-        pids_limit=hard.pids_limit,
-        restart_policy={"Name": hard.restart},
-        privileged=hard.privileged,
-        network_mode=networks[0],
-    )
-    labels = {**stack.labels(), SERVICE_LABEL: service.name, CONFIG_HASH_LABEL: digest}
-    created = api.create_container(
-        image=image_ref,
-        command=list(service.command),
-        name=stack.container_name(service.name),
-        user=service.user,
-        environment=dict(service.environment),
-        labels=labels,
-        ports=[p.container for p in service.ports] or None,
-        host_config=host_config,
-        healthcheck=docker_healthcheck(service.healthcheck),
-        networking_config=api.create_networking_config(
-            {networks[0]: api.create_endpoint_config(aliases=[service.name])}
-        ),
-        detach=True,
-    )
-    for network in networks[1:]:
-        api.connect_container_to_network(created["Id"], network, aliases=[service.name])
-    return client.containers.get(created["Id"])
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -255,81 +142,6 @@ def ensure_container(
     return container, action
 
 
-def fail_if_broken(container: Container) -> str:
-    """Reload the container; raise with its logs if it died; return its health status."""
-    container.reload()
-    state = container.attrs["State"]
-    health = (state.get("Health") or {}).get("Status", "none")
-    if (
-        state["Status"] in ("exited", "dead")
-        or state.get("Restarting")
-        or container.attrs.get("RestartCount", 0) > 0
-    ):
-        raise OrchestrateError(
-            f"{container.name} stopped (status {state['Status']}, exit code "
-            f"{state.get('ExitCode')})",
-            last_logs(container),
-        )
-    if health == "unhealthy":
-        log = (state.get("Health") or {}).get("Log") or [{}]
-        output = (log[-1].get("Output") or "").strip().splitlines()
-        raise OrchestrateError(
-            f"{container.name} is unhealthy",
-            last_logs(container) + [f"healthcheck: {o}" for o in output],
-        )
-    return health
-
-
-def wait_healthy(container: Container, deadline_s: float = HEALTH_DEADLINE_S) -> None:
-    """Wait for Docker's health status `healthy`; fail fast when the container breaks."""
-    deadline = time.monotonic() + deadline_s
-    while fail_if_broken(container) != "healthy":
-        if time.monotonic() > deadline:
-            raise OrchestrateError(
-                f"{container.name} not healthy after {deadline_s:.0f}s", last_logs(container)
-            )
-        time.sleep(0.25)
-
-
-def wait_ready(container: Container, url: str, deadline_s: float = READY_DEADLINE_S) -> None:
-    """Wait until `url` answers 200, checking on the container between attempts."""
-    deadline = time.monotonic() + deadline_s
-    last = "no answer"
-    while True:
-        fail_if_broken(container)
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-                last = f"HTTP {response.status}"
-        except urllib.error.HTTPError as exc:
-            last = f"HTTP {exc.code}"
-        except OSError as exc:
-            last = str(getattr(exc, "reason", exc))
-        if time.monotonic() > deadline:
-            raise OrchestrateError(
-                f"{url} not ready after {deadline_s:.0f}s ({last})", last_logs(container)
-            )
-        time.sleep(0.25)
-
-
-def verify_secrets(container: Container, service: Service) -> None:
-    """Read each secret back inside the container: owner, mode and content digest."""
-    for mount in service.secrets:
-        result = container.exec_run(
-            ["sh", "-c", 'stat -c "%u:%g %a" "$1" && sha256sum < "$1"', "sh", mount.target],
-            user=service.user,
-        )
-        lines = result.output.decode(errors="replace").split()
-        expected = [f"{mount.uid}:{mount.gid}", f"{mount.mode:o}", secret_digest(mount.secret)]
-        if result.exit_code != 0 or lines[:3] != expected:
-            got = " ".join(lines[:2]) if result.exit_code == 0 else "unreadable"
-            raise OrchestrateError(
-                f"{container.name}: {mount.target} is not readable as expected "
-                f"(want {expected[0]} mode {expected[1]}, got {got})"
-            )
-
-
 def run_task(
     client: docker.DockerClient, stack: Stack, service: Service, image_ref: str,
     deadline_s: float = TASK_DEADLINE_S,
@@ -372,9 +184,23 @@ def wait_running(container: Container, service: Service) -> None:
     )
 
 
+def replica_count(client: docker.DockerClient, project: str) -> int:
+    """How many replicas the project's start-first service runs now (the default if none)."""
+    found = [c for c in project_containers(client, project, "service")
+             if c.labels.get(REPLICA_LABEL)]
+    return len(found) or DEFAULT_REPLICAS
+
+
+def running_proxy(client: docker.DockerClient, stack: Stack) -> Proxy | None:
+    """The project's proxy, if one runs (not on a stack's first `up`)."""
+    found = [c for c in project_containers(client, stack.project, "proxy")
+             if c.status == "running"]
+    return Proxy(found[0]) if found else None
+
+
 def realise(
     client: docker.DockerClient, stack: Stack, refs: dict[str, str], timings: dict[str, float]
-) -> dict[str, Container]:
+) -> dict[str, list[Container]]:
     """Networks, volumes and containers for the stack, in order: the containers before a task
     are healthy before it runs, and the task has succeeded before the ones after it start."""
     with step("networks and volumes", timings):
@@ -382,24 +208,27 @@ def realise(
             ensure_network(client, stack, net.name, net.internal)
         for volume in stack.volumes:
             ensure_volume(client, stack, volume)
-    containers: dict[str, Container] = {}
+    containers: dict[str, list[Container]] = {}
     waiting: list[Service] = []
     with step("containers", timings):
         for service in stack.services:
             ref = refs[service.image]
             if service.once:
                 for started in waiting:
-                    wait_running(containers[started.name], started)
+                    wait_running(containers[started.name][0], started)
                 waiting = []
                 say(f"{stack.container_name(service.name)}: running {' '.join(service.command)}")
                 run_task(client, stack, service, ref)
-                continue
-            container, action = ensure_container(client, stack, service, ref)
-            containers[service.name] = container
-            waiting.append(service)
-            say(f"{container.name}: {action} ({container.short_id}, {ref})")
+            elif service.update_order == "start-first":
+                proxy = running_proxy(client, stack)
+                containers[service.name] = rollout.roll_out(client, stack, service, ref, proxy)
+            else:
+                container, action = ensure_container(client, stack, service, ref)
+                containers[service.name] = [container]
+                waiting.append(service)
+                say(f"{container.name}: {action} ({container.short_id}, {ref})")
         for started in waiting:
-            wait_running(containers[started.name], started)
+            wait_running(containers[started.name][0], started)
     return containers
 
 
@@ -444,11 +273,18 @@ def down(project: str, volumes: bool) -> list[str]:
     return removed
 
 
-def status(project: str) -> list[dict[str, Any]]:
-    """One row per container of the project: service, state, health, ports, image."""
+def status(stack: Stack) -> list[dict[str, Any]]:
+    """One row per container of the project: service, state, health, ports, image, and for a
+    replica what the proxy does with it (UP: takes requests, DOWN: failed its checks, DRAIN)."""
+    client = connect()
+    proxy = running_proxy(client, stack)
+    slots = proxy.slots() if proxy else {}
     rows = []
-    for container in project_containers(connect(), project):
+    for container in project_containers(client, stack.project):
         state = container.attrs["State"]
+        address = ((container.attrs["NetworkSettings"]["Networks"] or {})
+                   .get(stack.resource_name("frontend"), {}).get("IPAddress"))
+        slot = slots.get(address) if container.labels.get(REPLICA_LABEL) else None
         rows.append(
             {
                 "service": container.labels.get(SERVICE_LABEL, "?"),
@@ -458,6 +294,8 @@ def status(project: str) -> list[dict[str, Any]]:
                 "health": (state.get("Health") or {}).get("Status", "none"),
                 "ports": ",".join(f"127.0.0.1:{p}" for p in sorted(published_host_ports(container)))
                 or "-",
+                "proxy": "-" if slot is None else "DRAIN" if slot.draining
+                else "UP" if slot.up else "DOWN",
                 "image": (container.image.tags or [container.image.short_id])[0],
             }
         )

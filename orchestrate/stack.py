@@ -27,15 +27,19 @@ from typing import Any
 PROJECT_LABEL = "org.cachestack.project"
 SERVICE_LABEL = "org.cachestack.service"
 CONFIG_HASH_LABEL = "org.cachestack.config-hash"
+REPLICA_LABEL = "org.cachestack.replica"
 
 DEFAULT_PROJECT = "cachestack"
 DEFAULT_PORT = 8000
+DEFAULT_REPLICAS = 2
+MAX_REPLICAS = 10  # the proxy's server-template slots (docker/proxy/haproxy.cfg)
 SECRETS_DIR = "secrets"  # relative to the repository root
 SECRETS_TARGET_DIR = "/run/secrets"
 
 POSTGRES_UID = 999
 REDIS_UID = 999
 SERVICE_UID = 10001
+PROXY_UID = 99
 
 DB_NAME = "cachestack"
 DB_OWNER = "cachestack_owner"  # owns the database and its tables; runs the migrations
@@ -163,6 +167,12 @@ class Service:
     ports: tuple[Port, ...] = ()
     ready_path: str | None = None  # HTTP readiness path through the published port
     once: bool = False
+    # Containers of this service at once. Each answers to the service's name on its networks,
+    # which is how the proxy finds them.
+    replicas: int = 1
+    # How a changed container is replaced: stop-first (one writer per data volume, one owner of
+    # a published port) or start-first (a new replica is in service before an old one leaves).
+    update_order: str = "stop-first"
 
 
 @dataclass(frozen=True)
@@ -185,8 +195,10 @@ class Stack:
         """The label that marks every resource of this project (cleanup finds them by it)."""
         return {PROJECT_LABEL: self.project}
 
-    def container_name(self, service: str) -> str:
-        return f"{self.project}-{service}"
+    def container_name(self, service: str, replica: int | None = None) -> str:
+        """`<project>-<service>`, or `<project>-<service>-<n>` for replica n of a replicated
+        service (n grows with every replacement, so a new replica never takes an old name)."""
+        return f"{self.project}-{service}" + (f"-{replica}" if replica is not None else "")
 
     def resource_name(self, name: str) -> str:
         """Docker name of a network or volume of this project."""
@@ -209,6 +221,12 @@ IMAGES: dict[str, ImageSpec] = {
         base="redis:7.4.1-bookworm",
         offline_base="docker/offline/redis",
     ),
+    "proxy": ImageSpec(
+        repository="cachestack/proxy",
+        context="docker/proxy",
+        base="haproxy:3.0.5-bookworm",
+        offline_base="docker/offline/proxy",
+    ),
     "service": ImageSpec(
         repository="cachestack/service",
         context=".",
@@ -223,6 +241,10 @@ REDIS_CERT = Certificate("redis", ("redis", "localhost", "127.0.0.1"))
 # Clients verify the server's certificate and its name (verify-full, redis-py's default).
 DATABASE_TLS = f"sslmode=verify-full&sslrootcert={secret_target(CA_CERT)}"
 REDIS_TLS = f"ssl_ca_certs={secret_target(CA_CERT)}"
+# HAProxy answers on its runtime API while it runs (docker/proxy/haproxy.cfg).
+PROXY_HEALTH = (
+    'echo "show info" | socat stdio unix-connect:/tmp/haproxy.sock | grep -q "^Name: HAProxy"'
+)
 REDIS_HEALTH = (
     f'REDISCLI_AUTH="$(cat {secret_target("redis_health_password")})" '
     f"redis-cli --tls --cacert {secret_target(CA_CERT)} --user {REDIS_HEALTH_USER} "
@@ -242,8 +264,11 @@ def _private_tmp(uid: int, size: str) -> tuple[str, str]:
     return ("/tmp", f"rw,noexec,nosuid,size={size},uid={uid},gid={uid}")
 
 
-def describe_stack(project: str = DEFAULT_PROJECT, port: int = DEFAULT_PORT) -> Stack:
-    """Return the stack for `project` with the service published on 127.0.0.1:`port`."""
+def describe_stack(
+    project: str = DEFAULT_PROJECT, port: int = DEFAULT_PORT, replicas: int = DEFAULT_REPLICAS
+) -> Stack:
+    """Return the stack for `project`: `replicas` service containers behind the proxy, which
+    is published on 127.0.0.1:`port`."""
     postgres = Service(
         name="postgres",
         image="postgres",
@@ -370,10 +395,29 @@ def describe_stack(project: str = DEFAULT_PROJECT, port: int = DEFAULT_PORT) -> 
             mem_limit="512m",
             pids_limit=256,
         ),
+        ready_path="/readyz",
+        replicas=replicas,
+        update_order="start-first",
+    )
+    proxy = Service(
+        name="proxy",
+        image="proxy",
+        user=f"{PROXY_UID}:{PROXY_UID}",
+        command=("haproxy", "-db", "-f", "/usr/local/etc/haproxy/haproxy.cfg"),
+        environment=(),
+        secrets=(),
+        networks=("frontend",),
+        volumes=(),
+        healthcheck=HealthCheck(("CMD-SHELL", PROXY_HEALTH)),
+        hardening=Hardening(
+            tmpfs=(_private_tmp(PROXY_UID, "8m"),),
+            mem_limit="128m",
+            pids_limit=64,
+        ),
         ports=(Port(container=8000, host=port),),
         ready_path="/readyz",
     )
-    services = (postgres, redis, migrate, service)
+    services = (postgres, redis, migrate, service, proxy)
     mounted = dict.fromkeys(m.secret for s in services for m in s.secrets)
     return Stack(
         project=project,

@@ -22,6 +22,7 @@ import yaml
 from orchestrate.secretfiles import STAGE_ROOT
 from orchestrate.stack import (
     DEFAULT_PROJECT,
+    MAX_REPLICAS,
     PROJECT_LABEL,
     SECRETS_DIR,
     SECRETS_TARGET_DIR,
@@ -35,6 +36,8 @@ from .conftest import REPO, run, tool
 
 STACK = describe_stack()
 SERVICES = [s.name for s in STACK.services]
+# Kubernetes has its own proxy: the Service object balances over the pods that are ready.
+K8S_SERVICES = [name for name in SERVICES if name != "proxy"]
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
@@ -160,7 +163,7 @@ def compose_view(doc: dict[str, Any], name: str) -> View:
         "user": svc["user"],
         "command": unescape(svc["command"]),
         "environment": svc.get("environment", {}),
-        "secrets": sorted(f"{SECRETS_TARGET_DIR}/{s['target']}" for s in svc["secrets"]),
+        "secrets": sorted(f"{SECRETS_TARGET_DIR}/{s['target']}" for s in svc.get("secrets", [])),
         "data": sorted(tuple(v.split(":")[:2]) for v in svc["volumes"] if not v.startswith("/"))
         if "volumes" in svc
         else [],
@@ -196,6 +199,7 @@ def test_compose_agrees(compose: dict[str, Any], name: str) -> None:
         assert Path(compose["secrets"][source]["file"]) == staged
     waits = {dep: how["condition"] for dep, how in svc.get("depends_on", {}).items()}
     assert waits == start_order()[name]
+    assert svc.get("scale", 1) == service.replicas
 
 
 @pytest.mark.parametrize("key", sorted(STACK.images))
@@ -239,7 +243,7 @@ def swarm_view(doc: dict[str, Any], name: str) -> View:
         "user": svc["user"],
         "command": svc["command"],
         "environment": svc.get("environment", {}),
-        "secrets": sorted(f"{SECRETS_TARGET_DIR}/{s['target']}" for s in svc["secrets"]),
+        "secrets": sorted(f"{SECRETS_TARGET_DIR}/{s['target']}" for s in svc.get("secrets", [])),
         "data": sorted(
             (m["source"], m["target"])
             for m in mounts
@@ -267,6 +271,9 @@ def test_swarm_agrees(swarm: dict[str, Any], name: str) -> None:
     # Swarm has no start order: a task is restarted until it has succeeded once.
     policy = svc["deploy"]["restart_policy"]["condition"]
     assert policy == ("on-failure" if service.once else "any")
+    assert svc["deploy"]["replicas"] == service.replicas
+    if not service.once:
+        assert svc["deploy"]["update_config"]["order"] == service.update_order
     assert svc["deploy"]["resources"]["limits"]["pids"] == service.hardening.pids_limit
     assert sorted(svc["networks"]) == sorted(service.networks)
     assert svc["labels"] == svc["deploy"]["labels"] == STACK.labels()
@@ -281,7 +288,7 @@ def test_swarm_agrees(swarm: dict[str, Any], name: str) -> None:
             int(s["gid"]),
             s["mode"],
         )
-        for s in svc["secrets"]
+        for s in svc.get("secrets", [])
     }
     assert delivered == {(m.secret, m.target, m.uid, m.gid, m.mode) for m in service.secrets}
 
@@ -366,7 +373,7 @@ def k8s_view(objects: list[dict[str, Any]], name: str) -> View:
             if c["metadata"]["name"] in mounts
         ),
         "health": k8s_health(container),
-        "ports": [p["containerPort"] for p in container.get("ports", []) if p["name"] == "http"],
+        "ports": [],  # pods publish nothing: the Service stands where the proxy does
         "read_only": container["securityContext"]["readOnlyRootFilesystem"],
         "cap_drop": container["securityContext"]["capabilities"]["drop"],
         "memory": to_bytes(container["resources"]["limits"]["memory"]),
@@ -376,7 +383,7 @@ def k8s_view(objects: list[dict[str, Any]], name: str) -> View:
     }
 
 
-@pytest.mark.parametrize("name", SERVICES)
+@pytest.mark.parametrize("name", K8S_SERVICES)
 def test_kubernetes_agrees(k8s_objects: list[dict[str, Any]], name: str) -> None:
     service = STACK.service(name)
     assert k8s_view(k8s_objects, name) == expected(service)
@@ -394,6 +401,33 @@ def test_kubernetes_agrees(k8s_objects: list[dict[str, Any]], name: str) -> None
     # A task runs to completion before the pod's service starts: an init container.
     assert (container in pod.get("initContainers", [])) is service.once
     assert workload["metadata"]["labels"][PROJECT_LABEL] == STACK.project
+    if not service.once:
+        assert workload["spec"]["replicas"] == service.replicas
+    if service.update_order == "start-first":
+        assert workload["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_kubernetes_service_stands_where_the_proxy_does(k8s_objects: list[dict[str, Any]]) -> None:
+    proxy = STACK.service("proxy")
+    service = next(o for o in k8s_objects if o["kind"] == "Service"
+                   and o["metadata"]["name"] == "service")
+    assert [p["port"] for p in service["spec"]["ports"]] == [p.container for p in proxy.ports]
+    assert service["spec"]["selector"] == {"app.kubernetes.io/name": "service"}
+    pod = container_of(k8s_objects, "service")
+    assert [p["containerPort"] for p in pod["ports"] if p["name"] == "http"] == [
+        p.container for p in proxy.ports]
+
+
+def test_the_proxy_finds_the_replicas_by_the_service_name() -> None:
+    """docker/proxy/haproxy.cfg's server template names the replicated service and its port,
+    and has a slot for as many replicas as `up --replicas` allows."""
+    config = (REPO / "docker" / "proxy" / "haproxy.cfg").read_text()
+    [template] = re.findall(r"server-template \w+ 1-(\d+) (\w+):(\d+)", config)
+    replicated = [s for s in STACK.services if s.update_order == "start-first"]
+    listens = [int(s.command[s.command.index("--port") + 1]) for s in replicated]
+    assert [(name, int(port)) for _, name, port in [template]] == [
+        (s.name, port) for s, port in zip(replicated, listens, strict=True)]
+    assert int(template[0]) == MAX_REPLICAS
 
 
 def test_every_format_uses_the_same_images(
@@ -403,7 +437,7 @@ def test_every_format_uses_the_same_images(
         refs = {
             compose["services"][name]["image"],
             swarm["services"][name]["image"],
-            container_of(k8s_objects, name)["image"],
+            *([container_of(k8s_objects, name)["image"]] if name in K8S_SERVICES else []),
         }
         assert len(refs) == 1, f"{name}: {refs}"
         # What the formats pull by default is the release in pyproject.toml, not `latest`.

@@ -25,8 +25,9 @@ from orchestrate.stack import as_dict, describe_stack
 def test_stack_description_is_plain_data() -> None:
     described = as_dict(describe_stack("demo", 8123))
     assert json.loads(json.dumps(described)) == described
-    assert [s["name"] for s in described["services"]] == ["postgres", "redis", "migrate", "service"]
-    assert described["services"][3]["ports"] == [
+    names = [s["name"] for s in described["services"]]
+    assert names == ["postgres", "redis", "migrate", "service", "proxy"]
+    assert described["services"][4]["ports"] == [
         {"container": 8000, "host": 8123, "host_ip": "127.0.0.1"}
     ]
 

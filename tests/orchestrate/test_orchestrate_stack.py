@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from typing import Any
 
 import docker
 import pytest
@@ -14,7 +15,13 @@ from orchestrate_helpers import Project, labelled
 
 from orchestrate import engine
 from orchestrate.secretfiles import api_token, read_secret
-from orchestrate.stack import CONFIG_HASH_LABEL, PROJECT_LABEL, describe_stack
+from orchestrate.stack import (
+    CONFIG_HASH_LABEL,
+    PROJECT_LABEL,
+    SERVICE_LABEL,
+    Service,
+    describe_stack,
+)
 
 pytestmark = pytest.mark.usefixtures("docker_client")
 SMOKE_CHECKS = 10
@@ -25,9 +32,18 @@ def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {api_token()}"}
 
 
-def containers(client: docker.DockerClient, project: Project) -> dict[str, object]:
+def described(container: Any) -> Service:
+    """The stack description's entry for a container."""
+    return describe_stack().service(container.labels[SERVICE_LABEL])
+
+
+def containers(client: docker.DockerClient, project: Project) -> dict[str, Any]:
+    """The project's containers by name without the project: postgres, redis, service-1, ..."""
     found = client.containers.list(all=True, filters={"label": f"{PROJECT_LABEL}={project.name}"})
-    return {c.labels["org.cachestack.service"]: c for c in found}
+    return {c.name.removeprefix(f"{project.name}-"): c for c in found}
+
+
+RUNNING = ["postgres", "proxy", "redis", "service-1", "service-2"]  # after the first `up`
 
 
 def test_up_passes_smoke_and_prints_url(stack: Project) -> None:
@@ -39,18 +55,23 @@ def test_up_passes_smoke_and_prints_url(stack: Project) -> None:
         assert f"{step}: done in" in out
 
 
-def test_status_shows_three_healthy_containers(stack: Project) -> None:
+def test_status_shows_every_container_healthy_and_the_replicas_in_service(
+    stack: Project,
+) -> None:
     deadline = time.monotonic() + 30  # the service's first Docker healthcheck runs after 5s
     while True:
         result = stack.run("status")
         lines = result.stdout.splitlines()
-        if sum(" healthy " in line for line in lines) == 3 or time.monotonic() > deadline:
+        if sum(" healthy " in line for line in lines) == len(RUNNING) or (
+                time.monotonic() > deadline):
             break
         time.sleep(1)
     assert result.returncode == 0
-    assert [line.split()[0] for line in lines] == ["postgres", "redis", "service"], lines
-    assert all(" running " in line and " healthy " in line for line in lines), lines
-    assert f"127.0.0.1:{stack.port}" in lines[2]
+    rows = {line.split()[1].removeprefix(f"{stack.name}-"): line.split() for line in lines}
+    assert sorted(rows) == RUNNING, lines
+    assert all(row[3:5] == ["running", "healthy"] for row in rows.values()), lines
+    assert rows["proxy"][5] == f"127.0.0.1:{stack.port}"
+    assert [rows[name][6] for name in ("service-1", "service-2")] == ["UP", "UP"], lines
 
 
 def test_smoke_command(stack: Project) -> None:
@@ -67,7 +88,7 @@ def test_logs_command(stack: Project) -> None:
 
 def test_containers_are_hardened(docker_client: docker.DockerClient, stack: Project) -> None:
     found = containers(docker_client, stack)
-    assert sorted(found) == ["postgres", "redis", "service"]
+    assert sorted(found) == RUNNING
     for name, container in found.items():
         host = container.attrs["HostConfig"]
         assert host["ReadonlyRootfs"] is True, name
@@ -84,12 +105,10 @@ def test_containers_are_hardened(docker_client: docker.DockerClient, stack: Proj
             if mount["Destination"].startswith("/run/secrets/"):
                 assert mount["RW"] is False, name
         networks = set(container.attrs["NetworkSettings"]["Networks"])
-        want = {f"{stack.name}_backend"} | (
-            {f"{stack.name}_frontend"} if name == "service" else set()
-        )
+        want = {f"{stack.name}_{n}" for n in described(container).networks}
         assert networks == want, name
         bindings = host["PortBindings"] or {}
-        if name == "service":
+        if name == "proxy":
             assert bindings == {"8000/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(stack.port)}]}
         else:
             assert not bindings, name
@@ -100,23 +119,24 @@ def test_containers_are_hardened(docker_client: docker.DockerClient, stack: Proj
 def test_secrets_are_files_for_the_container_user_only(
     docker_client: docker.DockerClient, stack: Project
 ) -> None:
-    uids = {"postgres": "999", "redis": "999", "service": "10001"}
     for name, container in containers(docker_client, stack).items():
-        for mount in describe_stack().service(name).secrets:
+        service = described(container)
+        uid = service.user.split(":")[0]
+        for mount in service.secrets:
             result = container.exec_run(["stat", "-c", "%u %a", mount.target])
-            assert result.output.decode().split() == [uids[name], "400"], name
-        # root inside the container has no capabilities left, so it cannot read them either
-        denied = container.exec_run(
-            ["cat", describe_stack().service(name).secrets[0].target], user="0"
-        )
-        assert denied.exit_code != 0, name
+            assert result.output.decode().split() == [uid, "400"], name
+        if service.secrets:
+            # root inside the container has no capabilities left, so it cannot read them either
+            denied = container.exec_run(["cat", service.secrets[0].target], user="0")
+            assert denied.exit_code != 0, name
 
 
 def test_up_again_keeps_every_container(docker_client: docker.DockerClient, stack: Project) -> None:
     before = {n: c.id for n, c in containers(docker_client, stack).items()}
     result = stack.run("up")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(": unchanged (") == 3, result.stdout
+    assert result.stdout.count(": unchanged (") == 3, result.stdout  # postgres, redis, proxy
+    assert result.stdout.count(": up to date (") == 2, result.stdout  # the replicas
     assert {n: c.id for n, c in containers(docker_client, stack).items()} == before
 
 
@@ -132,14 +152,17 @@ def test_changed_config_recreates_only_that_container(
     described = dataclasses.replace(
         described, services=tuple(changed if s.name == "service" else s for s in described.services)
     )
-    refs = {name: c.image.id for name, c in before.items()}
+    refs = {c.labels[SERVICE_LABEL]: c.image.id for c in before.values()}
     engine.realise(docker_client, described, refs, {})
     after = containers(docker_client, stack)
-    assert after["postgres"].id == before["postgres"].id
-    assert after["redis"].id == before["redis"].id
-    assert after["service"].id != before["service"].id
-    assert after["service"].labels[CONFIG_HASH_LABEL] != before["service"].labels[CONFIG_HASH_LABEL]
-    assert after["service"].attrs["HostConfig"]["Memory"] == 384 * 1024 * 1024
+    # The replicas were replaced one by one (new numbers); nothing else was touched.
+    assert sorted(after) == ["postgres", "proxy", "redis", "service-3", "service-4"]
+    for name in ("postgres", "redis", "proxy"):
+        assert after[name].id == before[name].id, name
+    for name in ("service-3", "service-4"):
+        assert after[name].labels[CONFIG_HASH_LABEL] != (
+            before["service-1"].labels[CONFIG_HASH_LABEL])
+        assert after[name].attrs["HostConfig"]["Memory"] == 384 * 1024 * 1024
 
 
 def test_no_secret_value_leaks(docker_client: docker.DockerClient, stack: Project) -> None:
