@@ -10,7 +10,7 @@ from pathlib import Path
 
 import docker.errors
 
-from . import backup, engine, images
+from . import backup, engine, images, rotate
 from .errors import OrchestrateError, reason
 from .output import error, say, step
 from .secretfiles import api_token, ensure_secrets, expiring_certificates, stage_secrets
@@ -121,6 +121,13 @@ def restore_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def rotate_command(args: argparse.Namespace) -> None:
+    started = time.monotonic()
+    done = rotate.rotate(describe_stack(args.project, args.port), args.names)
+    say(f"rotated {len(done)} secret(s) of project {args.project} in "
+        f"{time.monotonic() - started:.1f}s; the old values are refused now")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -173,6 +180,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       "replace the database with a backup, with a new cache namespace")
     restore.add_argument("file", help="a file `backup` wrote (its .sha256 and .json beside it)")
     restore.add_argument("--yes", action="store_true", help="do it (without: say what it would do)")
+    command("rotate", rotate_command, "new values for secrets, applied while the stack serves"
+            ).add_argument("names", nargs="*", metavar="NAME",
+                           help=f"what to rotate (default all: {', '.join(rotate.ROTATABLE)})")
     command("build", build, "build the images only").add_argument(
         "--env-file",
         help="also write CACHESTACK_<IMAGE>_IMAGE=<ref> lines here (for docker-compose --env-file)",

@@ -30,7 +30,7 @@ from .containers import (
 from .errors import OrchestrateError
 from .output import say, step
 from .proxy import Proxy
-from .secretfiles import api_token, ensure_secrets, remove_staged
+from .secretfiles import api_token, changed_since_staged, ensure_secrets, remove_staged
 from .stack import (
     CONFIG_HASH_LABEL,
     DEFAULT_REPLICAS,
@@ -245,6 +245,12 @@ def up(stack: Stack, mode: str) -> dict[str, float]:
     with step("secrets", timings):
         created = ensure_secrets(stack)
         say(f"generated {', '.join(created)}" if created else "secrets present")
+        changed = changed_since_staged(stack)
+        if changed:
+            raise OrchestrateError(
+                f"{', '.join(changed)} changed in secrets/ while the stack runs with the old "
+                f"value: apply it with `python -m orchestrate rotate {' '.join(changed)}`, "
+                "or put the old value back")
     with step("images", timings):
         refs = images.resolve_images(client, stack, mode)
     realise(client, stack, refs, timings)

@@ -125,8 +125,8 @@ def expiring_certificates(stack: Stack, now: datetime.datetime | None = None) ->
         left = certs.expires(secret_path(name).read_bytes()) - now
         if left < EXPIRY_WARNING:
             state = f"expires in {left.days} days" if left.total_seconds() > 0 else "has expired"
-            warnings.append(f"certificate secrets/{name} {state}: remove it and run "
-                            "`python -m orchestrate up` to renew it")
+            warnings.append(f"certificate secrets/{name} {state}: renew it with "
+                            f"`python -m orchestrate rotate {CA_CERT}`")
     return warnings
 
 
@@ -143,8 +143,8 @@ def _private_dir(path: Path) -> None:
 def stage_secrets(stack: Stack, service: Service) -> dict[str, Path]:
     """Write the service's per-container copies; return target path -> staged host file.
 
-    A file whose content, owner and mode already match is left alone, so a running container's
-    bind mount keeps pointing at the same inode.
+    A copy that exists is rewritten in place, never replaced: a running container's bind
+    mount keeps pointing at the same inode, so it sees a rotated value at once.
     """
     directory = STAGE_ROOT / stack.project / service.name
     _private_dir(STAGE_ROOT)
@@ -154,25 +154,36 @@ def stage_secrets(stack: Stack, service: Service) -> dict[str, Path]:
     for mount in service.secrets:
         source = secret_path(mount.secret).read_bytes()
         target = directory / mount.secret
-        try:
-            info = target.stat()
-            current = (target.read_bytes(), info.st_uid, info.st_gid, info.st_mode & 0o777)
-        except OSError:
-            current = None
-        if current != (source, mount.uid, mount.gid, mount.mode):
-            target.unlink(missing_ok=True)
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as handle:
+        if not target.exists():
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        if target.read_bytes() != source:
+            with open(target, "r+b") as handle:
                 handle.write(source)
-            try:
+                handle.truncate()
+        info = target.stat()
+        try:
+            if (info.st_uid, info.st_gid) != (mount.uid, mount.gid):
                 os.chown(target, mount.uid, mount.gid)
-            except PermissionError:
-                raise OrchestrateError(
-                    f"staging secrets needs root: cannot chown {target.name} to uid {mount.uid}"
-                ) from None
+        except PermissionError:
+            raise OrchestrateError(
+                f"staging secrets needs root: cannot chown {target.name} to uid {mount.uid}"
+            ) from None
+        if info.st_mode & 0o777 != mount.mode:
             os.chmod(target, mount.mode)
         staged[mount.target] = target
     return staged
+
+
+def changed_since_staged(stack: Stack) -> list[str]:
+    """The secrets whose file in secrets/ no longer matches what containers were given: changed
+    by hand, which only `rotate` can apply to a running stack."""
+    changed = set()
+    for service in stack.services:
+        for mount in service.secrets:
+            copy = STAGE_ROOT / stack.project / service.name / mount.secret
+            if copy.exists() and copy.read_bytes() != secret_path(mount.secret).read_bytes():
+                changed.add(mount.secret)
+    return sorted(changed)
 
 
 def remove_staged(project: str) -> bool:

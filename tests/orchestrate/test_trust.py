@@ -194,5 +194,5 @@ def test_status_warns_of_certificates_that_expire_within_30_days(stack: Project)
     soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=340)
     warnings = expiring_certificates(described, soon)
     assert len(warnings) == 1 + len(described.certificates), warnings
-    assert all("expires in" in w and "to renew it" in w for w in warnings)
+    assert all("expires in" in w and "orchestrate rotate ca.crt" in w for w in warnings)
     assert expiring_certificates(described) == []

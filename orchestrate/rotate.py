@@ -1,0 +1,207 @@
+"""New values for the stack's secrets, applied while it serves, without failing a request.
+
+One rule for every credential: whoever checks it accepts the new value before anyone presents
+it, and stops accepting the old one only when nobody presents that any more. Each container's
+copy of a secret is bind-mounted, so it changes in place; the service reads its password
+files at every new connection and its token file when it changes, so nothing restarts:
+
+- a Postgres role: ALTER ROLE ... PASSWORD as the superuser over the container's local socket,
+  with the value read inside the container from its copy of the new file. The service's open
+  connections stay logged in. Postgres keeps one password per role, so a login in the instant
+  between the new file and the ALTER fails once; the service then reads the file again and
+  logs in anew.
+- a Redis user: ACL SETUSER adds the new password's hash beside the old, the files change,
+  then the user keeps only the new one (open connections stay logged in).
+- the API tokens: the service's copy holds old and new until every replica accepts the new;
+  then secrets/api_tokens, which clients read, leads with it; after a grace period for them
+  the old one goes.
+- the certificates: a new CA joins the old in ca.crt, the servers get certificates of the new
+  CA and reload them (pg_reload_conf, CONFIG SET tls-cert-file), then the old CA goes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+
+from docker.models.containers import Container
+
+from . import certs
+from .containers import connect, exec_input, project_containers
+from .errors import OrchestrateError
+from .output import say
+from .secretfiles import (
+    CA_KEY,
+    CA_NAME,
+    issue_certificate,
+    new_password,
+    new_token,
+    secret_path,
+    stage_secrets,
+    write_secret,
+)
+from .stack import (
+    API_TOKENS,
+    CA_CERT,
+    DB_APP,
+    DB_OWNER,
+    REDIS_HEALTH_USER,
+    REDIS_SERVICE_USER,
+    Stack,
+)
+
+ROLES = {"postgres_password": "postgres", "postgres_owner_password": DB_OWNER,
+         "postgres_app_password": DB_APP}
+REDIS_USERS = {"redis_service_password": REDIS_SERVICE_USER,
+               "redis_health_password": REDIS_HEALTH_USER, "redis_admin_password": "admin"}
+ROTATABLE = (*ROLES, *REDIS_USERS, API_TOKENS, CA_CERT)
+# How long clients of the API get to pick up a new token before the old one is refused.
+TOKEN_GRACE_S = 3.0
+DEADLINE_S = 30.0
+
+
+class Running:
+    """The stack's running containers, by service, and how to reach inside them."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        client = connect()
+        self.containers: dict[str, list[Container]] = {}
+        for service in stack.services:
+            found = [c for c in project_containers(client, stack.project, service.name)
+                     if c.status == "running"]
+            if found:
+                self.containers[service.name] = found
+        for needed in ("postgres", "redis", "service"):
+            if needed not in self.containers:
+                raise OrchestrateError(f"project {stack.project} has no running {needed}: "
+                                       "rotate applies secrets to a running stack")
+
+    def one(self, service: str) -> Container:
+        return self.containers[service][0]
+
+    def stage(self, secret: str) -> None:
+        """Every running container's copy of `secret` from secrets/, in place."""
+        for service in self.stack.services:
+            if service.name in self.containers and any(m.secret == secret
+                                                       for m in service.secrets):
+                stage_secrets(self.stack, service)
+
+    def psql(self, script: str) -> None:
+        postgres = self.one("postgres")
+        exec_input(postgres, ["psql", "--username=postgres", "--dbname=postgres", "--no-psqlrc",
+                              "--quiet", "--set=ON_ERROR_STOP=1"],
+                   postgres.attrs["Config"]["User"], [script.encode()])
+
+    def redis_admin(self, *commands: str) -> str:
+        """Commands for redis-cli as the admin user, on its standard input (so that no value
+        is on a command line); the admin's password is read from its file in the container."""
+        redis = self.one("redis")
+        login = ('REDISCLI_AUTH="$(cat /run/secrets/redis_admin_password)" redis-cli --tls '
+                 "--cacert /run/secrets/ca.crt --user admin -h 127.0.0.1 --no-auth-warning")
+        output = exec_input(redis, ["sh", "-c", login], redis.attrs["Config"]["User"],
+                            ["".join(f"{c}\n" for c in commands).encode()]).decode()
+        if "ERR" in output or "NOPERM" in output or "WRONGPASS" in output:
+            raise OrchestrateError(f"redis refused the rotation: {output.strip()}")
+        return output
+
+
+def rotate_role(running: Running, secret: str) -> None:
+    write_secret(secret, new_password())
+    running.stage(secret)
+    running.psql(
+        "SET log_min_error_statement = panic;\n"  # a failing ALTER must not log the password
+        f"\\set password `cat /run/secrets/{secret}`\n"
+        f'ALTER ROLE "{ROLES[secret]}" PASSWORD :\'password\';\n'
+    )
+
+
+def rotate_redis_user(running: Running, secret: str) -> None:
+    user, value = REDIS_USERS[secret], new_password()
+    digest = hashlib.sha256(value).hexdigest()
+    running.redis_admin(f"ACL SETUSER {user} #{digest}")  # the old and the new are good
+    write_secret(secret, value)
+    running.stage(secret)
+    running.redis_admin(f"ACL SETUSER {user} resetpass #{digest}")  # now only the new
+
+
+def accepted(container: Container, token: str) -> bool:
+    """Whether a replica takes `token` (asked inside it; the token goes on standard input)."""
+    ask = ("import sys, urllib.request, urllib.error\n"
+           "token = sys.stdin.read().strip()\n"
+           "request = urllib.request.Request('http://127.0.0.1:8000/users/1',"
+           " headers={'Authorization': 'Bearer ' + token})\n"
+           "try:\n    urllib.request.urlopen(request, timeout=5)\n    print(200)\n"
+           "except urllib.error.HTTPError as exc:\n    print(exc.code)\n")
+    reply = exec_input(container, ["python", "-c", ask], container.attrs["Config"]["User"],
+                       [token.encode()]).decode().strip()
+    return reply != "401"
+
+
+def wait_for(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not check():
+        if time.monotonic() > deadline:
+            raise OrchestrateError(f"{what} within {DEADLINE_S:.0f}s")
+        time.sleep(0.2)
+
+
+def rotate_tokens(running: Running) -> None:
+    old = secret_path(API_TOKENS).read_text().split()
+    new = new_token().decode()
+    replicas = running.containers["service"]
+    write_secret(API_TOKENS, "\n".join([*old, new]).encode() + b"\n")
+    running.stage(API_TOKENS)
+    wait_for(lambda: all(accepted(c, new) for c in replicas),
+             "the replicas did not take the new token")
+    write_secret(API_TOKENS, "\n".join([new, *old]).encode() + b"\n")  # clients take the first
+    time.sleep(TOKEN_GRACE_S)
+    write_secret(API_TOKENS, new.encode() + b"\n")
+    running.stage(API_TOKENS)
+    wait_for(lambda: not any(accepted(c, token) for c in replicas for token in old),
+             "the replicas kept accepting the old token")
+
+
+def reload_servers(running: Running) -> None:
+    """Postgres and Redis read their certificate files again (for new connections)."""
+    running.psql("SELECT pg_reload_conf();\n")
+    running.redis_admin("CONFIG SET tls-cert-file /run/secrets/redis.crt "
+                        "tls-key-file /run/secrets/redis.key")
+
+
+def rotate_certificates(running: Running) -> None:
+    old_ca = secret_path(CA_CERT).read_bytes()
+    ca = certs.make_ca(CA_NAME)
+    write_secret(CA_CERT, old_ca + ca.cert)  # clients trust both while the servers switch
+    running.stage(CA_CERT)
+    write_secret(CA_KEY, ca.key)
+    for server in running.stack.certificates:
+        issue_certificate(ca, server)
+        running.stage(server.cert)
+    reload_servers(running)
+    write_secret(CA_CERT, ca.cert)
+    running.stage(CA_CERT)
+
+
+def rotate(stack: Stack, names: list[str]) -> list[str]:
+    """Rotate `names` (default: every rotatable secret); return what was rotated, in order."""
+    unknown = sorted(set(names) - set(ROTATABLE))
+    if unknown:
+        raise OrchestrateError(f"cannot rotate {', '.join(unknown)}: the secrets that rotate "
+                               f"are {', '.join(ROTATABLE)}")
+    running = Running(stack)
+    done = []
+    for name in [n for n in ROTATABLE if n in (names or ROTATABLE)]:
+        started = time.monotonic()
+        if name in ROLES:
+            rotate_role(running, name)
+        elif name in REDIS_USERS:
+            rotate_redis_user(running, name)
+        elif name == API_TOKENS:
+            rotate_tokens(running)
+        else:
+            rotate_certificates(running)
+        say(f"rotated {name} in {time.monotonic() - started:.1f}s")
+        done.append(name)
+    return done
