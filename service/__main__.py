@@ -2,8 +2,8 @@
 
 `python -m service migrate` brings the database's schema up to date first (see migrate.py).
 
-granian was chosen by measurement on this project's 2-core machines (see README, "Speed,
-and choosing the server"). Each worker process runs a few blocking threads, so that one
+granian was chosen by measurement on this project's 2-core machines (bench/README.md,
+"Measurements behind the code"). Each worker process runs a few blocking threads, so that one
 request's wait on Postgres or Redis overlaps another's work; many more threads than
 that only fight over the GIL.
 """

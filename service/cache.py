@@ -50,8 +50,8 @@ import redis
 
 from . import db, metrics
 from .config import Settings
-from .nearcache import InvalidationListener, NearCache
-from .wire import Script, Wire
+from .nearcache import NearCache
+from .redis_io import InvalidationListener, RedisClient, Script
 
 T = TypeVar("T")
 
@@ -226,7 +226,7 @@ class UserCache:
         self.settings = settings
         self.database = database
         self.breaker = Breaker(settings.cache_cooldown)
-        self.redis = Wire(settings.redis_url, settings.cache_timeout)
+        self.redis = RedisClient(settings.redis_url, settings.cache_timeout)
         # Lease tokens only need to be unique, not secret: a random prefix and a counter
         # (itertools.count is safe to share between threads).
         self._token_prefix = secrets.token_hex(4)
@@ -241,7 +241,7 @@ class UserCache:
             return None
 
         def subscribe() -> InvalidationListener:
-            return InvalidationListener(self.redis.connection(), self.keys.changes)
+            return self.redis.invalidation_listener(self.keys.changes)
 
         max_age = self.settings.cache_ttl * (1 - self.settings.cache_ttl_jitter)
         return NearCache(subscribe, self.settings.near_cache_size, max_age)
@@ -277,7 +277,7 @@ class UserCache:
 
     def _repair(self) -> None:
         """Delete every key a write could not update, then trust Redis again."""
-        self.redis.call("PING")  # not worth asking Postgres for repairs while Redis is still away
+        self.redis.command("PING")  # not worth asking Postgres for repairs while Redis is away
         if self.near:
             self.near.start()
         keys = db.pending_cache_repairs(self.database)
@@ -292,7 +292,7 @@ class UserCache:
     def available(self) -> bool:
         """Whether Redis answers a PING now (for /readyz)."""
         try:
-            self._call(lambda: self.redis.call("PING"))
+            self._call(lambda: self.redis.command("PING"))
             return True
         except (CacheUnavailable, db.DatabaseUnavailable):
             return False
@@ -328,9 +328,9 @@ class UserCache:
     def _try(self, key: str, lookup: Lookup, token: str) -> list:
         keys = [key, self.keys.lease(key)]
         if lookup.field == "id":
-            return self.redis.run(READ, keys, [token, LEASE_MS])
-        return self.redis.run(FOLLOW, keys,
-                              [token, LEASE_MS, self.keys.ids, lookup.field, lookup.value])
+            return self.redis.run_script(READ, keys, [token, LEASE_MS])
+        return self.redis.run_script(FOLLOW, keys,
+                                     [token, LEASE_MS, self.keys.ids, lookup.field, lookup.value])
 
     def read(self, lookup: Lookup, load: Callable[[], db.UserRow | None]) -> Answer:
         """Cache-aside read: a hit (from process memory if it holds the key), or load from
@@ -369,8 +369,8 @@ class UserCache:
             keys = [self.keys.lease(key), *(entry.key for entry in entries)]
             # Not waited for: the answer is right whether or not it gets cached.
             with contextlib.suppress(CacheUnavailable):
-                self._call(lambda: self.redis.run(FILL, keys, [token, *self._args(entries)],
-                                                  wait=False))
+                self._call(lambda: self.redis.run_script(FILL, keys,
+                                                         [token, *self._args(entries)], wait=False))
         return Answer(MISS, row.public_json if row else None)
 
     # -- writes -------------------------------------------------------------------
@@ -380,7 +380,7 @@ class UserCache:
         token = self._token()
         try:
             lease = self.keys.lease(self.keys.user(user_id))
-            self._call(lambda: self.redis.call("SET", lease, token, "PX", LEASE_MS))
+            self._call(lambda: self.redis.command("SET", lease, token, "PX", LEASE_MS))
         except CacheUnavailable:
             return ""
         return token
@@ -390,7 +390,7 @@ class UserCache:
         if token:
             with contextlib.suppress(CacheUnavailable):
                 lease = self.keys.lease(self.keys.user(user_id))
-                self._call(lambda: self.redis.call("DEL", lease))
+                self._call(lambda: self.redis.command("DEL", lease))
 
     def created(self, row: db.UserRow) -> None:
         self._write_through(self._row_entries(row), "")
@@ -430,5 +430,5 @@ class UserCache:
         keys = [entry.key for entry in entries]
         ids = self.keys.ids
         changed = [self.keys.changes + key[len(ids):] for key in keys if key.startswith(ids)]
-        self.redis.run(WRITE, [*keys, *map(self.keys.lease, keys), *changed],
-                       [token, *self._args(entries)])
+        self.redis.run_script(WRITE, [*keys, *map(self.keys.lease, keys), *changed],
+                              [token, *self._args(entries)])

@@ -6,5 +6,6 @@ from .app import create_app
 
 app = create_app()
 # What exists now (modules, the app, its routes) lives as long as the worker: the collector
-# need not scan it again on every full collection (10.5 ms each, 0.2 ms frozen, measured).
+# need not scan it again on every full collection, which would stall a request now and then
+# (bench/README.md, "Measurements behind the code").
 gc.freeze()

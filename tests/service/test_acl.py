@@ -13,7 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from service.cache import FORMAT
-from service.nearcache import CHANNEL
+from service.redis_io import CHANNEL
 
 from .helpers import create, query, send_fills
 from .servers import ACL_TEMPLATE, RedisServer

@@ -1,5 +1,6 @@
-"""The cache's Redis connections (service/wire.py), against the tests' private redis-server,
-logged in as the service's Redis user (so on keys under cs: only)."""
+"""The cache's pool of Redis connections (service/redis_io.py, RedisClient), against the
+tests' private redis-server, logged in as the service's Redis user (so on keys under cs:
+only). The invalidation listener is tested with the near cache (test_nearcache.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from service.wire import Script, Wire
+from service.redis_io import RedisClient, Script
 
 from .servers import RedisServer, wait_until
 
@@ -20,91 +21,91 @@ FAILING = Script("return redis.error_reply('NOPE on purpose')")
 
 
 @pytest.fixture
-def wire(redis_up: RedisServer) -> Iterator[Wire]:
-    wire = Wire(redis_up.url, timeout=0.2)
-    yield wire
-    wire.close()
+def pool(redis_up: RedisServer) -> Iterator[RedisClient]:
+    pool = RedisClient(redis_up.url, timeout=0.2)
+    yield pool
+    pool.close()
 
 
 def test_a_script_redis_does_not_know_is_sent_whole_and_then_known(
-        wire: Wire, redis_up: RedisServer) -> None:
+        pool: RedisClient, redis_up: RedisServer) -> None:
     redis_up.client().script_flush()
-    assert wire.run(SET_AND_ECHO, [KEY], ["one"]) == b"one"
+    assert pool.run_script(SET_AND_ECHO, [KEY], ["one"]) == b"one"
     assert redis_up.client().script_exists(SET_AND_ECHO.sha) == [True]
-    assert wire.run(SET_AND_ECHO, [KEY], ["two"]) == b"two"
+    assert pool.run_script(SET_AND_ECHO, [KEY], ["two"]) == b"two"
 
 
 def test_an_unawaited_script_takes_effect_soon_on_a_fresh_redis(
-        wire: Wire, redis_up: RedisServer) -> None:
+        pool: RedisClient, redis_up: RedisServer) -> None:
     """Another connection must see its effect without this one being used again (a fill
     left unsent, or one that met NOSCRIPT, would leave its lease held and make other
     readers wait)."""
     redis_up.client().script_flush()
-    wire.run(SET_AND_ECHO, [KEY], ["filled"], wait=False)
+    pool.run_script(SET_AND_ECHO, [KEY], ["filled"], wait=False)
     wait_until(lambda: redis_up.client().get(KEY) == b"filled", 0.5, "the flusher to send it")
 
 
 def test_a_script_redis_lost_after_it_was_queued_is_sent_again_whole(
-        wire: Wire, redis_up: RedisServer) -> None:
-    wire.run(SET_AND_ECHO, [KEY], ["filled"])
+        pool: RedisClient, redis_up: RedisServer) -> None:
+    pool.run_script(SET_AND_ECHO, [KEY], ["filled"])
     redis_up.client().script_flush()
-    wire.run(SET_AND_ECHO, [KEY], ["again"], wait=False)  # by SHA1: NOSCRIPT
-    assert wire.call("GET", KEY) == b"filled"  # the NOSCRIPT reply was settled first
+    pool.run_script(SET_AND_ECHO, [KEY], ["again"], wait=False)  # by SHA1: NOSCRIPT
+    assert pool.command("GET", KEY) == b"filled"  # the NOSCRIPT reply was settled first
     wait_until(lambda: redis_up.client().get(KEY) == b"again", 0.5, "the script sent whole")
     assert redis_up.client().script_exists(SET_AND_ECHO.sha) == [True]
 
 
-def test_an_unawaited_reply_is_read_before_the_next_command(wire: Wire) -> None:
-    wire.run(SET_AND_ECHO, [KEY], ["filled"])  # known to Redis, so the next one is an EVALSHA
-    assert wire.run(SET_AND_ECHO, [KEY], ["later"], wait=False) is None
+def test_an_unawaited_reply_is_read_before_the_next_command(pool: RedisClient) -> None:
+    pool.run_script(SET_AND_ECHO, [KEY], ["filled"])  # known to Redis: the next is an EVALSHA
+    assert pool.run_script(SET_AND_ECHO, [KEY], ["later"], wait=False) is None
     # Sent with the next command on the same (only) connection, and its reply read first:
     # had it been left unread, GET would get "later".
-    assert wire.call("GET", "cs:test:missing") is None
-    assert wire.call("GET", KEY) == b"later"
+    assert pool.command("GET", "cs:test:missing") is None
+    assert pool.command("GET", KEY) == b"later"
 
 
-def test_an_unawaited_error_does_not_break_the_connection(wire: Wire) -> None:
-    wire.run(FAILING, [], [], wait=False)
-    assert wire.call("PING") == b"PONG"
+def test_an_unawaited_error_does_not_break_the_connection(pool: RedisClient) -> None:
+    pool.run_script(FAILING, [], [], wait=False)
+    assert pool.command("PING") == b"PONG"
 
 
-def test_an_error_reply_raises_and_leaves_the_connection_usable(wire: Wire) -> None:
-    wire.call("SET", KEY, "kept")
+def test_an_error_reply_raises_and_leaves_the_connection_usable(pool: RedisClient) -> None:
+    pool.command("SET", KEY, "kept")
     with pytest.raises(redis.ResponseError):
-        wire.call("SET", KEY, "lost", "PX", "soon")
-    assert wire.call("GET", KEY) == b"kept"
+        pool.command("SET", KEY, "lost", "PX", "soon")
+    assert pool.command("GET", KEY) == b"kept"
 
 
-def test_connections_are_reused_not_opened_per_command(wire: Wire,
+def test_connections_are_reused_not_opened_per_command(pool: RedisClient,
                                                        redis_up: RedisServer) -> None:
     admin = redis_up.client()
     before = admin.info("stats")["total_connections_received"]
     for _ in range(20):
-        wire.call("PING")
+        pool.command("PING")
     assert admin.info("stats")["total_connections_received"] - before == 1
 
 
 def test_a_dead_redis_raises_and_a_restarted_one_is_used_again(
-        wire: Wire, redis_up: RedisServer) -> None:
-    wire.call("PING")
+        pool: RedisClient, redis_up: RedisServer) -> None:
+    pool.command("PING")
     redis_up.stop()
     try:
         with pytest.raises(redis.ConnectionError):
-            wire.call("PING")
+            pool.command("PING")
     finally:
         redis_up.start()
-    assert wire.call("PING") == b"PONG"
+    assert pool.command("PING") == b"PONG"
 
 
-def test_a_stalled_redis_times_out(wire: Wire, redis_up: RedisServer) -> None:
-    wire.call("PING")
+def test_a_stalled_redis_times_out(pool: RedisClient, redis_up: RedisServer) -> None:
+    pool.command("PING")
     stall = threading.Thread(target=lambda: redis_up.client().execute_command(
         "DEBUG", "SLEEP", "1"))
     stall.start()
     time.sleep(0.1)
     started = time.monotonic()
     with pytest.raises(redis.TimeoutError):
-        wire.call("PING")
+        pool.command("PING")
     assert time.monotonic() - started < 0.6
     stall.join()
-    assert wire.call("PING") == b"PONG"
+    assert pool.command("PING") == b"PONG"
