@@ -51,7 +51,8 @@ import redis
 from . import db, metrics
 from .config import Settings
 from .nearcache import NearCache
-from .redis_io import InvalidationListener, RedisClient, Script
+from .redis_io import InvalidationListener, RedisClient
+from .scripts import FILL, FOLLOW, READ, WRITE, Entry, Mode, entry_argv
 
 T = TypeVar("T")
 
@@ -64,68 +65,6 @@ LEASE_MS = 3000
 FILL_POLL_FIRST, FILL_POLL_LAST, FILL_WAIT = 0.002, 0.05, 1.0
 
 HIT, MISS, BYPASS = "HIT", "MISS", "BYPASS"
-# Modes of an entry written by the Lua scripts below.
-VERSIONED, PLAIN, DELETE = "v", "p", "d"
-
-_LUA_PUT = """
-local function version(value) return tonumber(string.match(value, '^(%d+) ')) or 0 end
-local function put(key, mode, ttl, value)
-  if mode == 'd' then redis.call('DEL', key) return end
-  if mode == 'v' then
-    local current = redis.call('GET', key)
-    if current and version(current) > version(value) then return end
-  end
-  redis.call('SET', key, value, 'PX', ttl)
-end
-"""
-
-# KEYS: key, lease. ARGV: token, lease ms. -> {'hit', value} | {'lease'} | {'busy'}
-READ = Script("""
-local value = redis.call('GET', KEYS[1])
-if value then return {'hit', value} end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'lease'} end
-return {'busy'}
-""")
-
-# KEYS: index key, lease. ARGV: token, lease ms, user key prefix, field, lowered value.
-FOLLOW = Script("""
-local id = redis.call('GET', KEYS[1])
-if id == '' then return {'hit', ''} end
-if id then
-  local row = redis.call('GET', ARGV[3] .. id)
-  local body = row and string.match(row, '^%d+ (.+)$')
-  if body and string.lower(cjson.decode(body)[ARGV[4]]) == ARGV[5] then return {'hit', row} end
-end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'lease'} end
-return {'busy'}
-""")
-
-# KEYS: lease, entries... ARGV: token, then mode, ttl, value for each entry.
-FILL = Script(_LUA_PUT + """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-for i = 2, #KEYS do put(KEYS[i], ARGV[3*i-4], ARGV[3*i-3], ARGV[3*i-2]) end
-return 1
-""")
-
-# KEYS: n entries, their n leases, then the `changed:` keys to announce. ARGV: the
-# writer's lease token ('' for none), then mode, ttl, value for each entry.
-WRITE = Script(_LUA_PUT + """
-local n = (#ARGV - 1) / 3
-for i = 1, n do
-  local mode = ARGV[3*i-1]
-  if mode == 'v' and ARGV[1] ~= '' and redis.call('GET', KEYS[n+i]) ~= ARGV[1] then
-    mode = 'd'
-  end
-  put(KEYS[i], mode, ARGV[3*i], ARGV[3*i+1])
-  redis.call('DEL', KEYS[n+i])
-end
-for i = 2*n + 1, #KEYS do
-  redis.call('SET', KEYS[i], '')
-  redis.call('DEL', KEYS[i])
-end
-return 1
-""")
 
 
 class CacheUnavailable(Exception):
@@ -178,14 +117,6 @@ class Answer:
 
     status: str
     user: bytes | None
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    key: str
-    mode: str
-    ttl_ms: int
-    value: bytes | str
 
 
 class Breaker:
@@ -282,7 +213,7 @@ class UserCache:
             self.near.start()
         keys = db.pending_cache_repairs(self.database)
         if keys:
-            self._write([Entry(key, DELETE, 0, "") for key in keys], "")
+            self._write([Entry(key, Mode.DELETE, 0, "") for key in keys], "")
             db.clear_cache_repairs(self.database, keys)
             log.info("cache repaired: %d stale keys deleted", len(keys))
         if self.breaker.failing:
@@ -305,23 +236,21 @@ class UserCache:
         return int(self.settings.cache_negative_ttl * 1000 * random.uniform(1 - jitter, 1))
 
     def _user_entry(self, row: db.UserRow) -> Entry:
-        return Entry(self.keys.user(row.id), VERSIONED, self._ttl_ms(True),
+        return Entry(self.keys.user(row.id), Mode.STORE_UNLESS_OLDER, self._ttl_ms(True),
                      b"%d " % row.version + row.public_json)
 
     def _entries_for(self, lookup: Lookup, row: db.UserRow | None) -> list[Entry]:
         """What a fill of `lookup` stores, given what Postgres answered."""
         if row is None:
-            value = "0 " if lookup.field == "id" else ""
-            return [Entry(self.keys.of(lookup), VERSIONED if lookup.field == "id" else PLAIN,
-                          self._ttl_ms(False), value)]
+            if lookup.field == "id":
+                return [Entry(self.keys.of(lookup), Mode.STORE_UNLESS_OLDER,
+                              self._ttl_ms(False), "0 ")]
+            return [Entry(self.keys.of(lookup), Mode.STORE, self._ttl_ms(False), "")]
         entries = [self._user_entry(row)]
         if lookup.field != "id":
-            entries.append(Entry(self.keys.of(lookup), PLAIN, self._ttl_ms(True), str(row.id)))
+            entries.append(Entry(self.keys.of(lookup), Mode.STORE, self._ttl_ms(True),
+                                 str(row.id)))
         return entries
-
-    @staticmethod
-    def _args(entries: list[Entry]) -> list[bytes | str | int]:
-        return [x for entry in entries for x in (entry.mode, entry.ttl_ms, entry.value)]
 
     # -- reads --------------------------------------------------------------------
 
@@ -370,7 +299,7 @@ class UserCache:
             # Not waited for: the answer is right whether or not it gets cached.
             with contextlib.suppress(CacheUnavailable):
                 self._call(lambda: self.redis.run_script(FILL, keys,
-                                                         [token, *self._args(entries)], wait=False))
+                                                         [token, *entry_argv(entries)], wait=False))
         return Answer(MISS, row.public_json if row else None)
 
     # -- writes -------------------------------------------------------------------
@@ -401,20 +330,20 @@ class UserCache:
         for field, old in (("username", change.old_username), ("email", change.old_email)):
             key = self.keys.of(Lookup.of(field, old))
             if key not in fresh:
-                entries.append(Entry(key, DELETE, 0, ""))
+                entries.append(Entry(key, Mode.DELETE, 0, ""))
         self._write_through(entries, token)
 
     def deleted(self, row: db.UserRow, token: str) -> None:
-        tombstone = Entry(self.keys.user(row.id), VERSIONED, self._ttl_ms(False),
+        tombstone = Entry(self.keys.user(row.id), Mode.STORE_UNLESS_OLDER, self._ttl_ms(False),
                           b"%d " % (row.version + 1))
-        indexes = [Entry(self.keys.of(Lookup.of(field, getattr(row, field))), DELETE, 0, "")
+        indexes = [Entry(self.keys.of(Lookup.of(field, getattr(row, field))), Mode.DELETE, 0, "")
                    for field in ("username", "email")]
         self._write_through([tombstone, *indexes], token)
 
     def _row_entries(self, row: db.UserRow) -> list[Entry]:
         ttl = self._ttl_ms(True)
         return [self._user_entry(row),
-                *(Entry(self.keys.of(Lookup.of(field, getattr(row, field))), PLAIN, ttl,
+                *(Entry(self.keys.of(Lookup.of(field, getattr(row, field))), Mode.STORE, ttl,
                         str(row.id))
                   for field in ("username", "email"))]
 
@@ -431,4 +360,4 @@ class UserCache:
         ids = self.keys.ids
         changed = [self.keys.changes + key[len(ids):] for key in keys if key.startswith(ids)]
         self.redis.run_script(WRITE, [*keys, *map(self.keys.lease, keys), *changed],
-                              [token, *self._args(entries)])
+                              [token, *entry_argv(entries)])
