@@ -9,9 +9,9 @@ from flask import Blueprint, Response, current_app, request
 
 from . import metrics, replies, validation
 from .app import users_of
-from .cache import Lookup
 from .db import DatabaseUnavailable
 from .errors import ApiError
+from .keys import Lookup
 from .openapi import OPENAPI_JSON
 from .replies import JSON, Reply
 from .users import Users

@@ -1,15 +1,5 @@
-"""The cache policy, all of it: keys, TTLs, fills, write-through and invalidation.
-
-Keys (prefix `cs:1:<namespace>:`; 1 is bumped when the value format changes, and the
-namespace is a name the database got when its schema was created, see migration 002):
-- `id:<id>` holds `<version> <json>` for a user, `<version> ` for a deleted one
-  (a tombstone) and `0 ` for an id nobody has. The JSON is the exact response body.
-- `username:<lower>` and `email:<lower>` hold the user's id, or an empty string when
-  nobody has it. They are pointers: a read follows one to `id:<id>` inside a Lua
-  script and counts it a hit only if that user still has the username or email.
-- `lease:<key>` is the lease on a key (below).
-- `changed:<id>` is never stored: a write sets and deletes it to tell every near cache
-  that the user changed (see below).
+"""The cache policy: what each read and write does in Redis, and in what order (the key
+names are in keys.py, the scripts in lua/, the bytes on the wire in redis_io.py).
 
 Races are closed with leases (as in "Scaling Memcache at Facebook") plus versions:
 - A reader that misses takes the key's lease (SET NX PX) and fills only if its lease is
@@ -23,7 +13,7 @@ Races are closed with leases (as in "Scaling Memcache at Facebook") plus version
 
 Redis is never the source of truth: every call has a short timeout, and after a failure
 a breaker skips Redis for a cool-down (answers come from Postgres, `X-Cache: BYPASS`).
-Keys a write could not update are logged in Postgres (`cache_repairs`) and deleted from
+Keys a write could not update go into the repair log (repairs.py) and are deleted from
 Redis before it is used again, so a Redis that comes back with old data never serves it.
 
 Hot `id:<id>` values are also kept in process memory (see nearcache.py), invalidated by
@@ -49,16 +39,19 @@ from typing import TypeVar
 import redis
 
 from . import db, metrics
+from .breaker import Breaker
 from .config import Settings
+from .keys import Keys, Lookup
 from .nearcache import NearCache
 from .redis_io import InvalidationListener, RedisClient
-from .scripts import FILL, FOLLOW, READ, WRITE, Entry, Mode, entry_argv
+from .repairs import RepairLog
+from .scripts import BUSY, FILL, FOLLOW, FOUND, LEASED, READ, WRITE, Entry, Mode, entry_argv
 
 T = TypeVar("T")
+Load = Callable[[], db.UserRow | None]  # what a read asks Postgres
 
 log = logging.getLogger(__name__)
 
-FORMAT = "cs:1:"
 LEASE_MS = 3000
 # A reader that finds another's lease polls for its fill, backing off from the first to
 # the last pause, for at most FILL_WAIT seconds; then it reads Postgres itself.
@@ -72,46 +65,6 @@ class CacheUnavailable(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Lookup:
-    """One way of finding a user; `value` is already normalised (ids as text, names lowered)."""
-
-    field: str
-    value: str
-
-    @classmethod
-    def of(cls, field: str, value: str | int) -> Lookup:
-        return cls(field, str(value).lower())
-
-
-@dataclass(frozen=True, slots=True)
-class Keys:
-    """Key names under one database's prefix."""
-
-    prefix: str
-
-    @classmethod
-    def for_namespace(cls, namespace: str) -> Keys:
-        return cls(f"{FORMAT}{namespace}:")
-
-    @property
-    def ids(self) -> str:
-        return self.prefix + "id:"
-
-    def of(self, lookup: Lookup) -> str:
-        return f"{self.prefix}{lookup.field}:{lookup.value}"
-
-    def user(self, user_id: int | str) -> str:
-        return f"{self.ids}{user_id}"
-
-    @property
-    def changes(self) -> str:
-        return self.prefix + "changed:"
-
-    def lease(self, key: str) -> str:
-        return f"{self.prefix}lease:{key.removeprefix(self.prefix)}"
-
-
-@dataclass(frozen=True, slots=True)
 class Answer:
     """The result of a read: where it came from and the user's JSON (None: nobody matches)."""
 
@@ -119,33 +72,8 @@ class Answer:
     user: bytes | None
 
 
-class Breaker:
-    """Skip Redis for `cooldown` seconds after a failure instead of paying its timeout each time.
-
-    It starts tripped, so that each process clears pending cache repairs before its first
-    cache read.
-    """
-
-    def __init__(self, cooldown: float) -> None:
-        self.cooldown = cooldown
-        self.tripped = True
-        self.failing = False  # since the last failure, Redis has not answered
-        self._open_until = 0.0
-
-    def allows(self) -> bool:
-        return time.monotonic() >= self._open_until
-
-    def trip(self) -> bool:
-        """Open for a cool-down; True when this failure is news (Redis had answered since the
-        last one, or never failed before)."""
-        news = not self.failing
-        self.tripped = self.failing = True
-        self._open_until = time.monotonic() + self.cooldown
-        return news
-
-
 def _decode_user(value: bytes) -> bytes | None:
-    """`<version> <json>` -> the JSON, or None for a tombstone or a cached not-found."""
+    """`<version> <json>` -> the JSON; None for a tombstone, a cached nobody or ''."""
     body = value.partition(b" ")[2]
     return body or None
 
@@ -157,6 +85,7 @@ class UserCache:
         self.settings = settings
         self.database = database
         self.breaker = Breaker(settings.cache_cooldown)
+        self.repairs = RepairLog(database)
         self.redis = RedisClient(settings.redis_url, settings.cache_timeout)
         # Lease tokens only need to be unique, not secret: a random prefix and a counter
         # (itertools.count is safe to share between threads).
@@ -184,9 +113,11 @@ class UserCache:
             self._keys = Keys.for_namespace(db.cache_namespace(self.database))
         return self._keys
 
-    # -- plumbing -----------------------------------------------------------------
+    # -- Redis, behind the breaker -------------------------------------------------
 
-    def _call(self, command: Callable[[], T]) -> T:
+    def _through_breaker(self, command: Callable[[], T]) -> T:
+        """`command()`, unless the breaker is open, after a repair when it had tripped. A
+        failure trips it, closes every connection and stops the near cache."""
         if not self.breaker.allows():
             raise CacheUnavailable("breaker open")
         try:
@@ -203,30 +134,31 @@ class UserCache:
                 self.near.stop()
             raise CacheUnavailable(str(exc)) from None
 
-    def _token(self) -> str:
-        return f"{self._token_prefix}:{next(self._token_counter)}"
-
     def _repair(self) -> None:
         """Delete every key a write could not update, then trust Redis again."""
         self.redis.command("PING")  # not worth asking Postgres for repairs while Redis is away
         if self.near:
             self.near.start()
-        keys = db.pending_cache_repairs(self.database)
-        if keys:
-            self._write([Entry(key, Mode.DELETE, 0, "") for key in keys], "")
-            db.clear_cache_repairs(self.database, keys)
-            log.info("cache repaired: %d stale keys deleted", len(keys))
-        if self.breaker.failing:
+        deleted = self.repairs.replay(
+            lambda keys: self._write_entries([Entry(key, Mode.DELETE, 0, "") for key in keys],
+                                             ""))
+        if deleted:
+            log.info("cache repaired: %d stale keys deleted", deleted)
+        if self.breaker.reset():
             log.info("redis available again")
-        self.breaker.tripped = self.breaker.failing = False
 
     def available(self) -> bool:
         """Whether Redis answers a PING now (for /readyz)."""
         try:
-            self._call(lambda: self.redis.command("PING"))
+            self._through_breaker(lambda: self.redis.command("PING"))
             return True
         except (CacheUnavailable, db.DatabaseUnavailable):
             return False
+
+    def _new_lease_token(self) -> str:
+        return f"{self._token_prefix}:{next(self._token_counter)}"
+
+    # -- entries ------------------------------------------------------------------
 
     def _ttl_ms(self, found: bool) -> int:
         """TTL with jitter so keys filled together do not expire together."""
@@ -239,7 +171,7 @@ class UserCache:
         return Entry(self.keys.user(row.id), Mode.STORE_UNLESS_OLDER, self._ttl_ms(True),
                      b"%d " % row.version + row.public_json)
 
-    def _entries_for(self, lookup: Lookup, row: db.UserRow | None) -> list[Entry]:
+    def _fill_entries(self, lookup: Lookup, row: db.UserRow | None) -> list[Entry]:
         """What a fill of `lookup` stores, given what Postgres answered."""
         if row is None:
             if lookup.field == "id":
@@ -252,74 +184,107 @@ class UserCache:
                                  str(row.id)))
         return entries
 
+    def _row_entries(self, row: db.UserRow) -> list[Entry]:
+        """A row's entry and its two pointers, as a create or an update stores them."""
+        ttl = self._ttl_ms(True)
+        return [self._user_entry(row),
+                *(Entry(self.keys.of(Lookup.of(field, getattr(row, field))), Mode.STORE, ttl,
+                        str(row.id))
+                  for field in ("username", "email"))]
+
     # -- reads --------------------------------------------------------------------
 
-    def _try(self, key: str, lookup: Lookup, token: str) -> list:
-        keys = [key, self.keys.lease(key)]
-        if lookup.field == "id":
-            return self.redis.run_script(READ, keys, [token, LEASE_MS])
-        return self.redis.run_script(FOLLOW, keys,
-                                     [token, LEASE_MS, self.keys.ids, lookup.field, lookup.value])
-
-    def read(self, lookup: Lookup, load: Callable[[], db.UserRow | None]) -> Answer:
-        """Cache-aside read: a hit (from process memory if it holds the key), or load from
-        Postgres and fill under a lease."""
-        key = self.keys.of(lookup)
+    def read(self, lookup: Lookup, load: Load) -> Answer:
+        """Cache-aside read, in steps, each answering if it can: process memory (by id, while
+        Redis is trusted; the busiest case, so written out here), Redis (waiting out another
+        reader's fill), Postgres alone while Redis is unavailable, and otherwise Postgres,
+        filled into Redis under this reader's lease."""
         near = self.near if lookup.field == "id" and not self.breaker.tripped else None
-        if near:
+        if near is not None:
             value = near.get(lookup.value)
             if value is not None:
                 metrics.CACHE_HITS.inc()
                 return Answer(HIT, _decode_user(value))
-            epoch = near.epoch
-        token = self._token()
+            epoch = near.epoch  # before Redis is asked: see NearCache.put
+        key, token = self.keys.of(lookup), self._new_lease_token()
         try:
-            reply = self._call(lambda: self._try(key, lookup, token))
-            pause, give_up = FILL_POLL_FIRST, time.monotonic() + FILL_WAIT
-            while reply[0] == b"busy" and time.monotonic() < give_up:
-                time.sleep(pause)
-                pause = min(pause * 2, FILL_POLL_LAST)
-                reply = self._call(lambda: self._try(key, lookup, token))
+            reply = self._get_or_lease(lookup, key, token)
         except CacheUnavailable:
-            metrics.CACHE_BYPASSES.inc()
-            row = load()
-            return Answer(BYPASS, row.public_json if row else None)
-        if reply[0] == b"hit":
+            return self._bypass(load)
+        if reply[0] == FOUND:
             metrics.CACHE_HITS.inc()
-            if near:
+            if near is not None:
                 near.put(lookup.value, reply[1], epoch)
-            return Answer(HIT, _decode_user(reply[1]) if reply[1] else None)
+            return Answer(HIT, _decode_user(reply[1]))
+        return self._load_and_fill(lookup, key, load, token if reply[0] == LEASED else "")
+
+    def _get_or_lease(self, lookup: Lookup, key: str, token: str) -> list:
+        """READ `key` (by id) or FOLLOW it (by username or email): [FOUND, value], [LEASED]
+        when this reader took its lease, [BUSY] when another reader held it all along."""
+        if lookup.field == "id":
+            script, argv = READ, [token, LEASE_MS]
+        else:
+            script, argv = FOLLOW, [token, LEASE_MS, self.keys.ids, lookup.field, lookup.value]
+        keys = [key, self.keys.lease(key)]
+
+        def ask() -> list:
+            return self.redis.run_script(script, keys, argv)
+
+        reply = self._through_breaker(ask)
+        return self._wait_for_fill(ask) if reply[0] == BUSY else reply
+
+    def _wait_for_fill(self, ask: Callable[[], list]) -> list:
+        """Another reader holds the lease: ask again, backing off, until its fill came (or
+        its lease went, so this reader takes it), for at most FILL_WAIT."""
+        pause, give_up = FILL_POLL_FIRST, time.monotonic() + FILL_WAIT
+        reply = [BUSY]
+        while reply[0] == BUSY and time.monotonic() < give_up:
+            time.sleep(pause)
+            pause = min(pause * 2, FILL_POLL_LAST)
+            reply = self._through_breaker(ask)
+        return reply
+
+    @staticmethod
+    def _bypass(load: Load) -> Answer:
+        """Redis is unavailable: Postgres's answer, cached nowhere."""
+        metrics.CACHE_BYPASSES.inc()
+        row = load()
+        return Answer(BYPASS, row.public_json if row else None)
+
+    def _load_and_fill(self, lookup: Lookup, key: str, load: Load, lease: str) -> Answer:
+        """A miss: Postgres's answer, filled into Redis when this reader holds the lease on
+        `key` (`lease` is its token; '' when another reader's fill never came)."""
         metrics.CACHE_MISSES.inc()
         row = load()
-        if reply[0] == b"lease":
+        if lease:
             if self.before_fill:
                 self.before_fill(lookup)
-            entries = self._entries_for(lookup, row)
+            entries = self._fill_entries(lookup, row)
             keys = [self.keys.lease(key), *(entry.key for entry in entries)]
             # Not waited for: the answer is right whether or not it gets cached.
             with contextlib.suppress(CacheUnavailable):
-                self._call(lambda: self.redis.run_script(FILL, keys,
-                                                         [token, *entry_argv(entries)], wait=False))
+                self._through_breaker(lambda: self.redis.run_script(
+                    FILL, keys, [lease, *entry_argv(entries)], wait=False))
         return Answer(MISS, row.public_json if row else None)
 
     # -- writes -------------------------------------------------------------------
 
     def lease_for_write(self, user_id: int) -> str:
         """Take `id:<id>`'s lease before changing the row; '' when Redis is unavailable."""
-        token = self._token()
+        token = self._new_lease_token()
         try:
             lease = self.keys.lease(self.keys.user(user_id))
-            self._call(lambda: self.redis.command("SET", lease, token, "PX", LEASE_MS))
+            self._through_breaker(lambda: self.redis.command("SET", lease, token, "PX", LEASE_MS))
         except CacheUnavailable:
             return ""
         return token
 
-    def release(self, user_id: int, token: str) -> None:
+    def release_write_lease(self, user_id: int, token: str) -> None:
         """Give a write lease back after a write that changed nothing."""
         if token:
             with contextlib.suppress(CacheUnavailable):
                 lease = self.keys.lease(self.keys.user(user_id))
-                self._call(lambda: self.redis.command("DEL", lease))
+                self._through_breaker(lambda: self.redis.command("DEL", lease))
 
     def created(self, row: db.UserRow) -> None:
         self._write_through(self._row_entries(row), "")
@@ -340,22 +305,15 @@ class UserCache:
                    for field in ("username", "email")]
         self._write_through([tombstone, *indexes], token)
 
-    def _row_entries(self, row: db.UserRow) -> list[Entry]:
-        ttl = self._ttl_ms(True)
-        return [self._user_entry(row),
-                *(Entry(self.keys.of(Lookup.of(field, getattr(row, field))), Mode.STORE, ttl,
-                        str(row.id))
-                  for field in ("username", "email"))]
-
     def _write_through(self, entries: list[Entry], token: str) -> None:
         try:
-            self._call(lambda: self._write(entries, token))
+            self._through_breaker(lambda: self._write_entries(entries, token))
         except CacheUnavailable:
-            db.record_cache_repairs(self.database, [entry.key for entry in entries])
+            self.repairs.record([entry.key for entry in entries])
 
-    def _write(self, entries: list[Entry], token: str) -> None:
-        """One WRITE script call: store or delete `entries`, dropping their leases, and
-        announce every user among them to the near caches."""
+    def _write_entries(self, entries: list[Entry], token: str) -> None:
+        """One WRITE: store or delete `entries`, dropping their leases, and announce every
+        user among them to the near caches."""
         keys = [entry.key for entry in entries]
         ids = self.keys.ids
         changed = [self.keys.changes + key[len(ids):] for key in keys if key.startswith(ids)]

@@ -296,7 +296,6 @@ def clear_cache_repairs(db: Database, keys: list[str]) -> None:
     db.run(lambda cur: cur.execute("DELETE FROM cache_repairs WHERE key = ANY(%s)", (keys,)))
 
 
-
 def cache_namespace(db: Database) -> str:
     def select(cur: Any) -> str:
         cur.execute("SELECT value FROM cache_namespace")

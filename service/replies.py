@@ -14,8 +14,9 @@ import json
 from dataclasses import dataclass
 
 from . import validation
-from .cache import HIT, Answer, Lookup
+from .cache import HIT, Answer
 from .errors import ApiError, error_body
+from .keys import Lookup
 from .users import Users
 
 JSON = "application/json"

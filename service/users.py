@@ -6,7 +6,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from . import db
-from .cache import Answer, Lookup, UserCache
+from .cache import Answer, UserCache
+from .keys import Lookup
 
 R = TypeVar("R")
 
@@ -53,8 +54,8 @@ class Users:
         try:
             result = write()
         except Exception:
-            self.cache.release(user_id, token)
+            self.cache.release_write_lease(user_id, token)
             raise
         if result is None:
-            self.cache.release(user_id, token)
+            self.cache.release_write_lease(user_id, token)
         return result, token

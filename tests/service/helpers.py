@@ -23,8 +23,8 @@ from flask.testing import FlaskClient
 
 from service import db, schema
 from service.app import create_app, users_of
-from service.cache import Keys, Lookup
 from service.config import Settings
+from service.keys import Keys, Lookup
 from tests.support import require
 
 from .servers import ROOT, RedisServer, ServiceProcess, TlsFiles

@@ -12,7 +12,7 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service.cache import FORMAT
+from service.keys import FORMAT
 from service.redis_io import CHANNEL
 
 from .helpers import create, query, send_fills

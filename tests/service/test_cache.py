@@ -11,7 +11,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from service.app import create_app
-from service.cache import Lookup
+from service.keys import Lookup
 
 from .helpers import (
     Read,

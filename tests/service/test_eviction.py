@@ -16,7 +16,7 @@ from flask.testing import FlaskClient
 
 from service import db
 from service.app import users_of
-from service.cache import Lookup
+from service.keys import Lookup
 
 from .helpers import (
     Read,

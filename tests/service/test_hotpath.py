@@ -16,8 +16,8 @@ from prometheus_client import REGISTRY
 from werkzeug.test import EnvironBuilder
 
 from service.app import create_app, users_of
-from service.cache import Lookup
 from service.hotpath import serve_hot_routes
+from service.keys import Lookup
 
 from .helpers import ApiTokens, create, empty_database, settings_for, via_proxy
 from .servers import RedisServer, TcpProxy
