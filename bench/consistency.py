@@ -140,7 +140,8 @@ class Client:
         for kind in self.rng.choices(kinds, weights, k=operations):
             getattr(self, kind)()
 
-    def _call(self, method: str, path: str, **kwargs: object) -> tuple[int, int, object, int]:
+    def _timed_request(self, method: str, path: str,
+                       **kwargs: object) -> tuple[int, int, object, int]:
         """(start, ack, JSON body or None, status) of one request; status 0 when it failed."""
         start = time.monotonic_ns()
         try:
@@ -158,7 +159,7 @@ class Client:
 
     def _write(self, kind: str, method: str, path: str, ok: int, refused: tuple[int, ...],
                user_id: int | None, sent: dict | None = None) -> None:
-        start, ack, body, status = self._call(method, path, json=sent)
+        start, ack, body, status = self._timed_request(method, path, json=sent)
         if status == ok:
             state = body["data"] if isinstance(body, dict) else None
             item = Write(start, ack, state["id"] if state else user_id, state, sent or {})
@@ -188,7 +189,7 @@ class Client:
         self._write("delete", "DELETE", f"/users/{user_id}", 204, (404,), user_id)
 
     def _read(self, kind: str, by: str, key: int | str, path: str, params: dict | None) -> None:
-        start, ack, body, status = self._call("GET", path, params=params)
+        start, ack, body, status = self._timed_request("GET", path, params=params)
         item = None
         if status == 200 and isinstance(body, dict):
             item = Read(start, ack, by, key, body["data"])

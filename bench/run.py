@@ -184,7 +184,7 @@ class Targets:
     def _servers(self, number: int) -> list[str]:
         return ["ours", *(["ours+tls"] if number < self.tls_rounds else []), "reference"]
 
-    def _args(self, name: str, who: str, number: int) -> list[str]:
+    def _wrk_args(self, name: str, who: str, number: int) -> list[str]:
         side = SIDES[who]
         if name == "hit":
             return ["paths", self.files[f"{side}_hot"], str(THREADS)]
@@ -203,7 +203,7 @@ class Targets:
                 if name == "hit":
                     prewarm(session, base, self.files[f"{SIDES[who]}_hot"])
                 counted = self.counters[who] if name != "create" else no_counters
-                result = wrk(base, self._args(name, who, number), self.duration, counted)
+                result = wrk(base, self._wrk_args(name, who, number), self.duration, counted)
                 if name == "miss":
                     self.cold_offset[SIDES[who]] += result.used + THREADS
                 series[who].rounds.append(result)
