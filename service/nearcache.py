@@ -15,14 +15,14 @@ connection is subscribed.
 Requests drain the socket as they come. When they do not come (an idle worker, or one
 that only writes or looks users up by name), a thread of its own drains it, so Redis
 never keeps what it could not send: without it, the messages piled up in Redis as long as
-others wrote, until Redis dropped the subscriber at its limit for them.
+others wrote, until Redis dropped the subscriber at its limit for them (bench/README.md,
+"Measurements behind the code").
 
 That holds while Redis can write to the socket. A worker that falls behind (drains slower
 than others write) lets the socket buffers fill, and then Redis keeps the newest messages in
-its own memory, where no drain can see them, and still answers writers. The listener says
-"everything" when it finds more waiting than buffers that keep up ever hold
-(redis_io.BEHIND_BYTES), and then the near cache drops everything instead of trusting what
-it read.
+its own memory, where no drain can see them, and still answers writers. A drain that finds
+more waiting than a listener that keeps up ever has (redis_io.BEHIND_BYTES) says
+"everything", and the near cache drops everything instead of trusting what it read.
 """
 
 from __future__ import annotations
