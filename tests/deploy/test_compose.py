@@ -41,26 +41,30 @@ class ComposeRun:
     command: list[str]
     env: dict[str, str]
 
-    def running(self) -> list[Service]:
-        """The services that keep running (a task's container has exited)."""
-        return [s for s in self.stack.services if not s.once]
+    def every_container(self, client: docker.DockerClient) -> list[tuple[Service, Any]]:
+        """Each container that keeps running (a task's has exited), with its service."""
+        return [(s, c) for s in self.stack.services if not s.once
+                for c in self.containers(client, s.name)]
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.stack.service('service').ports[0].host}"
+        return f"http://127.0.0.1:{self.stack.service('proxy').ports[0].host}"
 
     def container(self, client: docker.DockerClient, service: str) -> Any:
-        found = client.containers.list(
+        [container] = self.containers(client, service)
+        return container
+
+    def containers(self, client: docker.DockerClient, service: str) -> list[Any]:
+        """The service's containers (each replica of a scaled one)."""
+        return client.containers.list(
             all=True,
             filters={
                 "label": [
                     f"{COMPOSE_LABEL}={self.stack.project}",
                     f"com.docker.compose.service={service}",
                 ]
-            }
+            },
         )
-        assert len(found) == 1, f"one {service} container"
-        return found[0]
 
 
 def compose_command(*files: str) -> list[str]:
@@ -91,7 +95,7 @@ def compose_up(
     env = {
         **image_env(images),
         "COMPOSE_PROJECT_NAME": stack.project,
-        "CACHESTACK_PORT": str(stack.service("service").ports[0].host),
+        "CACHESTACK_PORT": str(stack.service("proxy").ports[0].host),
         **(extra_env or {}),
     }
     running = ComposeRun(stack, compose_command(*files), env)
@@ -131,12 +135,12 @@ def compose(
     ids=["official", "offline", "offline+dev"],
 )
 def test_config_is_valid(files: tuple[str, ...]) -> None:
-    env = image_env({"postgres": "p:1", "redis": "r:1", "service": "s:1"})
+    env = image_env({"postgres": "p:1", "redis": "r:1", "proxy": "x:1", "service": "s:1"})
     run(*compose_command(*files), "config", "--quiet", env=env)
 
 
 def test_dev_override_runs_the_working_tree_with_reload() -> None:
-    env = image_env({"postgres": "p:1", "redis": "r:1", "service": "s:1"})
+    env = image_env({"postgres": "p:1", "redis": "r:1", "proxy": "x:1", "service": "s:1"})
     rendered = run(*compose_command(*FILES, DEV_FILE), "config", env=env).stdout
     service = yaml.safe_load(rendered)["services"]["service"]
     assert "--reload" in service["command"]
@@ -153,8 +157,7 @@ def test_secrets_are_files_only_the_container_user_can_read(
     compose: ComposeRun, docker_client: docker.DockerClient
 ) -> None:
     values = {name: read_secret(name) for name in compose.stack.secrets}
-    for service in compose.running():
-        container = compose.container(docker_client, service.name)
+    for service, container in compose.every_container(docker_client):
         for mount in service.secrets:
             result = container.exec_run(["stat", "-c", "%a %u %g", mount.target])
             assert result.exit_code == 0, result.output
@@ -168,26 +171,19 @@ def test_secrets_are_files_only_the_container_user_can_read(
         assert not any(value in dumped for value in values.values()), service.name
 
 
-def test_only_the_service_is_published_and_only_on_loopback(
+def test_only_the_proxy_is_published_and_only_on_loopback(
     compose: ComposeRun, docker_client: docker.DockerClient
 ) -> None:
-    for service in compose.running():
-        ports = (
-            docker_client.api.inspect_container(compose.container(docker_client, service.name).id)[
-                "NetworkSettings"
-            ]["Ports"]
-            or {}
-        )
+    for service, container in compose.every_container(docker_client):
+        ports = docker_client.api.inspect_container(container.id)["NetworkSettings"]["Ports"] or {}
         bindings = [b for binds in ports.values() if binds for b in binds]
         want = [("127.0.0.1", str(p.host)) for p in service.ports]
         assert [(b["HostIp"], b["HostPort"]) for b in bindings] == want, service.name
 
 
 def test_containers_are_hardened(compose: ComposeRun, docker_client: docker.DockerClient) -> None:
-    for service in compose.running():
-        info = docker_client.api.inspect_container(
-            compose.container(docker_client, service.name).id
-        )
+    for service, container in compose.every_container(docker_client):
+        info = docker_client.api.inspect_container(container.id)
         host = info["HostConfig"]
         assert info["Config"]["User"] == service.user
         assert host["ReadonlyRootfs"] is True
@@ -200,7 +196,8 @@ def test_containers_are_hardened(compose: ComposeRun, docker_client: docker.Dock
 def test_tasks_ran_before_the_service_and_succeeded(
     compose: ComposeRun, docker_client: docker.DockerClient
 ) -> None:
-    service = compose.container(docker_client, "service").attrs["State"]["StartedAt"]
+    service = min(c.attrs["State"]["StartedAt"]
+                  for c in compose.containers(docker_client, "service"))
     for task in compose.stack.services:
         if task.once:
             state = compose.container(docker_client, task.name).attrs["State"]

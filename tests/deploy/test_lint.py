@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from orchestrate.stack import IMAGES
 from tests.support import require
 
 from .conftest import REPO, run
@@ -59,7 +60,10 @@ def assert_clean(reports: list[dict[str, Any]]) -> None:
 
 
 def test_the_dockerfiles_are_found() -> None:
-    assert "Dockerfile" in DOCKERFILES and len(DOCKERFILES) == 5, DOCKERFILES
+    """Every recipe of the stack's images is linted (and no other Dockerfile hides here)."""
+    recipes = {str(Path(spec.context) / spec.dockerfile) for spec in IMAGES.values()}
+    recipes |= {f"{spec.offline_base}/Dockerfile" for spec in IMAGES.values() if spec.offline_base}
+    assert set(DOCKERFILES) == {str(Path(r)) for r in recipes}, DOCKERFILES
 
 
 def test_hadolint_finds_nothing() -> None:

@@ -2,9 +2,9 @@
 
 The test initialises a swarm (advertised on 127.0.0.1) only when the engine is in none, and then
 leaves it again. Kernels without IPVS (this VM) have no routing mesh and no service VIPs; there
-the stack is deployed with DNS round robin and host-mode ports (CACHESTACK_ENDPOINT_MODE=dnsrr,
-CACHESTACK_PUBLISH_MODE=host, CACHESTACK_PORT=0: one random port per replica), and each replica
-is checked through its own 127.0.0.1 port.
+the stack is deployed with DNS round robin and a host-mode port (CACHESTACK_ENDPOINT_MODE=dnsrr,
+CACHESTACK_PUBLISH_MODE=host, CACHESTACK_PORT=0: a random port for the proxy), and the stack is
+checked through the proxy's 127.0.0.1 port.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ REMOVE_TIMEOUT_S = 60
 @dataclass
 class SwarmRun:
     stack: Stack
-    urls: list[str]  # one per replica without a routing mesh, else the mesh's one
+    urls: list[str]  # the proxy's: through the mesh, or its own host port without one
 
     def containers(self, client: docker.DockerClient, service: str) -> list[Any]:
         return client.containers.list(
@@ -58,21 +58,21 @@ def host_ports(container: Any) -> list[int]:
 
 
 def wait_for_replicas(
-    client: docker.DockerClient, running: SwarmRun, count: int, host_mode: bool
+    client: docker.DockerClient, running: SwarmRun, service: str, count: int, host_mode: bool
 ) -> list[Any]:
-    """The service's containers once `count` of them run healthy (tasks may restart first).
+    """A service's containers once `count` of them run healthy (tasks may restart first).
 
     In host mode each must also have its port; behind the mesh the containers have none.
     """
     deadline = time.monotonic() + 180
     states: list[str] = []
     while time.monotonic() < deadline:
-        found = running.containers(client, "service")
+        found = running.containers(client, service)
         states = [c.attrs["State"].get("Health", {}).get("Status", "none") for c in found]
         if states == ["healthy"] * count and all(host_ports(c) or not host_mode for c in found):
             return found
         time.sleep(1)
-    raise AssertionError(f"want {count} healthy service replicas, have {states}")
+    raise AssertionError(f"want {count} healthy {service} replicas, have {states}")
 
 
 def remove_stack(client: docker.DockerClient, name: str) -> list[str]:
@@ -130,11 +130,10 @@ def swarm(
             env=env,
         )
         running = SwarmRun(stack, [])
-        replicas = wait_for_replicas(docker_client, running, 2, host_mode=not mesh)
-        ports = [port] if mesh else [host_ports(c)[0] for c in replicas]
-        running.urls = [f"http://127.0.0.1:{p}" for p in ports]
-        for url in running.urls:
-            wait_ready(url)
+        wait_for_replicas(docker_client, running, "service", 2, host_mode=False)
+        [proxy] = wait_for_replicas(docker_client, running, "proxy", 1, host_mode=not mesh)
+        running.urls = [f"http://127.0.0.1:{port if mesh else host_ports(proxy)[0]}"]
+        wait_ready(running.urls[0])
         yield running
     finally:
         left = remove_stack(docker_client, name)
@@ -159,7 +158,7 @@ def test_replicas_share_the_database_and_cache(
     for container in replicas:
         container.reload()
         assert container.attrs["State"]["Health"]["Status"] == "healthy"
-    first, last = swarm.urls[0], swarm.urls[-1]
+    first = last = swarm.urls[0]  # the proxy sends consecutive requests to either replica
     tag = unique_name("")
     auth = {"Authorization": f"Bearer {api_token()}"}
     created = requests.post(
