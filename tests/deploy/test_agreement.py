@@ -32,7 +32,7 @@ from orchestrate.stack import (
 )
 from service import probe
 
-from .conftest import REPO, run, tool
+from .helpers import REPO, run, tool
 
 STACK = describe_stack()
 SERVICES = [s.name for s in STACK.services]

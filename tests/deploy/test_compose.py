@@ -28,7 +28,7 @@ from orchestrate.stack import Service, Stack, describe_stack
 from tests.containers import redis_cli
 from tests.support import free_port
 
-from .conftest import REPO, image_env, run, tool, unique_name, wait_ready
+from .helpers import REPO, image_env, run, tool, unique_name, wait_ready
 
 FILES = ("docker-compose.yml", "compose.offline.yml")
 DEV_FILE = "compose.dev.yml"

@@ -10,7 +10,7 @@ import pytest
 
 from tests.support import require
 
-from .conftest import SECRET_NAMES
+from .helpers import SECRET_NAMES
 
 NAMESPACE = "cachestack"
 K8S_VERSION = "1.32.0"  # the kubectl installed here

@@ -16,7 +16,7 @@ from typing import Any
 from orchestrate.stack import IMAGES
 from tests.support import require
 
-from .conftest import REPO, run
+from .helpers import REPO, run
 
 LINTERS = REPO / "build" / "linters" / "bin"  # made by scripts/install-linters.sh
 DOCKERFILES = sorted(

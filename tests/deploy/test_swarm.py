@@ -24,7 +24,7 @@ from orchestrate.smoke import run_smoke
 from orchestrate.stack import Stack, describe_stack
 from tests.support import free_port, require
 
-from .conftest import REPO, image_env, run, tool, unique_name, wait_ready
+from .helpers import REPO, image_env, run, tool, unique_name, wait_ready
 
 STACK_FILE = REPO / "stack.yml"
 NAMESPACE_LABEL = "com.docker.stack.namespace"

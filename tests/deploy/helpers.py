@@ -1,0 +1,74 @@
+"""Helpers of the deployment-format tests (compose, swarm, Kubernetes): running tools from the
+repository root, names and environments for a run, waiting for a stack to be ready."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import requests
+
+from orchestrate.stack import describe_stack
+from tests.support import require
+
+REPO = Path(__file__).resolve().parents[2]
+SECRET_NAMES = describe_stack().secrets
+READY_TIMEOUT_S = 180
+
+
+def tool(name: str) -> str:
+    """Path of an executable; skip (fail in CI) when it is not installed."""
+    path = shutil.which(name)
+    require(path is not None, f"the {name} command")
+    assert path is not None
+    return path
+
+
+def run(
+    *cmd: str, env: dict[str, str] | None = None, timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run a command from the repository root; on failure, raise with its output."""
+    result = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-3000:]}"
+            f"\n{result.stderr[-3000:]}"
+        )
+    return result
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+def image_env(refs: dict[str, str]) -> dict[str, str]:
+    """CACHESTACK_<KEY>_IMAGE for every image of the stack: how compose and swarm get them."""
+    return {f"CACHESTACK_{key.upper()}_IMAGE": ref for key, ref in refs.items()}
+
+
+def wait_ready(base_url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Poll GET /readyz through a published 127.0.0.1 port until it answers 200."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            reply = requests.get(f"{base_url}/readyz", timeout=3)
+            if reply.status_code == 200:
+                return
+            last = f"HTTP {reply.status_code} {reply.text[:200]}"
+        except requests.RequestException as exc:
+            last = type(exc).__name__
+        time.sleep(1)
+    raise AssertionError(f"{base_url}/readyz not ready after {timeout_s}s: {last}")
