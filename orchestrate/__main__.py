@@ -76,10 +76,11 @@ def build(args: argparse.Namespace) -> None:
         refs = images.resolve_images(engine.connect(), stack, args.images)
         for key, ref in refs.items():
             say(f"{key}: {ref}")
-    if args.env_file:
+    if args.env_file:  # for compose: the images' references, and compose's set-up
         lines = [f"CACHESTACK_{key.upper()}_IMAGE={ref}\n" for key, ref in refs.items()]
         Path(args.env_file).write_text("".join(lines))
         say(f"wrote {args.env_file}")
+        secrets(args)
 
 
 def replica_count(text: str) -> int:
@@ -185,7 +186,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                            help=f"what to rotate (default all: {', '.join(rotate.ROTATABLE)})")
     command("build", build, "build the images only").add_argument(
         "--env-file",
-        help="also write CACHESTACK_<IMAGE>_IMAGE=<ref> lines here (for docker-compose --env-file)",
+        help="for compose: write CACHESTACK_<IMAGE>_IMAGE=<ref> lines here (compose's --env-file) "
+        "and do compose's set-up (what `docker compose run --rm setup` does)",
     )
     return parser.parse_args(argv)
 

@@ -11,20 +11,19 @@ it is built once and reused by every later `up`, test and CI step on the same en
   cachestack/postgres:<hash>          docker/postgres on postgres:<tag> or its stand-in
   cachestack/redis:<hash>             docker/redis on redis:<tag> or its stand-in
   cachestack/service:<hash>           the root Dockerfile on python:<tag> or the Debian base
-The service image is built from wheels made on the host (build/wheels), because pip inside a
-build cannot be relied on to reach PyPI.
+Offline, the service image's builder installs wheels made on the host (build/wheels), because
+pip inside a build cannot be relied on to reach PyPI there; with a registry it installs from
+PyPI, as any other build of the root Dockerfile does.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -169,60 +168,44 @@ def build_recipe(client: docker.DockerClient, repository: str, context: str, bas
 
 
 def build_wheels() -> Path:
-    """`pip wheel` the repo (base dependencies only) into build/wheels on the host."""
+    """`pip wheel` the package, with the orchestrator's extra for compose's set-up image, into
+    build/wheels on the host, for the image build's WHEELS=host (a build here cannot be relied
+    on to reach PyPI)."""
     wheels = BUILD / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
     wheels.mkdir(parents=True)
     say("building wheels on the host -> build/wheels")
     run_streamed(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--wheel-dir",
-            str(wheels),
-            str(ROOT),
-            *EXTRA_WHEELS,
-        ],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
+         "--wheel-dir", str(wheels), f"{ROOT}[orchestrate]", *EXTRA_WHEELS],
         "pip wheel",
     )
     return wheels
 
 
-def service_context(wheels: Path, dockerfile: Path) -> io.BytesIO:
-    """A build context holding only the Dockerfile and the wheels (never secrets/ or .git)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        tar.add(dockerfile, arcname="Dockerfile")
-        tar.add(wheels, arcname="build/wheels")
-    buf.seek(0)
-    return buf
-
-
-def ensure_service_image(client: docker.DockerClient, spec: ImageSpec, base: str) -> str:
-    """Build the service image from the root Dockerfile on `base`, unless present."""
-    dockerfile = ROOT / spec.dockerfile
-    sources = files_under("service") + [dockerfile, ROOT / "pyproject.toml"]
-    sources += [p for p in (ROOT / "README.md",) if p.exists()]
-    tag = f"{spec.repository}:{tree_hash(sources, client.images.get(base).id)}"
+def ensure_service_image(
+    client: docker.DockerClient, spec: ImageSpec, base: str, offline: bool
+) -> str:
+    """Build the root Dockerfile's service stage on `base`, unless present: from PyPI, or
+    (offline) from wheels built on the host first."""
+    wheels = "host" if offline else "pypi"
+    sources = [*files_under("service"), *files_under("orchestrate"),
+               *(ROOT / name for name in (spec.dockerfile, "pyproject.toml", "README.md",
+                                          ".dockerignore"))]
+    tag = f"{spec.repository}:{tree_hash(sources, client.images.get(base).id, wheels)}"
     if image_exists(client, tag):
         say(f"reusing {tag}")
         return tag
-    if not (ROOT / "service" / "__main__.py").exists():
-        raise OrchestrateError(
-            "service/__main__.py is missing: nothing to build the service image from"
-        )
-    context = service_context(build_wheels(), dockerfile)
+    if offline:
+        build_wheels()
     stream_build(
         client,
         tag,
         "service image",
-        fileobj=context,
-        custom_context=True,
-        buildargs={"BASE_IMAGE": base},
+        path=str(ROOT),
+        dockerfile=spec.dockerfile,
+        target="service",
+        buildargs={"BASE_IMAGE": base, "WHEELS": wheels},
         pull=False,
     )
     prune_older(client, tag)
@@ -307,7 +290,7 @@ def resolve_images(client: docker.DockerClient, stack: Stack, mode: str) -> dict
             else:
                 base = build_recipe(client, f"cachestack-offline/{key}", spec.offline_base, debian)
             if spec.host_wheels:
-                refs[key] = ensure_service_image(client, spec, base)
+                refs[key] = ensure_service_image(client, spec, base, mode != "official")
             else:
                 refs[key] = build_recipe(client, spec.repository, spec.context, base)
     return refs

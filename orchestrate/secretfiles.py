@@ -24,7 +24,9 @@ from . import certs
 from .errors import OrchestrateError
 from .stack import API_TOKENS, CA_CERT, SECRETS_DIR, Certificate, Service, Stack
 
-ROOT = Path(__file__).resolve().parents[1]
+# The repository: secrets/ and build/secrets/ are under it. CACHESTACK_ROOT names it where this
+# package runs installed (compose's set-up container, which mounts those folders).
+ROOT = Path(os.environ.get("CACHESTACK_ROOT") or Path(__file__).resolve().parents[1])
 STAGE_ROOT = ROOT / "build" / "secrets"
 CA_KEY = "ca.key"
 CA_NAME = "cachestack CA"

@@ -78,8 +78,8 @@ class ImageSpec:
     base: str
     offline_base: str | None
     dockerfile: str = "Dockerfile"
-    # The build context is only the Dockerfile and wheels made on the host, because pip inside
-    # a build cannot be relied on to reach PyPI.
+    # The package's own image (the root Dockerfile): offline, its builder installs wheels made on
+    # the host, because pip inside a build cannot be relied on to reach PyPI there.
     host_wheels: bool = False
 
 

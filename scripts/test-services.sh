@@ -10,6 +10,7 @@ command -v pg_ctlcluster >/dev/null || apt_packages+=(postgresql)
 command -v redis-server >/dev/null || apt_packages+=(redis-server)
 command -v docker-compose >/dev/null || apt_packages+=(docker-compose)
 command -v debootstrap >/dev/null || apt_packages+=(debootstrap)
+command -v docker-registry >/dev/null || apt_packages+=(docker-registry)
 if ((${#apt_packages[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "error: missing ${apt_packages[*]}; install them (as root: apt-get install ${apt_packages[*]})" >&2
@@ -59,5 +60,7 @@ fi
 # Redis: the tests start private redis-server processes; only the binary is needed.
 # Docker: the orchestrator, compose and swarm tests need a running engine.
 bash scripts/ensure-docker.sh
+# Compose v2 beside docker-compose 1.29: the compose tests run with both.
+bash scripts/install-compose-v2.sh
 
 python -m pip install -q -e '.[test]'

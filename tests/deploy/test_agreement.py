@@ -26,6 +26,7 @@ from orchestrate.stack import (
     PROJECT_LABEL,
     SECRETS_DIR,
     SECRETS_TARGET_DIR,
+    SERVICE_LABEL,
     HealthCheck,
     Service,
     describe_stack,
@@ -189,7 +190,8 @@ def test_compose_agrees(compose: dict[str, Any], name: str) -> None:
     assert svc["restart"] == hardening.restart
     assert ("no-new-privileges:true" in svc["security_opt"]) == hardening.no_new_privileges
     assert sorted(svc["networks"]) == sorted(service.networks)
-    assert svc["labels"] == STACK.labels()
+    # Containers are marked as the orchestrator marks them (its status, logs and down use it).
+    assert svc["labels"] == {**STACK.labels(), SERVICE_LABEL: name}
     for port in service.ports:
         assert f"{port.host_ip}:{port.host}:{port.container}/tcp" in svc["ports"]
     # Outside swarm, compose bind-mounts each container's staged copy (owner uid, mode 0400).
@@ -213,6 +215,23 @@ def test_compose_builds_every_image_once_as_the_orchestrator_does(
     assert Path(builds[0]["context"]) == (REPO / spec.context).resolve()
     assert builds[0].get("dockerfile", "Dockerfile") == spec.dockerfile
     assert builds[0]["args"]["BASE_IMAGE"] == spec.base
+    if spec.host_wheels:  # the root Dockerfile: its service stage, from PyPI by default
+        assert (builds[0]["target"], builds[0]["args"]["WHEELS"]) == ("service", "pypi")
+
+
+def test_compose_sets_up_its_secrets_in_a_one_shot_of_its_own(compose: dict[str, Any]) -> None:
+    """The one service compose has beyond the stack: `docker compose run --rm setup` does what
+    `python -m orchestrate secrets` does, in a container, with no Python on the host."""
+    assert set(compose["services"]) - set(SERVICES) == {"setup"}
+    setup = compose["services"]["setup"]
+    assert setup["profiles"] == ["setup"]  # not started by `up`
+    assert setup["build"]["target"] == "setup"
+    assert setup["command"][:4] == ["python", "-m", "orchestrate", "secrets"]
+    assert setup["network_mode"] == "none" and setup["read_only"] is True
+    assert setup["cap_drop"] == ["ALL"]
+    assert sorted(setup["cap_add"]) == ["CHOWN", "DAC_OVERRIDE", "FOWNER"]
+    mounts = {v.split(":")[1] for v in setup["volumes"]}
+    assert mounts == {"/repo/secrets", "/repo/build/secrets"}
 
 
 def test_compose_networks_and_volumes_agree(compose: dict[str, Any]) -> None:
@@ -276,7 +295,8 @@ def test_swarm_agrees(swarm: dict[str, Any], name: str) -> None:
         assert svc["deploy"]["update_config"]["order"] == service.update_order
     assert svc["deploy"]["resources"]["limits"]["pids"] == service.hardening.pids_limit
     assert sorted(svc["networks"]) == sorted(service.networks)
-    assert svc["labels"] == svc["deploy"]["labels"] == STACK.labels()
+    assert svc["labels"] == {**STACK.labels(), SERVICE_LABEL: name}
+    assert svc["deploy"]["labels"] == STACK.labels()
     for port in service.ports:
         assert {"target": port.container, "published": port.host}.items() <= svc["ports"][0].items()
     # Swarm delivers secrets itself, owned by the container's uid with the same mode.
