@@ -29,8 +29,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     logs.configure()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    password = settings.database_password_file
     database = Database(settings.database_url, settings.db_pool_size,
-                        settings.db_connect_timeout, settings.db_statement_timeout_ms)
+                        settings.db_connect_timeout, settings.db_statement_timeout_ms,
+                        password.read if password else None)
     app.extensions[EXTENSION] = Users(database, UserCache(settings, database))
     app.register_blueprint(api.bp)
     register_error_handlers(app)

@@ -86,7 +86,9 @@ class UserCache:
         self.database = database
         self.breaker = Breaker(settings.cache_cooldown)
         self.repairs = RepairLog(database)
-        self.redis = RedisClient(settings.redis_url, settings.cache_timeout)
+        password = settings.redis_password_file
+        self.redis = RedisClient(settings.redis_url, settings.cache_timeout,
+                                 password.read if password else None)
         # Lease tokens only need to be unique, not secret: a random prefix and a counter
         # (itertools.count is safe to share between threads).
         self._token_prefix = secrets.token_hex(4)

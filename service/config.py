@@ -7,6 +7,7 @@ or of the settings' repr.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -17,21 +18,66 @@ import psycopg2
 import psycopg2.extensions
 import redis
 
+log = logging.getLogger(__name__)
+
 
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message names it, never its value."""
+
+
+def read_file(name: str, path: str) -> str:
+    """The file setting `name` points at, trailing newline dropped; a ConfigError that names
+    the file, never what it holds, when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path} ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}: {path} is not UTF-8 text") from None
 
 
 def read_setting(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
     """Return NAME, or the contents of the file NAME_FILE points at (trailing newline dropped)."""
     path = env.get(f"{name}_FILE")
     if path:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                return handle.read().rstrip("\r\n")
-        except OSError as exc:
-            raise ConfigError(f"{name}_FILE: cannot read {path} ({exc.strerror})") from None
+        return read_file(f"{name}_FILE", path)
     return env.get(name, default)
+
+
+class SecretFile:
+    """A secret read from its file each time it is used (for each new connection), so that
+    it can change under a running service: a rotation rewrites each container's copy in
+    place. A file that cannot be read, or is empty (as when caught half rewritten), gives
+    the value read before, and one log line until it is good again. Neither the log nor
+    the repr ever shows the value."""
+
+    def __init__(self, name: str, path: str, value: str) -> None:
+        self.name, self.path = name, path
+        self._value = value  # the last value the file held
+        self._failing = False
+
+    @classmethod
+    def of(cls, env: Mapping[str, str], name: str) -> SecretFile | None:
+        """NAME_FILE's secret, read now; None when NAME_FILE is not set."""
+        path = env.get(f"{name}_FILE")
+        return cls(f"{name}_FILE", path, read_file(f"{name}_FILE", path)) if path else None
+
+    def __repr__(self) -> str:
+        return f"SecretFile({self.name}={self.path})"
+
+    def read(self) -> str:
+        try:
+            value = read_file(self.name, self.path)
+            if not value:
+                raise ConfigError(f"{self.name}: {self.path} is empty")
+        except ConfigError as exc:
+            if not self._failing:
+                log.warning("%s; using the value it held before", exc)
+            self._failing = True
+            return self._value
+        self._value, self._failing = value, False
+        return value
 
 
 def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 0) -> float:
@@ -126,6 +172,10 @@ class Settings:
     database_app_role: str = "cachestack_app"
     # Empty: the API is open to anyone who reaches it.
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    # Read again at each new connection, so that the passwords can rotate; None: the URLs'
+    # passwords, fixed.
+    database_password_file: SecretFile | None = None
+    redis_password_file: SecretFile | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -151,4 +201,6 @@ class Settings:
             db_statement_timeout_ms=int(_number(env, "DB_STATEMENT_TIMEOUT_MS", 5000, minimum=1)),
             database_app_role=app_role,
             api_tokens=_api_tokens(env),
+            database_password_file=SecretFile.of(env, "DATABASE_PASSWORD"),
+            redis_password_file=SecretFile.of(env, "REDIS_PASSWORD"),
         )

@@ -2,10 +2,12 @@
 
 All SQL is parameterized. A connection that fails is thrown away, and pooled ones that
 the server has closed are found before use, so after a Postgres restart the service
-heals by itself. The service runs no DDL (see schema.py): a database that lacks a packaged
-migration is unavailable, like one that does not answer, until `python -m service migrate`
-has run. Each process logs one line when the database becomes unavailable, with the
-reason, and one when it is back; not one per request.
+heals by itself. With a password file, each new connection logs in with what the file
+holds then, so the role's password can rotate under a running service. The service runs no
+DDL (see schema.py): a database that lacks a packaged migration is unavailable, like one
+that does not answer, until `python -m service migrate` has run. Each process logs one line
+when the database becomes unavailable, with the reason, and one when it is back; not one per
+request.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ PREPARED = {
                    f"RETURNING {USER_COLUMNS}",
 }
 UNIQUE_CONSTRAINTS = {"users_username_key": "username", "users_email_key": "email"}
+# How libpq reports a login whose password the server refused (no error code comes with it).
+PASSWORD_REFUSED = "password authentication failed"
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -109,8 +113,12 @@ class Database:
     statement instead of three (BEGIN, the statement, COMMIT).
     """
 
-    def __init__(self, dsn: str, size: int, connect_timeout: int, statement_timeout_ms: int):
+    def __init__(self, dsn: str, size: int, connect_timeout: int, statement_timeout_ms: int,
+                 password: Callable[[], str] | None = None) -> None:
+        """`password`, when given, is asked for each new connection, and overrides the DSN's."""
         self._dsn = dsn
+        self._password = password
+        self._last_login: str | None = None  # the last password that logged in; never logged
         self._connect_timeout = connect_timeout
         self._connect_args = {
             "connect_timeout": connect_timeout,
@@ -127,7 +135,7 @@ class Database:
         """A new session, on a schema that has every migration, with the hot statements
         prepared."""
         try:
-            conn = psycopg2.connect(self._dsn, **self._connect_args)
+            conn = self._login()
             try:
                 conn.autocommit = True
                 with conn.cursor() as cur:
@@ -141,6 +149,25 @@ class Database:
         except psycopg2.OperationalError as exc:
             raise self._lost(exc) from None
         self._report(None)
+        return conn
+
+    def _login(self) -> Connection:
+        """A new session, logged in with the password as it is now.
+
+        A rotation writes the new password file a moment before Postgres (which keeps one
+        password per role) is given it, so a login refused with the file's password is tried
+        once more, at once, with the last password that logged in."""
+        if self._password is None:
+            return psycopg2.connect(self._dsn, **self._connect_args)
+        password = self._password()
+        try:
+            conn = psycopg2.connect(self._dsn, password=password, **self._connect_args)
+        except psycopg2.OperationalError as exc:
+            earlier = self._last_login
+            if earlier is None or earlier == password or PASSWORD_REFUSED not in str(exc):
+                raise
+            return psycopg2.connect(self._dsn, password=earlier, **self._connect_args)
+        self._last_login = password
         return conn
 
     def _check_schema(self, cur: Any) -> None:

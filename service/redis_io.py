@@ -7,8 +7,9 @@ trip itself, and the cache needs none of it: it sends a handful of commands and 
 handles every failure itself (cache.py, breaker.py). A redis-py connection still does the
 connecting (address, TLS with its certificate and host name checks, credentials); the pool's
 connections and the listener's are all made by one redis-py ConnectionPool, so they cannot
-connect differently, and a `rediss://` URL never leads to a plaintext byte. Every failure
-raises redis.RedisError or OSError.
+connect differently, and a `rediss://` URL never leads to a plaintext byte. Given a password
+source, every new connection asks it for the password as it is now, so the Redis user's
+password can rotate under a running service. Every failure raises redis.RedisError or OSError.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import hiredis
 import redis
+from redis.connection import parse_url
+from redis.credentials import CredentialProvider
 from redis.exceptions import NoScriptError
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,34 @@ class Script:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+
+
+class _LoginNow(CredentialProvider):
+    """The URL's user, with the password its source holds when a connection logs in."""
+
+    def __init__(self, username: str | None, password: Callable[[], str]) -> None:
+        self._username = username
+        self._password = password
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        if self._username:
+            return self._username, self._password()
+        return (self._password(),)
+
+
+def _connection_pool(url: str, timeout: float,
+                     password: Callable[[], str] | None) -> redis.ConnectionPool:
+    """The pool that makes every connection: `url`'s address, TLS and user, and `password`'s
+    password at each login when given (instead of the URL's)."""
+    options = parse_url(url)
+    if password is not None:
+        options.pop("password", None)
+        options["credential_provider"] = _LoginNow(options.pop("username", None), password)
+    # Without a library name and version redis-py sends no CLIENT SETINFO on connecting:
+    # a round trip per connection, and a command the service's Redis user may not run.
+    return redis.ConnectionPool(**{
+        "socket_timeout": timeout, "socket_connect_timeout": timeout,
+        "health_check_interval": 0, "lib_name": None, "lib_version": None, **options})
 
 
 class _QueuingConnection:
@@ -95,12 +126,8 @@ class RedisClient:
     and one that still meets NOSCRIPT (after a SCRIPT FLUSH) is queued again whole.
     """
 
-    def __init__(self, url: str, timeout: float) -> None:
-        # Without a library name and version redis-py sends no CLIENT SETINFO on connecting:
-        # a round trip per connection, and a command the service's Redis user may not run.
-        self.pool = redis.ConnectionPool.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            health_check_interval=0, lib_name=None, lib_version=None)
+    def __init__(self, url: str, timeout: float, password: Callable[[], str] | None = None) -> None:
+        self.pool = _connection_pool(url, timeout, password)
         self._idle: list[_QueuingConnection] = []
         self._lock = threading.Lock()
         # SHA1s of the scripts Redis has; forgotten with every new connection, which may be
