@@ -39,5 +39,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     # The token check stands in front of both doors (the hot routes and Flask), and the
     # timing in front of it, so that refused requests are counted too.
     app.wsgi_app = metrics.timed(auth.require_token(hotpath.serve_hot_routes(app),
-                                                    settings.api_tokens))
+                                                    settings.api_tokens,
+                                                    settings.api_tokens_file))
     return app

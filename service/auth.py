@@ -7,15 +7,22 @@ both doors, so they cannot disagree, and it is a hash and a comparison per token
 Flask request hook. The presented token's SHA-256 is compared with every accepted token's
 in constant time, without stopping at a match: how long it takes says neither how much of
 a guess was right nor which token matched. A token is never logged or echoed.
+
+The file is read again when it changes (TokenFile), so tokens rotate without a restart.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import math
+import threading
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from .config import ConfigError, FileVersion, file_version, parse_tokens, read_file
 from .errors import error_body
 
 if TYPE_CHECKING:
@@ -23,6 +30,16 @@ if TYPE_CHECKING:
 
 REALM = 'Bearer realm="cachestack"'
 STATUS = "401 UNAUTHORIZED"
+SETTING = "API_TOKENS_FILE"
+# How often each worker asks whether the token file changed: a token added or removed takes
+# effect within this, and a request pays only a clock read for it.
+CHECK_EVERY_SECONDS = 1.0
+# A file modified this recently may be rewritten within its timestamp's resolution (a few ms
+# on Linux's file systems, 2 s on FAT), keeping the same version (config.file_version): such a
+# file is read again at the next check, until it is older.
+SETTLED_NS = 2_000_000_000
+
+log = logging.getLogger(__name__)
 
 
 Refusal = tuple[list[tuple[str, str]], bytes]  # the headers and the body of a 401
@@ -40,16 +57,70 @@ INVALID = _refusal(f'{REALM}, error="invalid_token"', "invalid_token",
                    "the Authorization header does not hold a valid bearer token")
 
 
-def require_token(wsgi_app: WSGIApplication, tokens: Iterable[str]) -> WSGIApplication:
-    """Wrap `wsgi_app` so that /users routes need one of `tokens`; no tokens, no check."""
-    digests = tuple(hashlib.sha256(token.encode()).digest() for token in tokens)
-    if not digests:
+def _digests(tokens: Iterable[str]) -> tuple[bytes, ...]:
+    return tuple(hashlib.sha256(token.encode()).digest() for token in tokens)
+
+
+class TokenFile:
+    """The accepted tokens' digests, from API_TOKENS_FILE as it is now, give or take a second.
+
+    At most every CHECK_EVERY_SECONDS one request's thread stats the file, and reads it only
+    when its version changed, so a token added to it is accepted, and one removed refused,
+    within about a second, in every worker, without a restart. A file that cannot be read,
+    is empty or holds a line that is not a token keeps the tokens read before it, and is
+    logged once (naming the file or the line, never a token) until it is good again.
+    Without a path, the tokens never change."""
+
+    def __init__(self, tokens: Iterable[str], path: str | None) -> None:
+        self.digests = _digests(tokens)
+        self._path = path or ""
+        self._version: FileVersion | None = None  # of the file `digests` were read from
+        self._check_at = time.monotonic() + CHECK_EVERY_SECONDS if path else math.inf
+        self._checking = threading.Lock()
+        self._failing = False
+
+    def current(self) -> tuple[bytes, ...]:
+        """The digests to compare with; on the hot path, so a clock read and nothing more
+        until a check is due, which one thread does while the others go on."""
+        if time.monotonic() >= self._check_at and self._checking.acquire(blocking=False):
+            try:
+                self._check_at = time.monotonic() + CHECK_EVERY_SECONDS
+                self._reread_if_changed()
+            finally:
+                self._checking.release()
+        return self.digests
+
+    def _reread_if_changed(self) -> None:
+        try:
+            version = file_version(SETTING, self._path)
+            if version == self._version:
+                return
+            tokens = parse_tokens(read_file(SETTING, self._path), SETTING)
+        except ConfigError as exc:
+            if not self._failing:
+                log.warning("%s; the tokens read before it are still accepted", exc)
+            self._failing = True
+            return
+        digests = _digests(tokens)
+        if digests != self.digests:
+            log.info("%s read again: %d tokens accepted", SETTING, len(digests))
+        self.digests, self._failing = digests, False
+        settled = time.time_ns() - version.modified_ns >= SETTLED_NS
+        self._version = version if settled else None
+
+
+def require_token(wsgi_app: WSGIApplication, tokens: Iterable[str],
+                  tokens_file: str | None = None) -> WSGIApplication:
+    """Wrap `wsgi_app` so that /users routes need one of `tokens`, or of those `tokens_file`
+    holds once it changed; no tokens, no check."""
+    accepted = TokenFile(tokens, tokens_file)
+    if not accepted.digests:
         return wsgi_app
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/users" or path.startswith("/users/"):
-            refusal = _check(environ.get("HTTP_AUTHORIZATION"), digests)
+            refusal = _check(environ.get("HTTP_AUTHORIZATION"), accepted.current())
             if refusal is not None:
                 headers, body = refusal
                 start_response(STATUS, headers)

@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg2
@@ -80,6 +81,24 @@ class SecretFile:
         return value
 
 
+class FileVersion(NamedTuple):
+    """What changes whenever a file is replaced or rewritten."""
+
+    inode: int
+    modified_ns: int
+    size: int
+
+
+def file_version(name: str, path: str) -> FileVersion:
+    """The version of the file setting `name` points at (one stat); a ConfigError naming the
+    file when it is gone."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path} ({exc.strerror})") from None
+    return FileVersion(info.st_ino, info.st_mtime_ns, info.st_size)
+
+
 def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 0) -> float:
     raw = read_setting(env, name)
     if raw is None or raw == "":
@@ -113,12 +132,18 @@ BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 def _api_tokens(env: Mapping[str, str]) -> tuple[str, ...]:
-    """The tokens a client may send, one a line (so that a new one can be added before the
-    old one is removed); none when the setting is absent, which leaves the API open."""
+    """The tokens a client may send; none when the setting is absent, which leaves the API
+    open."""
     raw = read_setting(env, "API_TOKENS")
     if raw is None:
         return ()
-    name = "API_TOKENS_FILE" if env.get("API_TOKENS_FILE") else "API_TOKENS"
+    return parse_tokens(raw, "API_TOKENS_FILE" if env.get("API_TOKENS_FILE") else "API_TOKENS")
+
+
+def parse_tokens(raw: str, name: str) -> tuple[str, ...]:
+    """Tokens one a line (so that a new one can be added before the old one is removed);
+    blank lines and spaces around a token are ignored. A ConfigError names the setting and
+    the line, never what it holds."""
     tokens = []
     for number, line in enumerate(raw.splitlines(), 1):
         token = line.strip()
@@ -172,6 +197,8 @@ class Settings:
     database_app_role: str = "cachestack_app"
     # Empty: the API is open to anyone who reaches it.
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    # Where the tokens came from, read again when it changes (auth.py); None: they are fixed.
+    api_tokens_file: str | None = None
     # Read again at each new connection, so that the passwords can rotate; None: the URLs'
     # passwords, fixed.
     database_password_file: SecretFile | None = None
@@ -201,6 +228,7 @@ class Settings:
             db_statement_timeout_ms=int(_number(env, "DB_STATEMENT_TIMEOUT_MS", 5000, minimum=1)),
             database_app_role=app_role,
             api_tokens=_api_tokens(env),
+            api_tokens_file=env.get("API_TOKENS_FILE") or None,
             database_password_file=SecretFile.of(env, "DATABASE_PASSWORD"),
             redis_password_file=SecretFile.of(env, "REDIS_PASSWORD"),
         )

@@ -1,16 +1,24 @@
-"""API tokens on the real server (service/auth.py): /users needs one of API_TOKENS_FILE's,
-the rest stays open, refusals are counted, and no token is ever logged or echoed. How both
-doors refuse alike is in test_hotpath.py; bad token files in test_cli.py."""
+"""API tokens (service/auth.py): /users needs one of API_TOKENS_FILE's, the rest stays open,
+refusals are counted, and no token is ever logged or echoed; a token added to the file is
+accepted, and one removed refused, within about a second, without a restart. How both doors
+refuse alike is in test_hotpath.py; bad token files at start in test_cli.py."""
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import pytest
 import requests
+from flask import Flask
 from flask.testing import FlaskClient
 
-from .helpers import ApiTokens, counter
-from .servers import ServiceProcess
+from .helpers import ApiTokens, app_for, counter, serve
+from .servers import RedisServer, ServiceProcess, wait_until
 
 OPEN_NOTICE = "API_TOKENS_FILE is not set"
 
@@ -72,3 +80,138 @@ def test_the_spec_documents_the_bearer_scheme(client: FlaskClient) -> None:
                 assert "WWW-Authenticate" in operation["responses"]["401"]["headers"]
             else:
                 assert "security" not in operation and "401" not in operation["responses"]
+
+
+# -- the token file, read again when it changes -------------------------------------------
+
+OLD, NEW, NEWER = "old-token.Aa1", "new-token.Bb2", "newer-token.Cc3"
+# Checked about once a second: a change takes effect within that, plus the request's time.
+TAKES_EFFECT_WITHIN = 1.6
+
+
+def accepts(client: FlaskClient, token: str) -> bool:
+    status = client.get("/users/999", headers={"Authorization": f"Bearer {token}"}).status_code
+    assert status in (401, 404), status
+    return status == 404
+
+
+def takes_effect(check: Callable[[], bool], what: str) -> float:
+    """How long until `check()` holds; it must, within TAKES_EFFECT_WITHIN."""
+    started = time.monotonic()
+    wait_until(check, TAKES_EFFECT_WITHIN, what, interval=0.02)
+    return time.monotonic() - started
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "api_tokens"
+    path.write_text(f"{OLD}\n")
+    return path
+
+
+@pytest.fixture
+def watching_app(database_url: str, owner_url: str, redis_up: RedisServer,
+                 token_file: Path) -> Iterator[Flask]:
+    yield from app_for(database_url, owner_url, redis_up.url, api_tokens=(OLD,),
+                       api_tokens_file=str(token_file))
+
+
+def test_a_token_added_to_the_file_is_accepted_within_about_a_second(
+        watching_app: Flask, token_file: Path) -> None:
+    client = watching_app.test_client()
+    assert accepts(client, OLD) and not accepts(client, NEW)
+    token_file.write_text(f"{OLD}\n{NEW}\n")
+    takes_effect(lambda: accepts(client, NEW), "the added token")
+    assert accepts(client, OLD)
+
+
+def test_a_token_removed_from_the_file_is_refused_within_about_a_second(
+        watching_app: Flask, token_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    client = watching_app.test_client()
+    token_file.write_text(f"{NEW}\n{OLD}\n")
+    takes_effect(lambda: accepts(client, NEW), "the added token")
+    with caplog.at_level(logging.INFO, logger="service.auth"):
+        token_file.write_text(f"{NEW}\n")
+        takes_effect(lambda: not accepts(client, OLD), "the refusal of the removed token")
+        assert accepts(client, NEW)
+    assert [record.getMessage() for record in caplog.records] == [
+        "API_TOKENS_FILE read again: 1 tokens accepted"]
+
+
+def test_a_rewrite_that_leaves_the_same_inode_time_and_size_is_not_missed(
+        watching_app: Flask, token_file: Path) -> None:
+    """Two rewrites within the file system's timestamp resolution leave the same inode,
+    modification time and size; made so here by setting the time back."""
+    client = watching_app.test_client()
+    token_file.write_text(f"{NEW}\n")
+    written = token_file.stat().st_mtime_ns
+    takes_effect(lambda: accepts(client, NEW), "the first rewrite")  # read within a second
+    same_size = NEW[:-3] + "Zz9"
+    with open(token_file, "r+") as handle:
+        handle.write(f"{same_size}\n")
+    os.utime(token_file, ns=(written, written))
+    takes_effect(lambda: accepts(client, same_size), "the second rewrite")
+
+
+def spoil(path: Path, how: str) -> None:
+    if how in ("removed", "a directory"):
+        path.unlink()
+    if how == "a directory":
+        path.mkdir()
+    if how == "empty":
+        path.write_text("")
+    if how == "not a token":
+        path.write_text(f"{NEW}\nnot {NEWER}\n")
+    if how == "not UTF-8":
+        path.write_bytes(b"\xff" + NEW.encode())
+
+
+@pytest.mark.parametrize("how", ["removed", "a directory", "empty", "not a token", "not UTF-8"])
+def test_a_file_that_cannot_be_used_keeps_the_tokens_read_before_and_says_so_once(
+        watching_app: Flask, token_file: Path, how: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    client = watching_app.test_client()
+    with caplog.at_level(logging.WARNING, logger="service.auth"):
+        spoil(token_file, how)
+        # Requests come meanwhile (a check is made by one of them): the old token goes on.
+        takes_effect(lambda: accepts(client, OLD) and bool(caplog.records), "the warning")
+        until = time.monotonic() + 1.2  # another check or two: still one line
+        while time.monotonic() < until:
+            assert accepts(client, OLD) and not accepts(client, NEW)
+            time.sleep(0.05)
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("API_TOKENS_FILE"), lines
+    assert not [token for token in (OLD, NEW, NEWER) if token in caplog.text]
+    if token_file.is_dir():
+        token_file.rmdir()
+    token_file.write_text(f"{NEWER}\n")  # good again: it takes effect as any change does
+    takes_effect(lambda: accepts(client, NEWER) and not accepts(client, OLD), "the new file")
+
+
+@pytest.fixture
+def watching_service(database_url: str, owner_url: str, redis_server: RedisServer,
+                     token_file: Path) -> Iterator[ServiceProcess]:
+    yield from serve(database_url, owner_url, redis_server, API_TOKENS_FILE=str(token_file))
+
+
+def test_every_worker_of_the_real_server_takes_a_rotated_token_within_about_a_second(
+        watching_service: ServiceProcess, token_file: Path) -> None:
+    """As `rotate` does it: old and new, then only the new. Each request comes on a new
+    connection, which any of the workers may take."""
+    def status(token: str) -> int:
+        return requests.get(f"{watching_service.url}/users/999", timeout=5,
+                            headers={"Authorization": f"Bearer {token}"}).status_code
+
+    def every_time(token: str, expected: int) -> bool:
+        return all(status(token) == expected for _ in range(20))
+
+    assert every_time(OLD, 404) and every_time(NEW, 401)
+    token_file.write_text(f"{OLD}\n{NEW}\n")
+    added = takes_effect(lambda: every_time(NEW, 404), "the added token in every worker")
+    token_file.write_text(f"{NEW}\n")
+    removed = takes_effect(lambda: every_time(OLD, 401), "the removal in every worker")
+    assert every_time(NEW, 404)
+    print(f"token added: accepted after {added:.2f} s; removed: refused after {removed:.2f} s")
+    output = watching_service.output()
+    assert output.count("API_TOKENS_FILE read again") >= 2
+    assert OLD not in output and NEW not in output
