@@ -10,7 +10,7 @@ from pathlib import Path
 
 import docker.errors
 
-from . import backup, engine, images, rotate
+from . import backup, bench, engine, images, rotate
 from .errors import OrchestrateError, reason
 from .output import error, say, step
 from .secretfiles import api_token, ensure_secrets, expiring_certificates, stage_secrets
@@ -129,6 +129,11 @@ def rotate_command(args: argparse.Namespace) -> None:
         f"{time.monotonic() - started:.1f}s; the old values are refused now")
 
 
+def bench_command(args: argparse.Namespace) -> None:
+    written = bench.bench(describe_stack(args.project, args.port), args.seconds)
+    say(f"wrote {written.html} and {written.png} (the figures in {written.json.name})")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -171,6 +176,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "service", nargs="?", help="a service of the stack (default: all)"
     )
     command("smoke", smoke, "run the smoke checks only")
+    command("bench", bench_command, "drive the running stack with wrk; write a report to "
+            "build/report/").add_argument("--seconds", type=bench.seconds_arg, default=8,
+                                          help="seconds of load per workload (default 8)")
     command(
         "secrets", secrets,
         "generate missing secret files and stage each container's copies (for compose)",
