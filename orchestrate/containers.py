@@ -67,6 +67,16 @@ def project_containers(
     return sorted(found, key=lambda c: c.name)
 
 
+def made_by(container: Container) -> str:
+    """Which tool made a container of the project: compose and swarm label theirs."""
+    labels = container.labels
+    if "com.docker.compose.project" in labels:
+        return "compose"
+    if "com.docker.swarm.service.name" in labels:
+        return "swarm"
+    return "orchestrate"
+
+
 def last_logs(container: Container, lines: int = LOG_TAIL) -> list[str]:
     try:
         text = container.logs(tail=lines).decode(errors="replace")

@@ -21,6 +21,7 @@ from .containers import (
     connect,
     create_container,
     last_logs,
+    made_by,
     project_containers,
     project_filter,
     verify_secrets,
@@ -266,7 +267,7 @@ def down(project: str, volumes: bool) -> list[str]:
     removed = []
     for container in project_containers(client, project):
         container.remove(force=True, v=False)
-        removed.append(f"container {container.name}")
+        removed.append(f"container {container.name} (made by {made_by(container)})")
     for network in client.networks.list(filters=project_filter(project)):
         network.remove()
         removed.append(f"network {network.name}")
@@ -302,6 +303,7 @@ def status(stack: Stack) -> list[dict[str, Any]]:
                 or "-",
                 "proxy": "-" if slot is None else "DRAIN" if slot.draining
                 else "UP" if slot.up else "DOWN",
+                "by": made_by(container),
                 "image": (container.image.tags or [container.image.short_id])[0],
             }
         )

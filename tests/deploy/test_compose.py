@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ import pytest
 import requests
 import yaml
 
+from orchestrate.proxy import Proxy
 from orchestrate.secretfiles import api_token, read_secret, remove_staged, stage_secrets
 from orchestrate.smoke import run_smoke
 from orchestrate.stack import Service, Stack, describe_stack
@@ -67,8 +69,13 @@ class ComposeRun:
         )
 
 
-def compose_command(*files: str) -> list[str]:
-    command = [tool("docker-compose")]
+# docker-compose 1.29 (Debian's) and Compose v2 (scripts/install-compose-v2.sh): both read
+# the same files, and the tests that run a project run with each.
+COMPOSES = {"v1": ("docker-compose",), "v2": ("docker", "compose")}
+
+
+def compose_command(*files: str, binary: str = "v1") -> list[str]:
+    command = [tool(COMPOSES[binary][0]), *COMPOSES[binary][1:]]
     for name in files:
         command += ["-f", str(REPO / name)]
     return command
@@ -89,6 +96,7 @@ def compose_up(
     images: dict[str, str],
     files: tuple[str, ...],
     extra_env: dict[str, str] | None = None,
+    binary: str = "v1",
 ) -> Iterator[ComposeRun]:
     """`up -d` a fresh project, wait until /readyz answers; `down -v` and check nothing is left."""
     stack = describe_stack(unique_name("csdc"), free_port())
@@ -98,12 +106,19 @@ def compose_up(
         "CACHESTACK_PORT": str(stack.service("proxy").ports[0].host),
         **(extra_env or {}),
     }
-    running = ComposeRun(stack, compose_command(*files), env)
+    running = ComposeRun(stack, compose_command(*files, binary=binary), env)
     try:
         for service in stack.services:
             stage_secrets(stack, service)
         run(*running.command, "up", "-d", "--no-build", env=env)
         wait_ready(running.url)
+        # Ready means one replica answers; the tests want the proxy to send to every one.
+        proxy = Proxy(running.container(client, "proxy"))
+        replicas = stack.service("service").replicas
+        deadline = time.monotonic() + 60
+        while sum(slot.up for slot in proxy.slots().values()) < replicas:
+            assert time.monotonic() < deadline, f"want {replicas} replicas in the proxy"
+            time.sleep(0.5)
         yield running
     finally:
         run(
@@ -121,11 +136,12 @@ def compose_up(
         assert not left, f"compose down left {left}"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=sorted(COMPOSES))
 def compose(
-    docker_client: docker.DockerClient, stack_images: dict[str, str], secret_files: Stack
+    request: pytest.FixtureRequest, docker_client: docker.DockerClient,
+    stack_images: dict[str, str], secret_files: Stack,
 ) -> Iterator[ComposeRun]:
-    with compose_up(docker_client, stack_images, FILES) as running:
+    with compose_up(docker_client, stack_images, FILES, binary=request.param) as running:
         yield running
 
 
@@ -203,6 +219,17 @@ def test_tasks_ran_before_the_service_and_succeeded(
             state = compose.container(docker_client, task.name).attrs["State"]
             assert (state["Status"], state["ExitCode"]) == ("exited", 0), task.name
             assert state["FinishedAt"] < service, f"{task.name} finished before the service"
+
+
+def test_the_orchestrator_sees_a_compose_project_and_says_compose_made_it(
+    compose: ComposeRun,
+) -> None:
+    project = ["--project", compose.stack.project]
+    rows = run(sys.executable, "-m", "orchestrate", "status", *project).stdout.splitlines()
+    assert {row.split()[0] for row in rows} >= {s.name for s in compose.stack.services}
+    assert all(row.split()[7] == "compose" for row in rows), rows
+    logs = run(sys.executable, "-m", "orchestrate", "logs", "postgres", *project).stdout
+    assert "ready to accept connections" in logs
 
 
 def test_redis_is_append_only(compose: ComposeRun, docker_client: docker.DockerClient) -> None:
