@@ -43,7 +43,7 @@ def status(args: argparse.Namespace) -> None:
     for row in rows:
         say(
             "{service:<9} {container:<28} {id:<12} {state:<10} {health:<10} {ports:<16} "
-            "{proxy:<6} {image}".format(**row)
+            "{proxy:<6} {by:<11} {image}".format(**row)
         )
     for warning in expiring_certificates(describe_stack(args.project, args.port)):
         say(f"warning: {warning}")
