@@ -15,11 +15,19 @@ from .errors import OrchestrateError, reason
 from .output import error, say, step
 from .secretfiles import api_token, ensure_secrets, expiring_certificates, stage_secrets
 from .smoke import run_smoke
-from .stack import DEFAULT_PORT, DEFAULT_PROJECT, DEFAULT_REPLICAS, MAX_REPLICAS, describe_stack
+from .stack import (
+    DEFAULT_MONITORING_PORT,
+    DEFAULT_PORT,
+    DEFAULT_PROJECT,
+    DEFAULT_REPLICAS,
+    MAX_REPLICAS,
+    describe_stack,
+)
 
 
 def up(args: argparse.Namespace) -> None:
-    stack = describe_stack(args.project, args.port, args.replicas)
+    stack = describe_stack(args.project, args.port, args.replicas,
+                           args.monitoring_port if args.monitoring else None)
     started = time.monotonic()
     timings = engine.up(stack, args.images)
     summary = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items())
@@ -71,7 +79,8 @@ def secrets(args: argparse.Namespace) -> None:
 
 
 def build(args: argparse.Namespace) -> None:
-    stack = describe_stack(args.project, args.port)
+    # Every image compose may run, Prometheus's (its profile monitoring) included.
+    stack = describe_stack(args.project, args.port, monitoring_port=DEFAULT_MONITORING_PORT)
     with step("images"):
         refs = images.resolve_images(engine.connect(), stack, args.images)
         for key, ref in refs.items():
@@ -164,10 +173,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         sub.set_defaults(run=run)
         return sub
 
-    command("up", up, "build, run, check and smoke-test; replace changed replicas one by one"
-            ).add_argument("--replicas", type=replica_count, default=DEFAULT_REPLICAS,
-                           help=f"service replicas behind the proxy (default {DEFAULT_REPLICAS}, "
-                           f"at most {MAX_REPLICAS})")
+    up_command = command("up", up, "build, run, check and smoke-test; replace changed "
+                         "replicas one by one")
+    up_command.add_argument("--replicas", type=replica_count, default=DEFAULT_REPLICAS,
+                            help=f"service replicas behind the proxy (default {DEFAULT_REPLICAS},"
+                            f" at most {MAX_REPLICAS})")
+    up_command.add_argument("--monitoring", action="store_true",
+                            help="also run Prometheus, scraping every replica and the proxy")
+    up_command.add_argument("--monitoring-port", type=int, default=DEFAULT_MONITORING_PORT,
+                            help="its UI on 127.0.0.1 (default %(default)s)")
     command("down", down, "remove the project's resources").add_argument(
         "--volumes", action="store_true", help="also remove the named volumes"
     )

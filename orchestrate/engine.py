@@ -99,9 +99,10 @@ def check_ports(client: docker.DockerClient, stack: Stack) -> None:
                 if c.status == "running" and published_host_ports(c) == {port.host}
             ]
             if not ours and not port_free(port.host, port.host_ip):
+                option = "--monitoring-port" if service.name == "prometheus" else "--port"
                 raise OrchestrateError(
                     f"port {port.host_ip}:{port.host} is already in use: stop what uses it "
-                    f"or pick another with --port"
+                    f"or pick another with {option}"
                 )
 
 
@@ -230,7 +231,18 @@ def realise(
                 say(f"{container.name}: {action} ({container.short_id}, {ref})")
         for started in waiting:
             wait_running(containers[started.name][0], started)
+        remove_orphans(client, stack)
     return containers
+
+
+def remove_orphans(client: docker.DockerClient, stack: Stack) -> None:
+    """Containers of the project whose service the stack no longer has (Prometheus after an
+    `up` without --monitoring) go."""
+    wanted = {s.name for s in stack.services}
+    for container in project_containers(client, stack.project):
+        if container.labels.get(SERVICE_LABEL) not in wanted:
+            container.remove(force=True)
+            say(f"{container.name}: removed (not in the stack any more)")
 
 
 def service_url(stack: Stack) -> str:

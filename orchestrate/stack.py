@@ -32,6 +32,7 @@ REPLICA_LABEL = "org.cachestack.replica"
 DEFAULT_PROJECT = "cachestack"
 DEFAULT_PORT = 8000
 DEFAULT_REPLICAS = 2
+DEFAULT_MONITORING_PORT = 9090
 MAX_REPLICAS = 10  # the proxy's server-template slots (docker/proxy/haproxy.cfg)
 SECRETS_DIR = "secrets"  # relative to the repository root
 SECRETS_TARGET_DIR = "/run/secrets"
@@ -40,6 +41,7 @@ POSTGRES_UID = 999
 REDIS_UID = 999
 SERVICE_UID = 10001
 PROXY_UID = 99
+PROMETHEUS_UID = 65534  # nobody, as in the official image
 
 DB_NAME = "cachestack"
 DB_OWNER = "cachestack_owner"  # owns the database and its tables; runs the migrations
@@ -227,6 +229,12 @@ IMAGES: dict[str, ImageSpec] = {
         base="haproxy:3.0.5-bookworm",
         offline_base="docker/offline/proxy",
     ),
+    "prometheus": ImageSpec(
+        repository="cachestack/prometheus",
+        context="docker/prometheus",
+        base="prom/prometheus:v2.53.2",
+        offline_base="docker/offline/prometheus",
+    ),
     "service": ImageSpec(
         repository="cachestack/service",
         context=".",
@@ -265,10 +273,11 @@ def _private_tmp(uid: int, size: str) -> tuple[str, str]:
 
 
 def describe_stack(
-    project: str = DEFAULT_PROJECT, port: int = DEFAULT_PORT, replicas: int = DEFAULT_REPLICAS
+    project: str = DEFAULT_PROJECT, port: int = DEFAULT_PORT, replicas: int = DEFAULT_REPLICAS,
+    monitoring_port: int | None = None,
 ) -> Stack:
     """Return the stack for `project`: `replicas` service containers behind the proxy, which
-    is published on 127.0.0.1:`port`."""
+    is published on 127.0.0.1:`port`, and with a `monitoring_port`, Prometheus published there."""
     postgres = Service(
         name="postgres",
         image="postgres",
@@ -417,16 +426,48 @@ def describe_stack(
         ports=(Port(container=8000, host=port),),
         ready_path="/readyz",
     )
-    services = (postgres, redis, migrate, service, proxy)
+    services: tuple[Service, ...] = (postgres, redis, migrate, service, proxy)
+    if monitoring_port is not None:
+        services += (prometheus_service(monitoring_port),)
     mounted = dict.fromkeys(m.secret for s in services for m in s.secrets)
     return Stack(
         project=project,
         services=services,
         networks=(Network("backend", internal=True), Network("frontend", internal=False)),
-        volumes=("pgdata", "redisdata"),
+        volumes=tuple(v for s in services for v, _ in s.volumes),
         secrets=tuple(mounted),
         certificates=(POSTGRES_CERT, REDIS_CERT),
-        images=dict(IMAGES),
+        images={key: IMAGES[key] for key in dict.fromkeys(s.image for s in services)},
+    )
+
+
+def prometheus_service(port: int) -> Service:
+    """Prometheus (docker/prometheus): scrapes every replica and the proxy, which it reaches on
+    the frontend network; its UI and API are published on 127.0.0.1:`port`."""
+    return Service(
+        name="prometheus",
+        image="prometheus",
+        user=f"{PROMETHEUS_UID}:{PROMETHEUS_UID}",
+        command=(
+            "prometheus",
+            "--config.file=/etc/cachestack/prometheus.yml",
+            "--storage.tsdb.path=/prometheus",
+            "--storage.tsdb.retention.time=15d",
+        ),
+        environment=(),
+        secrets=(),
+        networks=("frontend",),
+        volumes=(("prometheusdata", "/prometheus"),),
+        # promtool asks the query API, which only a running server answers.
+        healthcheck=HealthCheck(
+            ("CMD", "promtool", "query", "instant", "http://127.0.0.1:9090", "vector(1)")
+        ),
+        hardening=Hardening(
+            tmpfs=(_private_tmp(PROMETHEUS_UID, "8m"),),
+            mem_limit="256m",
+            pids_limit=128,
+        ),
+        ports=(Port(container=9090, host=port),),
     )
 
 

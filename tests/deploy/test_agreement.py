@@ -21,7 +21,9 @@ import yaml
 
 from orchestrate.secretfiles import STAGE_ROOT
 from orchestrate.stack import (
+    DEFAULT_MONITORING_PORT,
     DEFAULT_PROJECT,
+    IMAGES,
     MAX_REPLICAS,
     PROJECT_LABEL,
     SECRETS_DIR,
@@ -37,6 +39,7 @@ from .helpers import REPO, run, tool
 
 STACK = describe_stack()
 SERVICES = [s.name for s in STACK.services]
+MONITORED = describe_stack(monitoring_port=DEFAULT_MONITORING_PORT)  # `up --monitoring`
 # Kubernetes has its own proxy: the Service object balances over the pods that are ready.
 K8S_SERVICES = [name for name in SERVICES if name != "proxy"]
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
@@ -94,7 +97,7 @@ def probe_default_path() -> str:
 
 def expected(service: Service) -> View:
     """The reference view of one service, from the orchestrator's stack description."""
-    spec = STACK.images[service.image]
+    spec = IMAGES[service.image]
     return {
         "image": spec.repository,
         "user": service.user,
@@ -204,11 +207,11 @@ def test_compose_agrees(compose: dict[str, Any], name: str) -> None:
     assert svc.get("scale", 1) == service.replicas
 
 
-@pytest.mark.parametrize("key", sorted(STACK.images))
+@pytest.mark.parametrize("key", sorted(IMAGES))
 def test_compose_builds_every_image_once_as_the_orchestrator_does(
     compose: dict[str, Any], key: str
 ) -> None:
-    spec = STACK.images[key]
+    spec = IMAGES[key]
     builds = [s["build"] for s in compose["services"].values() if "build" in s
               and image_name(s["image"]) == spec.repository]
     assert len(builds) == 1, f"{key}: built by {len(builds)} services"
@@ -222,7 +225,7 @@ def test_compose_builds_every_image_once_as_the_orchestrator_does(
 def test_compose_sets_up_its_secrets_in_a_one_shot_of_its_own(compose: dict[str, Any]) -> None:
     """The one service compose has beyond the stack: `docker compose run --rm setup` does what
     `python -m orchestrate secrets` does, in a container, with no Python on the host."""
-    assert set(compose["services"]) - set(SERVICES) == {"setup"}
+    assert set(compose["services"]) - set(SERVICES) == {"setup", "prometheus"}
     setup = compose["services"]["setup"]
     assert setup["profiles"] == ["setup"]  # not started by `up`
     assert setup["build"]["target"] == "setup"
@@ -234,11 +237,21 @@ def test_compose_sets_up_its_secrets_in_a_one_shot_of_its_own(compose: dict[str,
     assert mounts == {"/repo/secrets", "/repo/build/secrets"}
 
 
+def test_compose_runs_prometheus_as_up_monitoring_does(compose: dict[str, Any]) -> None:
+    prometheus = MONITORED.service("prometheus")
+    svc = compose["services"]["prometheus"]
+    assert svc["profiles"] == ["monitoring"]
+    assert compose_view(compose, "prometheus") == expected(prometheus)
+    assert rendered_timing(svc["healthcheck"]) == health_timing(prometheus.healthcheck)
+    assert svc["ports"] == [f"127.0.0.1:{DEFAULT_MONITORING_PORT}:9090/tcp"]
+    assert sorted(svc["networks"]) == sorted(prometheus.networks)
+
+
 def test_compose_networks_and_volumes_agree(compose: dict[str, Any]) -> None:
     assert {n.name: n.internal for n in STACK.networks} == {
         name: bool(net.get("internal")) for name, net in compose["networks"].items()
     }
-    assert sorted(compose["volumes"]) == sorted(STACK.volumes)
+    assert sorted(compose["volumes"]) == sorted(MONITORED.volumes)
     for item in [*compose["networks"].values(), *compose["volumes"].values()]:
         assert item["labels"] == STACK.labels()
 
@@ -425,6 +438,22 @@ def test_kubernetes_agrees(k8s_objects: list[dict[str, Any]], name: str) -> None
         assert workload["spec"]["replicas"] == service.replicas
     if service.update_order == "start-first":
         assert workload["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_kubernetes_pods_ask_to_be_scraped_where_prometheus_scrapes_the_replicas(
+    k8s_objects: list[dict[str, Any]],
+) -> None:
+    """docker/prometheus/prometheus.yml scrapes each replica's port for /metrics; pods say the
+    same with the prometheus.io annotations."""
+    config = yaml.safe_load((REPO / "docker" / "prometheus" / "prometheus.yml").read_text())
+    [job] = [j for j in config["scrape_configs"] if j["job_name"] == "service"]
+    [discovery] = job["dns_sd_configs"]
+    annotations = workload_of(k8s_objects, "service")["spec"]["template"]["metadata"][
+        "annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == discovery["port"]
+    assert annotations["prometheus.io/path"] == job.get("metrics_path", "/metrics")
+    assert discovery["names"] == ["service"]
 
 
 def test_kubernetes_service_stands_where_the_proxy_does(k8s_objects: list[dict[str, Any]]) -> None:
