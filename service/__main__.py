@@ -5,7 +5,8 @@
 granian was chosen by measurement on this project's 2-core machines (bench/README.md,
 "Measurements behind the code"). Each worker process runs a few blocking threads, so that one
 request's wait on Postgres or Redis overlaps another's work; many more threads than
-that only fight over the GIL.
+that only fight over the GIL. On SIGTERM granian stops taking connections at once, answers
+the requests it has, then exits 0 (tests/service/test_shutdown.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -43,6 +45,19 @@ def check_address(host: str, port: int) -> None:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
+def stop_outright() -> None:
+    """In a worker just forked, until granian installs the worker's own signal handlers:
+    SIGTERM and SIGINT stop it at once.
+
+    granian forks its workers with its main process's handlers, which in a worker only set a
+    flag in its copy of the server, and installs the worker's own only once the app is
+    loaded (a few hundred ms). A worker told to stop meanwhile, as when a replica is stopped
+    soon after it started, never heard it: it went on serving, and the main process waited
+    for it for ever. A worker that has not started serving has nothing to finish."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["migrate"]:
@@ -68,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from granian import Granian
     from granian.constants import Interfaces
 
+    os.register_at_fork(after_in_child=stop_outright)
     Granian(
         "service.wsgi:app",
         address=args.host,

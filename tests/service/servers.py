@@ -9,6 +9,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -216,17 +217,21 @@ class TcpProxy:
 
 class ServiceProcess:
     """`python -m service` with its workers, as users run it; started once `ready_path`
-    answers 200."""
+    answers 200 (at once with None). In a session of its own, so that closing it ends
+    every worker too, even one that outlived the main process."""
 
     def __init__(self, env: dict[str, str], workers: int = 2, threads: int = 1,
-                 ready_path: str = "/readyz") -> None:
+                 ready_path: str | None = "/readyz") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="cachestack-service-", suffix=".log")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service", "--port", str(self.port),
              "--workers", str(workers), "--threads", str(threads)],
-            env={**os.environ, **env}, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+            env={**os.environ, **env}, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        if ready_path is None:
+            return
         try:
             wait_until(lambda: requests.get(self.url + ready_path, timeout=1).ok, 30, "service")
         except TimeoutError as exc:
@@ -238,7 +243,8 @@ class ServiceProcess:
 
     def close(self) -> None:
         self.process.terminate()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        with contextlib.suppress(ProcessLookupError):  # the workers, should any be left
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
