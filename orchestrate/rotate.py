@@ -82,10 +82,10 @@ class Running:
         return self.containers[service][0]
 
     def stage(self, secret: str) -> None:
-        """Every running container's copy of `secret` from secrets/, in place."""
+        """Every copy of `secret` from secrets/, in place: running containers see it at once,
+        and a task (migrate) has it at its next run."""
         for service in self.stack.services:
-            if service.name in self.containers and any(m.secret == secret
-                                                       for m in service.secrets):
+            if any(m.secret == secret for m in service.secrets):
                 stage_secrets(self.stack, service)
 
     def psql(self, script: str) -> None:

@@ -63,4 +63,8 @@ def test_prometheus_answers_the_hit_ratio_the_replicas_count(
     targets = [(r["metric"]["job"], r["value"][1]) for r in query(port, "up")]
     assert [job for job, up in targets if up == "1"].count("service") == len(replicas) == 2
     assert ("proxy", "1") in targets
-    assert query(port, "cachestack:http_requests:rate1m")
+    # A rate needs two scrapes of the counters; the p99 needs requests in the last minute.
+    while not (query(port, "cachestack:http_requests:rate1m")
+               and query(port, "cachestack:http_request_duration_seconds:p99_1m")):
+        assert time.monotonic() < deadline + 30, "no request rate or p99 recorded"
+        time.sleep(1)
