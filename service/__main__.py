@@ -1,6 +1,7 @@
 """`python -m service`: serve the API with granian, a multi-process production server.
 
-`python -m service migrate` brings the database's schema up to date first (see migrate.py).
+`python -m service migrate` brings the database's schema up to date first (see migrate.py);
+`python -m service audit` checks every cached user against Postgres once (see audit.py).
 
 granian was chosen by measurement on this project's 2-core machines (bench/README.md,
 "Measurements behind the code"). Each worker process runs a few blocking threads, so that one
@@ -25,7 +26,8 @@ from .config import ConfigError, Settings
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.splitlines()[0],
-                                     epilog="python -m service migrate --help: the schema step")
+                                     epilog="python -m service migrate --help: the schema step; "
+                                     "python -m service audit --help: one consistency pass")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -64,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import migrate  # not above: it loads the metrics, which must wait (see below)
 
         return migrate.main(argv[1:])
+    if argv[:1] == ["audit"]:
+        from . import audit
+
+        return audit.main(argv[1:])
     args = parse_args(argv)
     try:
         settings = Settings.from_env()  # fail now, with one clear line, not in every worker

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import auth, logs, metrics
+from . import audit, auth, logs, metrics
 from .cache import UserCache
 from .config import Settings
 from .db import Database
@@ -13,6 +13,7 @@ from .users import Users
 
 MAX_BODY_BYTES = 64 * 1024
 EXTENSION = "cachestack.users"  # where an app keeps its Users, in app.extensions
+AUDITOR = "cachestack.auditor"  # and its consistency auditor's thread (None when off)
 
 
 def users_of(app: Flask) -> Users:
@@ -33,7 +34,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     database = Database(settings.database_url, settings.db_pool_size,
                         settings.db_connect_timeout, settings.db_statement_timeout_ms,
                         password.read if password else None)
-    app.extensions[EXTENSION] = Users(database, UserCache(settings, database))
+    cache = UserCache(settings, database)
+    app.extensions[EXTENSION] = Users(database, cache)
+    app.extensions[AUDITOR] = audit.start_sampler(settings, cache)
     app.register_blueprint(api.bp)
     register_error_handlers(app)
     # The token check stands in front of both doors (the hot routes and Flask), and the

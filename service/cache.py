@@ -32,6 +32,7 @@ import logging
 import random
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -97,6 +98,9 @@ class UserCache:
         self.near = self._near_cache()
         # Called between the database read and the fill; tests use it to force races.
         self.before_fill: Callable[[Lookup], None] | None = None
+        # What reads looked up lately, for the consistency auditor to sample (audit.py);
+        # None while no auditor runs. A bounded deque: an append is all a read pays.
+        self.recently_read: deque[Lookup] | None = None
 
     def _near_cache(self) -> NearCache | None:
         if not self.settings.near_cache_size:
@@ -157,6 +161,17 @@ class UserCache:
         except (CacheUnavailable, db.DatabaseUnavailable):
             return False
 
+    def ask(self, *command: str | int) -> object:
+        """One Redis command behind the breaker (the auditor's GET and SCAN): raises
+        CacheUnavailable when Redis is not to be asked."""
+        return self._through_breaker(lambda: self.redis.command(*command))
+
+    def forget(self, keys: list[str]) -> None:
+        """Delete `keys` as a write would (leases dropped, near caches told), so the next
+        read fills them from Postgres: the auditor's repair."""
+        self._through_breaker(lambda: self._write_entries(
+            [Entry(key, Mode.DELETE, 0, "") for key in keys], ""))
+
     def _new_lease_token(self) -> str:
         return f"{self._token_prefix}:{next(self._token_counter)}"
 
@@ -201,6 +216,8 @@ class UserCache:
         Redis is trusted; the busiest case, so written out here), Redis (waiting out another
         reader's fill), Postgres alone while Redis is unavailable, and otherwise Postgres,
         filled into Redis under this reader's lease."""
+        if self.recently_read is not None:
+            self.recently_read.append(lookup)
         near = self.near if lookup.field == "id" and not self.breaker.tripped else None
         if near is not None:
             value = near.get(lookup.value)

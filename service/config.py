@@ -178,6 +178,20 @@ def _urls(env: Mapping[str, str]) -> tuple[str, str]:
     return database_url, redis_url
 
 
+# The auditor samples at a low rate by design: each sample costs a few Redis and Postgres
+# round trips of its own, off the request path.
+MAX_AUDIT_PER_SECOND = 100.0
+
+
+def _audit_rate(env: Mapping[str, str]) -> float:
+    """CACHE_AUDIT_PER_SECOND: 0 (off) up to MAX_AUDIT_PER_SECOND samples a second."""
+    rate = _number(env, "CACHE_AUDIT_PER_SECOND", 1.0)
+    if rate != rate or rate > MAX_AUDIT_PER_SECOND:  # NaN, or more than a low rate
+        raise ConfigError(f"CACHE_AUDIT_PER_SECOND must be 0 (off) to {MAX_AUDIT_PER_SECOND:g}, "
+                          f"got {rate}")
+    return rate
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service reads from its environment, validated once at start."""
@@ -193,6 +207,10 @@ class Settings:
     db_pool_size: int = 4
     db_connect_timeout: int = 2
     db_statement_timeout_ms: int = 5000
+    # Samples per second the consistency auditor (audit.py) compares with Postgres. The
+    # environment's default is 1; an app made from Settings(...) directly starts no auditor
+    # thread unless asked for one (the tests make hundreds of apps).
+    cache_audit_per_second: float = 0.0
     # The role the service runs as, which `python -m service migrate` grants to.
     database_app_role: str = "cachestack_app"
     # Empty: the API is open to anyone who reaches it.
@@ -226,6 +244,7 @@ class Settings:
             db_pool_size=int(_number(env, "DB_POOL_SIZE", 4, minimum=1)),
             db_connect_timeout=int(_number(env, "DB_CONNECT_TIMEOUT_SECONDS", 2, minimum=1)),
             db_statement_timeout_ms=int(_number(env, "DB_STATEMENT_TIMEOUT_MS", 5000, minimum=1)),
+            cache_audit_per_second=_audit_rate(env),
             database_app_role=app_role,
             api_tokens=_api_tokens(env),
             api_tokens_file=env.get("API_TOKENS_FILE") or None,

@@ -28,6 +28,14 @@ CACHE_MISSES = Counter("cache_misses", "Reads that went to Postgres and filled R
 CACHE_ERRORS = Counter("cache_errors", "Redis calls that failed or timed out")
 CACHE_BYPASSES = Counter("cache_bypasses", "Reads served from Postgres while Redis was unavailable")
 DB_QUERIES = Counter("db_queries", "SQL statements sent to Postgres")
+# The consistency auditor's (audit.py); its own SQL is not in db_queries, which counts what
+# requests cost.
+CACHE_AUDITS = Counter("cache_audits", "Cached entries the auditor compared with Postgres")
+CACHE_INCONSISTENCIES = Counter(
+    "cache_inconsistencies",
+    "Cached entries that disagreed with Postgres past the grace period (then deleted)",
+    ["layer", "kind"],
+)
 REQUEST_LATENCY = Histogram(
     "http_request_duration_seconds",
     "Time spent answering HTTP requests",
