@@ -19,7 +19,7 @@ import yaml
 
 from orchestrate.images import resolve_images
 from orchestrate.secretfiles import ensure_secrets, secret_path
-from orchestrate.stack import Stack, describe_stack
+from orchestrate.stack import DEFAULT_MONITORING_PORT, Stack, describe_stack
 from tests.support import docker_engine
 
 from .helpers import REPO, SECRET_NAMES, run, tool
@@ -34,9 +34,11 @@ def docker_client() -> Any:
 
 @pytest.fixture(scope="session")
 def stack_images(docker_client: Any) -> dict[str, str]:
-    """Image key -> local reference, built or reused by the orchestrator's own function."""
+    """Image key -> local reference, built or reused by the orchestrator's own function; every
+    image compose may run (Prometheus's too), as `orchestrate build` makes them."""
     mode = os.environ.get("ORCHESTRATE_TEST_IMAGES", "auto")
-    return resolve_images(docker_client, describe_stack(), mode)
+    stack = describe_stack(monitoring_port=DEFAULT_MONITORING_PORT)
+    return resolve_images(docker_client, stack, mode)
 
 
 @pytest.fixture(scope="session")

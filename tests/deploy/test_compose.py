@@ -26,7 +26,7 @@ import yaml
 from orchestrate.proxy import Proxy
 from orchestrate.secretfiles import api_token, read_secret, remove_staged, stage_secrets
 from orchestrate.smoke import run_smoke
-from orchestrate.stack import Service, Stack, describe_stack
+from orchestrate.stack import IMAGES, Service, Stack, describe_stack
 from tests.containers import redis_cli
 from tests.support import free_port
 
@@ -34,6 +34,8 @@ from .helpers import REPO, image_env, run, tool, unique_name, wait_ready
 
 FILES = ("docker-compose.yml", "compose.offline.yml")
 DEV_FILE = "compose.dev.yml"
+# `config` only renders: any reference will do, but every image of the stack needs one.
+PLACEHOLDER_IMAGES = image_env({key: f"{key}:1" for key in IMAGES})
 COMPOSE_LABEL = "com.docker.compose.project"
 
 
@@ -151,13 +153,11 @@ def compose(
     ids=["official", "offline", "offline+dev"],
 )
 def test_config_is_valid(files: tuple[str, ...]) -> None:
-    env = image_env({"postgres": "p:1", "redis": "r:1", "proxy": "x:1", "service": "s:1"})
-    run(*compose_command(*files), "config", "--quiet", env=env)
+    run(*compose_command(*files), "config", "--quiet", env=PLACEHOLDER_IMAGES)
 
 
 def test_dev_override_runs_the_working_tree_with_reload() -> None:
-    env = image_env({"postgres": "p:1", "redis": "r:1", "proxy": "x:1", "service": "s:1"})
-    rendered = run(*compose_command(*FILES, DEV_FILE), "config", env=env).stdout
+    rendered = run(*compose_command(*FILES, DEV_FILE), "config", env=PLACEHOLDER_IMAGES).stdout
     service = yaml.safe_load(rendered)["services"]["service"]
     assert "--reload" in service["command"]
     assert f"{REPO / 'service'}:/src/service:ro" in service["volumes"]

@@ -104,7 +104,9 @@ def registry(docker_client: docker.DockerClient, tmp_path_factory: pytest.TempPa
     try:
         for ref, local in official.items():
             repository, tag = ref.split(":")
-            pushed = f"127.0.0.1:{port}/library/{repository}"
+            # Docker Hub's official images live under library/; others (prom/) as named.
+            path = repository if "/" in repository else f"library/{repository}"
+            pushed = f"127.0.0.1:{port}/{path}"
             docker_client.images.get(local).tag(pushed, tag)
             for event in docker_client.api.push(pushed, tag=tag, stream=True, decode=True):
                 assert "error" not in event, event
