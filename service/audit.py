@@ -2,10 +2,10 @@
 
 Postgres is the truth; Redis and the near caches hold copies, and the commonest lie a cache
 tells is a row changed in Postgres behind the service's back (plain SQL that leaves the
-version alone). So each process samples what it serves: every read appends its lookup to a
-small bounded deque (UserCache.recently_read, all the request pays), and a daemon thread
-wakes CACHE_AUDIT_PER_SECOND times a second, takes one lookup from it and compares, with
-connections of its own, off the request path:
+version alone). So each process samples what it serves: every read leaves its lookup in one
+attribute (UserCache.last_read, one store is all a request pays: a bounded deque's append
+cost measurably more), and a daemon thread wakes CACHE_AUDIT_PER_SECOND times a second, takes
+the lookup last read and compares, with connections of its own, off the request path:
 - by id: the Redis entry and the near-cache entry with the row as the service would serialise
   it (`<version> <json>`, the same bytes; a tombstone or "nobody" only where no row is), and
   the username and email pointers of both the row and the cached entry (each must point at
@@ -30,11 +30,10 @@ import argparse
 import hashlib
 import json
 import logging
-import random
 import sys
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -51,7 +50,6 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 GRACE_SECONDS = 2.0  # a write-through takes at most CACHE_TIMEOUT_MS (100 ms by default)
-RECENT_READS = 64  # lookups kept for sampling: the reads of the last moment
 LAYERS = ("redis", "near")
 KINDS = ("value", "pointer", "nobody")  # a stale user entry; a stale pointer; a wrong nobody
 POINTER_FIELDS = ("username", "email")
@@ -262,14 +260,12 @@ class Sampler:
         self.auditor = auditor
         self.interval = 1 / rate
         self.grace = grace
-        self.recent: deque[Lookup] = deque(maxlen=RECENT_READS)
         self._suspects: list[_Suspect] = []
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cache-auditor", daemon=True)
         self._failing = ""  # the last unexpected error's type, logged once
 
     def start(self) -> Sampler:
-        self.auditor.cache.recently_read = self.recent
         for layer in LAYERS:  # every series shows from the start, at 0
             for kind in KINDS:
                 metrics.CACHE_INCONSISTENCIES.labels(layer, kind)
@@ -278,7 +274,6 @@ class Sampler:
 
     def stop(self) -> None:
         """Stop sampling (tests; a worker simply exits) and close its Postgres session."""
-        self.auditor.cache.recently_read = None
         self._stopping.set()
         self._thread.join(5)
         self.auditor.database.close()
@@ -308,13 +303,13 @@ class Sampler:
                 self._suspects.append(_Suspect(lookup, findings, now + self.grace))
 
     def _sample(self) -> Lookup | None:
-        """One of the lookups read since the last sample (none: nothing was served), not one
-        that already waits for its re-check."""
-        recent = list(self.recent)
-        self.recent.clear()
-        waiting = {suspect.lookup for suspect in self._suspects}
-        candidates = [lookup for lookup in recent if lookup not in waiting]
-        return random.choice(candidates) if candidates else None
+        """The lookup read last, taken (None: nothing was served since the last sample), unless
+        it already waits for its re-check."""
+        cache = self.auditor.cache
+        lookup, cache.last_read = cache.last_read, None
+        if lookup is None or any(s.lookup == lookup for s in self._suspects):
+            return None
+        return lookup
 
 
 def start_sampler(settings: Settings, cache: UserCache) -> Sampler | None:

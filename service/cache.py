@@ -32,7 +32,6 @@ import logging
 import random
 import secrets
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -98,9 +97,9 @@ class UserCache:
         self.near = self._near_cache()
         # Called between the database read and the fill; tests use it to force races.
         self.before_fill: Callable[[Lookup], None] | None = None
-        # What reads looked up lately, for the consistency auditor to sample (audit.py);
-        # None while no auditor runs. A bounded deque: an append is all a read pays.
-        self.recently_read: deque[Lookup] | None = None
+        # What the last read looked up, for the consistency auditor to sample (audit.py),
+        # which takes it (None: nothing was read since). One store is all a read pays.
+        self.last_read: Lookup | None = None
 
     def _near_cache(self) -> NearCache | None:
         if not self.settings.near_cache_size:
@@ -216,8 +215,7 @@ class UserCache:
         Redis is trusted; the busiest case, so written out here), Redis (waiting out another
         reader's fill), Postgres alone while Redis is unavailable, and otherwise Postgres,
         filled into Redis under this reader's lease."""
-        if self.recently_read is not None:
-            self.recently_read.append(lookup)
+        self.last_read = lookup
         near = self.near if lookup.field == "id" and not self.breaker.tripped else None
         if near is not None:
             value = near.get(lookup.value)
