@@ -56,6 +56,22 @@ ROLES = {"postgres_password": "postgres", "postgres_owner_password": DB_OWNER,
 REDIS_USERS = {"redis_service_password": REDIS_SERVICE_USER,
                "redis_health_password": REDIS_HEALTH_USER, "redis_admin_password": "admin"}
 ROTATABLE = (*ROLES, *REDIS_USERS, API_TOKENS, CA_CERT)
+# Run in a replica, the CA on standard input: TLS handshakes with Postgres (after its
+# SSLRequest) and Redis that trust only that CA; prints whether both succeed.
+PRESENTS_CERTIFICATES = """\
+import socket, ssl, sys
+context = ssl.create_default_context(cadata=sys.stdin.read())
+def verified(host, port, ssl_request):
+    with socket.create_connection((host, port), timeout=5) as raw:
+        if ssl_request and (raw.sendall(bytes.fromhex("0000000804d2162f")) or raw.recv(1) != b"S"):
+            return False
+        try:
+            context.wrap_socket(raw, server_hostname=host).close()
+        except ssl.SSLCertVerificationError:
+            return False
+    return True
+print(verified("postgres", 5432, True) and verified("redis", 6379, False))
+"""
 # How long clients of the API get to pick up a new token before the old one is refused.
 TOKEN_GRACE_S = 3.0
 DEADLINE_S = 30.0
@@ -170,6 +186,16 @@ def reload_servers(running: Running) -> None:
                         "tls-key-file /run/secrets/redis.key")
 
 
+def present_certificates_of(running: Running, ca_cert: bytes) -> bool:
+    """Whether Postgres and Redis both present a certificate of `ca_cert`'s CA, as a replica
+    sees them. pg_reload_conf only signals the postmaster, so until this holds a new login
+    may still meet the old certificate, and the old CA must stay trusted."""
+    replica = running.one("service")
+    reply = exec_input(replica, ["python", "-c", PRESENTS_CERTIFICATES],
+                       replica.attrs["Config"]["User"], [ca_cert]).decode().strip()
+    return reply == "True"
+
+
 def rotate_certificates(running: Running) -> None:
     old_ca = secret_path(CA_CERT).read_bytes()
     ca = certs.make_ca(CA_NAME)
@@ -180,6 +206,8 @@ def rotate_certificates(running: Running) -> None:
         issue_certificate(ca, server)
         running.stage(server.cert)
     reload_servers(running)
+    wait_for(lambda: present_certificates_of(running, ca.cert),
+             "the servers did not present the new certificates")
     write_secret(CA_CERT, ca.cert)
     running.stage(CA_CERT)
 
