@@ -1,4 +1,4 @@
-"""Command line: `python -m orchestrate up|down|status|logs|smoke|secrets|build`."""
+"""Command line: `python -m orchestrate up|down|status|logs|smoke|secrets|build|audit|...`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import docker.errors
 
-from . import backup, bench, engine, images, rotate
+from . import audit, backup, bench, engine, images, rotate
 from .errors import OrchestrateError, reason
 from .output import error, say, step
 from .secretfiles import api_token, ensure_secrets, expiring_certificates, stage_secrets
@@ -143,6 +143,12 @@ def bench_command(args: argparse.Namespace) -> None:
     say(f"wrote {written.html} and {written.png} (the figures in {written.json.name})")
 
 
+def audit_command(args: argparse.Namespace) -> int:
+    found = audit.audit(describe_stack(args.project, args.port))
+    say(f"project {args.project}: {audit.summary(found)}")
+    return 1 if sum(found.values()) else 0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -193,6 +199,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     command("bench", bench_command, "drive the running stack with wrk; write a report to "
             "build/report/").add_argument("--seconds", type=bench.seconds_arg, default=8,
                                           help="seconds of load per workload (default 8)")
+    command("audit", audit_command, "check every cached user against Postgres once, in paced "
+            "batches; repair and count what disagrees (exit 1 if any)")
     command(
         "secrets", secrets,
         "generate missing secret files and stage each container's copies (for compose)",
