@@ -13,6 +13,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -37,8 +38,9 @@ from .helpers import (
     send_fills,
     serve,
     settings_for,
+    via_proxy,
 )
-from .servers import RedisServer, ServiceProcess
+from .servers import RedisServer, ServiceProcess, TcpProxy
 
 DEADLINE = 5.0  # seconds from the lie to its repair, at the default rate
 Counts = dict[tuple[str, str], float]
@@ -225,6 +227,37 @@ def test_the_auditor_skips_quietly_while_redis_is_down(
     assert sampler._thread.is_alive()
     assert new_since(before) == {}
     assert not [r for r in caplog.records if r.name == "service.audit"]
+
+
+def test_the_auditor_skips_quietly_while_postgres_is_away_and_audits_again_after(
+        database_url: str, owner_url: str, redis_up: RedisServer,
+        caplog: pytest.LogCaptureFixture) -> None:
+    empty_database(owner_url)
+    proxy = TcpProxy(urlsplit(database_url).port or 5432)
+    app = create_app(settings_for(via_proxy(database_url, proxy.port), redis_up.url,
+                                  cache_audit_per_second=1.0))
+    client = app.test_client()
+    try:
+        user = create(client)
+        path = f"/users/{user['id']}"
+        warm(client, path)
+        before = inconsistencies()
+        proxy.cut()
+        with caplog.at_level(logging.INFO, logger="service.audit"):
+            ends = time.monotonic() + 2.5
+            while time.monotonic() < ends:
+                assert read(client, path).cache == "HIT"  # the near cache needs no Postgres
+                time.sleep(0.05)
+        assert not [r for r in caplog.records if r.name == "service.audit"]
+        assert new_since(before) == {}
+        proxy.restore()
+        query(owner_url, "UPDATE users SET display_name = 'changed behind' WHERE id = %s",
+              (user["id"],))
+        assert found_within_deadline(client, path, before, ("redis", "value"))
+    finally:
+        app.extensions[AUDITOR].stop()
+        users_of(app).database.close()
+        proxy.close()
 
 
 def test_the_audit_rate_setting() -> None:
