@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 import docker
 from docker.models.containers import Container
 
-from .bench.progress import WIDTH, Progress
+from .bench.progress import Progress
 from .containers import connect, exec_output, project_containers
 from .errors import OrchestrateError
 from .output import say
@@ -35,18 +35,11 @@ class KeyProgress(Progress):
     """bench's progress bar, counting keys instead of seconds: redrawn in place on a
     terminal; in a log, only the lines around it."""
 
+    unit = " keys"
+
     def start(self, label: str, seconds: float) -> None:
         self._close()
         self.show(label, 0.0, seconds)
-
-    def show(self, label: str, elapsed: float, seconds: float) -> None:
-        if not self.tty:
-            return
-        fraction = self._percent(min(elapsed, seconds)) / 100
-        filled = round(WIDTH * fraction)
-        self._write(f"\r[{'#' * filled}{'.' * (WIDTH - filled)}] {100 * fraction:3.0f}%  "
-                    f"{label}  {min(elapsed, seconds):.0f}/{seconds:.0f}\x1b[K")
-        self._open = True
 
 
 def replica(client: docker.DockerClient, stack: Stack) -> Container:

@@ -131,6 +131,8 @@ class Database:
         self._schema_ready = False
         self._problem: str | None = None  # why the database was unavailable when last used
 
+    counted = True  # whether its statements count in db_queries, what requests cost
+
     def _connect(self) -> Connection:
         """A new session, on a schema that has every migration, with the hot statements
         prepared."""
@@ -225,7 +227,8 @@ class Database:
             conn = self._take()
             try:
                 with conn.cursor() as cur:
-                    metrics.DB_QUERIES.inc()
+                    if self.counted:
+                        metrics.DB_QUERIES.inc()
                     result = work(cur)
             except psycopg2.errors.UniqueViolation as exc:
                 self._give_back(conn)

@@ -13,6 +13,8 @@ WIDTH = 30
 class Progress:
     """A bar over `total` seconds of load; `note` prints a line between the bars."""
 
+    unit = " s"  # what the bar counts, after its figures
+
     def __init__(self, total: float, stream: TextIO | None = None) -> None:
         self.total = max(total, 1e-9)
         self.done = 0.0
@@ -39,7 +41,7 @@ class Progress:
         fraction = self._percent(min(elapsed, seconds)) / 100
         filled = round(WIDTH * fraction)
         self._write(f"\r[{'#' * filled}{'.' * (WIDTH - filled)}] {100 * fraction:3.0f}%  "
-                    f"{label}  {min(elapsed, seconds):.0f}/{seconds:.0f} s\x1b[K")
+                    f"{label}  {min(elapsed, seconds):.0f}/{seconds:.0f}{self.unit}\x1b[K")
         self._open = True
 
     def finish(self, label: str, seconds: float) -> None:
