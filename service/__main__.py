@@ -47,17 +47,36 @@ def check_address(host: str, port: int) -> None:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def hold_stop_signals() -> None:
+    """Before a fork: SIGTERM and SIGINT wait, blocked, until the new worker can take them.
+
+    A worker signalled right after its fork lost the signal: Python drops the signals that
+    arrive before its after-fork hooks run (tests/service/test_shutdown.py saw it about one
+    start in ten on a busy machine), and the worker then served on while the main process
+    waited for it for ever. Blocked, a signal stays pending in the kernel instead."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def release_stop_signals() -> None:
+    """After a fork, in the main process: what arrived meanwhile is handled now."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 def stop_outright() -> None:
     """In a worker just forked, until granian installs the worker's own signal handlers:
-    SIGTERM and SIGINT stop it at once.
+    SIGTERM and SIGINT stop it at once, the one held since the fork too.
 
     granian forks its workers with its main process's handlers, which in a worker only set a
     flag in its copy of the server, and installs the worker's own only once the app is
     loaded (a few hundred ms). A worker told to stop meanwhile, as when a replica is stopped
     soon after it started, never heard it: it went on serving, and the main process waited
     for it for ever. A worker that has not started serving has nothing to finish."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
+    release_stop_signals()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     from granian import Granian
     from granian.constants import Interfaces
 
-    os.register_at_fork(after_in_child=stop_outright)
+    os.register_at_fork(before=hold_stop_signals, after_in_parent=release_stop_signals,
+                        after_in_child=stop_outright)
     Granian(
         "service.wsgi:app",
         address=args.host,
