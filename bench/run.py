@@ -1,7 +1,7 @@
 """Side-by-side wrk benchmark: our service, the Express reference and a constant-JSON baseline.
 
-Usage: python bench/run.py [--duration S] [--rounds N] [--tls-rounds N] [--only hit|miss|create]
-                           [--users N]
+Usage: python bench/run.py [--duration S] [--rounds N] [--tls-rounds N] [--audit-off-rounds N]
+                           [--only hit|miss|create] [--users N]
 
 Starts its own redis-server (no persistence), our service (`python -m service`, default settings,
 an API token required as in the stack) and the Express peer on fresh databases of the local
@@ -10,7 +10,9 @@ Postgres, seeds both with the same number of users, then drives each workload wi
 hits all three alike. A second instance of ours, "ours+tls", has TLS on both of its connections
 (a TLS-only redis-server with a certificate of a CA made for the run; Postgres with
 sslmode=require, which the host's Postgres answers with its own certificate) and runs right after
-ours in the first --tls-rounds rounds. Medians are reported with the targets of issues 4 and 10.
+ours in the first --tls-rounds rounds; a third, "ours-noaudit", has the consistency auditor off
+(CACHE_AUDIT_PER_SECOND=0) and runs in the first --audit-off-rounds rounds, to show what the
+auditor costs. Medians are reported with the targets of issues 4, 10 and 14.
 Every process it starts is stopped on the way out.
 """
 
@@ -38,9 +40,10 @@ LUA = Path(__file__).resolve().parent / "wrk" / "load.lua"
 THREADS, CONNECTIONS = 2, 32
 HOT_IDS = 1000
 OURS_DB, PEER_DB = "bench", "seedpeer"
-TARGETS = {  # issue 10, "Speed" (ours against the reference, ours+tls against ours), and issue 4
+TARGETS = {  # issue 10, "Speed" (ours against the reference, ours+tls against ours), issue 4,
+    # and issue 14 (hits lose at most 3% with the auditor on: ours against ours-noaudit)
     "hit_vs_ref": 2.8, "miss_vs_ref": 1.05, "create_vs_ref": 0.9,
-    "miss_tls_vs_plain": 0.9, "create_tls_vs_plain": 0.9,
+    "miss_tls_vs_plain": 0.9, "create_tls_vs_plain": 0.9, "hit_audit_vs_noaudit": 0.97,
     "hit_vs_baseline": 0.8, "hit_p99_ms": 5.0, "memory_mb": 150.0,
 }
 # The host's Postgres offers TLS, and libpq's default (prefer) would take it: ours says which.
@@ -164,10 +167,13 @@ def prewarm(session: requests.Session, base: str, paths_file: str) -> None:
         session.get(base + path, timeout=5).raise_for_status()
 
 
-# Which database and path files each server uses; ours+tls shares ours's database, so its creates
-# get names of their own.
-SIDES = {"ours": "ours", "ours+tls": "ours", "reference": "peer"}
-CREATE_TAGS = {"ours": "r", "ours+tls": "s", "reference": "r"}
+# Which database and path files each server uses; the variants of ours share its database, so
+# their creates get names of their own.
+SIDES = {"ours": "ours", "ours+tls": "ours", "ours-noaudit": "ours", "reference": "peer"}
+CREATE_TAGS = {"ours": "r", "ours+tls": "s", "ours-noaudit": "a", "reference": "r"}
+# Each variant of ours, reported as a ratio to ours: the key of its targets, and its label.
+VARIANTS = {"ours+tls": ("tls_vs_plain", "ours+tls/ours"),
+            "ours-noaudit": ("audit_vs_noaudit", "ours/ours-noaudit")}
 
 
 @dataclass
@@ -177,12 +183,13 @@ class Targets:
     files: dict[str, str]
     duration: int
     rounds: int
-    tls_rounds: int
+    variant_rounds: dict[str, int]  # variant of ours -> in how many of the first rounds it runs
     headers: dict[str, str]
     cold_offset: dict[str, int] = field(default_factory=lambda: {"ours": 0, "peer": 0})
 
     def _servers(self, number: int) -> list[str]:
-        return ["ours", *(["ours+tls"] if number < self.tls_rounds else []), "reference"]
+        variants = [who for who, rounds in self.variant_rounds.items() if number < rounds]
+        return ["ours", *variants, "reference"]
 
     def _wrk_args(self, name: str, who: str, number: int) -> list[str]:
         side = SIDES[who]
@@ -193,7 +200,7 @@ class Targets:
         return ["create", side, str(THREADS), f"{CREATE_TAGS[who]}{number}"]
 
     def scenario(self, name: str) -> dict[str, Series]:
-        """Alternate ours / ours+tls / reference / baseline rounds of one workload."""
+        """Alternate ours / its variants / reference / baseline rounds of one workload."""
         session = requests.Session()
         session.headers.update(self.headers)
         series = {who: Series() for who in [*self._servers(0), "baseline"]}
@@ -242,13 +249,17 @@ def report(results: dict[str, dict[str, Series]], memory: tuple[int, int, int]) 
             target = TARGETS["hit_vs_baseline"]
             line += f" (target >= {target}x: {verdict(ours / base >= target)})"
         print(line)
-        if "ours+tls" in series:
-            tls = series["ours+tls"].median("rps")
-            line = (f"{name:8} ours+tls/ours  = {tls:.0f}/{ours:.0f} = {tls / ours:.2f}x "
-                    f"({len(series['ours+tls'].rounds)} TLS round(s))")
-            target = TARGETS.get(f"{name}_tls_vs_plain")
+        for variant, (key, label) in VARIANTS.items():
+            if variant not in series:
+                continue
+            other = series[variant].median("rps")
+            # The ratio is the variant's to ours, but for the auditor, which ours has on.
+            ratio = ours / other if variant == "ours-noaudit" else other / ours
+            line = (f"{name:8} {label} = {ratio:.2f}x "
+                    f"({len(series[variant].rounds)} round(s) of {variant})")
+            target = TARGETS.get(f"{name}_{key}")
             if target:
-                line += f" (target >= {target}x: {verdict(tls / ours >= target)})"
+                line += f" (target >= {target}x: {verdict(ratio >= target)})"
             print(line)
         if name == "hit":
             p99 = series["ours"].median("p99_ms")
@@ -271,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=300_000, help="users seeded per server")
     parser.add_argument("--tls-rounds", type=int, default=1,
                         help="rounds of each workload that also run ours+tls (default 1; 0: none)")
+    parser.add_argument("--audit-off-rounds", type=int, default=1,
+                        help="rounds of each workload that also run ours-noaudit (default 1)")
     parser.add_argument("--peer-dir", type=Path, default=Path("/tmp/express-seed"),
                         help="where the Express peer is (copied and npm-installed if missing)")
     args = parser.parse_args(argv)
@@ -292,14 +305,21 @@ def main(argv: list[str] | None = None) -> int:
                 bases["ours+tls"], _ = stack.start_service(
                     OURS_DB, stack.start_tls_redis(), name="service-tls",
                     database_options=TLS_DATABASE, env=guarded)
+            if args.audit_off_rounds:
+                bases["ours-noaudit"], _ = stack.start_service(
+                    OURS_DB, f"redis://127.0.0.1:{redis_port}/0", name="service-noaudit",
+                    database_options=PLAIN_DATABASE,
+                    env={**guarded, "CACHE_AUDIT_PER_SECOND": "0"})
             started = time.monotonic()
             files = seed(ours_db, peer_db, args.users, work)
             print(f"seeded {args.users} users per server in {time.monotonic() - started:.1f} s; "
                   + ", ".join(f"{who} {base}" for who, base in bases.items()), flush=True)
             counters = {who: metrics_counters(base) for who, base in bases.items()}
             counters["reference"] = redis_counters(redis.Redis(port=redis_port))
+            variant_rounds = {"ours+tls": args.tls_rounds, "ours-noaudit": args.audit_off_rounds}
             targets = Targets(bases, counters, files, args.duration, args.rounds,
-                              args.tls_rounds, {"Authorization": f"Bearer {token}"})
+                              {who: n for who, n in variant_rounds.items() if who in bases},
+                              {"Authorization": f"Bearer {token}"})
             for who, base in bases.items():  # warm up every server, untimed
                 wrk(base, ["paths", files[f"{SIDES[who]}_hot"], str(THREADS)], 3)
             results = {name: targets.scenario(name) for name in workloads}
