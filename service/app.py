@@ -35,7 +35,7 @@ def create_app(settings: Settings | None = None) -> Flask:
                         settings.db_connect_timeout, settings.db_statement_timeout_ms,
                         password.read if password else None)
     cache = UserCache(settings, database)
-    app.extensions[EXTENSION] = Users(database, cache)
+    app.extensions[EXTENSION] = Users(database, cache, settings.batching)
     app.extensions[AUDITOR] = audit.start_sampler(settings, cache)
     app.register_blueprint(api.bp)
     register_error_handlers(app)

@@ -32,7 +32,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -303,8 +303,9 @@ class UserCache:
                 lease = self.keys.lease(self.keys.user(user_id))
                 self._through_breaker(lambda: self.redis.command("DEL", lease))
 
-    def created(self, row: db.UserRow) -> None:
-        self._write_through(self._row_entries(row), "")
+    def created(self, rows: Sequence[db.UserRow]) -> None:
+        """One write-through for the rows of one or more creates (batching.py)."""
+        self._write_through([entry for row in rows for entry in self._row_entries(row)], "")
 
     def updated(self, change: db.Update, token: str) -> None:
         entries = self._row_entries(change.row)

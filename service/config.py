@@ -178,6 +178,18 @@ def _urls(env: Mapping[str, str]) -> tuple[str, str]:
     return database_url, redis_url
 
 
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """NAME as 1/0 (also true/false, on/off, yes/no); `default` when unset or empty."""
+    raw = (read_setting(env, name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "true", "on", "yes"}:
+        return True
+    if raw in {"0", "false", "off", "no"}:
+        return False
+    raise ConfigError(f"{name} must be 1 or 0, got {raw!r}")
+
+
 # The auditor samples at a low rate by design: each sample costs a few Redis and Postgres
 # round trips of its own, off the request path.
 MAX_AUDIT_PER_SECOND = 100.0
@@ -207,6 +219,9 @@ class Settings:
     db_pool_size: int = 4
     db_connect_timeout: int = 2
     db_statement_timeout_ms: int = 5000
+    # Concurrent creates and reads by id of a process share their statements (batching.py);
+    # BATCHING=0 sends each on its own, to compare.
+    batching: bool = True
     # Samples per second the consistency auditor (audit.py) compares with Postgres. The
     # environment's default is 1; an app made from Settings(...) directly starts no auditor
     # thread unless asked for one (the tests make hundreds of apps).
@@ -244,6 +259,7 @@ class Settings:
             db_pool_size=int(_number(env, "DB_POOL_SIZE", 4, minimum=1)),
             db_connect_timeout=int(_number(env, "DB_CONNECT_TIMEOUT_SECONDS", 2, minimum=1)),
             db_statement_timeout_ms=int(_number(env, "DB_STATEMENT_TIMEOUT_MS", 5000, minimum=1)),
+            batching=_flag(env, "BATCHING", True),
             cache_audit_per_second=_audit_rate(env),
             database_app_role=app_role,
             api_tokens=_api_tokens(env),

@@ -16,9 +16,9 @@ import json
 import logging
 import select
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import psycopg2
 import psycopg2.errors
@@ -50,6 +50,12 @@ PREPARED = {
     "find_by_email": f"SELECT {USER_COLUMNS} FROM users WHERE email = $1",
     "insert_user": "INSERT INTO users (username, email, display_name) VALUES ($1, $2, $3) "
                    f"RETURNING {USER_COLUMNS}",
+    # The batched forms (batching.py). A row that conflicts, with the table or with an
+    # earlier row of its batch, is skipped rather than failing the others.
+    "find_by_ids": f"SELECT {USER_COLUMNS} FROM users WHERE id = ANY($1::bigint[])",
+    "insert_users": "INSERT INTO users (username, email, display_name) "
+                    "SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) "
+                    f"ON CONFLICT DO NOTHING RETURNING {USER_COLUMNS}",
 }
 UNIQUE_CONSTRAINTS = {"users_username_key": "username", "users_email_key": "email"}
 # How libpq reports a login whose password the server refused (no error code comes with it).
@@ -94,6 +100,14 @@ class UserRow:
             separators=(",", ":"),
             ensure_ascii=False,
         ).encode())
+
+
+class NewUser(NamedTuple):
+    """What a create inserts."""
+
+    username: str
+    email: str
+    display_name: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,12 +287,48 @@ def find_users(db: Database, field: str, value: str | int) -> list[UserRow]:
     return db.run(select)
 
 
+def find_users_by_ids(db: Database, ids: Sequence[int]) -> list[UserRow | None]:
+    """The row of each id, in order (None: no such user); one query for all of them."""
+    if len(ids) == 1:
+        rows = find_users(db, "id", ids[0])
+        return [rows[0] if rows else None]
+
+    def select(cur: Any) -> list[UserRow | None]:
+        cur.execute("EXECUTE find_by_ids(%s)", (list(ids),))
+        found = {record[0]: UserRow(*record) for record in cur.fetchall()}
+        return [found.get(user_id) for user_id in ids]
+
+    return db.run(select)
+
+
 def insert_user(db: Database, username: str, email: str, display_name: str | None) -> UserRow:
     def insert(cur: Any) -> UserRow:
         cur.execute("EXECUTE insert_user(%s, %s, %s)", (username, email, display_name))
         return UserRow(*cur.fetchone())
 
     return db.run(insert)
+
+
+def insert_users(db: Database, users: Sequence[NewUser]) -> list[UserRow | None]:
+    """Insert `users` in one statement, in order: each one's row, or None where it conflicted
+    (with the table or an earlier user of the batch) and was skipped; that user's own
+    insert_user then says which field, as it would have alone. A batch of one is that
+    insert_user."""
+    if len(users) == 1:
+        return [insert_user(db, *users[0])]
+
+    def insert(cur: Any) -> list[UserRow | None]:
+        cur.execute("EXECUTE insert_users(%s, %s, %s)",
+                    [list(column) for column in zip(*users, strict=True)])
+        rows = [UserRow(*record) for record in cur.fetchall()]
+        inserted = {(row.username, row.email): row for row in rows}
+        # Two identical users: the first is the one inserted, the second conflicted.
+        return [inserted.pop((user.username, user.email), None) for user in users]
+
+    try:
+        return db.run(insert)
+    except psycopg2.DatabaseError:  # one user's error failed them all: each alone gets its own
+        return [None] * len(users)
 
 
 def update_user(db: Database, user_id: int, changes: dict[str, str | None]) -> Update | None:

@@ -36,6 +36,13 @@ CACHE_INCONSISTENCIES = Counter(
     "Cached entries that disagreed with Postgres past the grace period (then deleted)",
     ["layer", "kind"],
 )
+# A batch of one is a request that found nothing to go with (batching.py).
+BATCH_SIZE = Histogram(
+    "batch_size",
+    "Items per batch of coalesced work: creates, loads by id",
+    ["kind"],
+    buckets=(1, 2, 3, 4, 6, 8, 16),
+)
 REQUEST_LATENCY = Histogram(
     "http_request_duration_seconds",
     "Time spent answering HTTP requests",

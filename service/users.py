@@ -1,11 +1,17 @@
-"""Use cases: each read or write, with its Postgres and Redis steps in the right order."""
+"""Use cases: each read or write, with its Postgres and Redis steps in the right order.
+
+Creates and reads by id that a process has in flight at once share their statements and
+write-throughs (batching.py): a batch of creates is one INSERT and one write-through, a
+batch of reads one SELECT.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from . import db
+from .batching import Combiner
 from .cache import Answer, UserCache
 from .keys import Lookup
 
@@ -15,21 +21,41 @@ R = TypeVar("R")
 class Users:
     """Postgres is the source of truth; the cache is told about every committed change."""
 
-    def __init__(self, database: db.Database, cache: UserCache) -> None:
+    def __init__(self, database: db.Database, cache: UserCache, batching: bool = True) -> None:
+        """`batching`: whether concurrent work shares its statements (Settings.batching)."""
         self.database = database
         self.cache = cache
+        self._creates = Combiner("create", self._create_many, batching)
+        self._loads = Combiner("load_by_id", self._load_by_ids, batching)
+
+    def _create_many(self, users: Sequence[db.NewUser]) -> list[db.UserRow | None]:
+        """One INSERT, then one write-through of every row it inserted: each user's row,
+        None where it conflicted."""
+        rows = db.insert_users(self.database, users)
+        inserted = [row for row in rows if row is not None]
+        if inserted:
+            self.cache.created(inserted)
+        return rows
+
+    def _load_by_ids(self, ids: Sequence[int]) -> list[db.UserRow | None]:
+        return db.find_users_by_ids(self.database, ids)
 
     def find(self, lookup: Lookup) -> Answer:
         def load() -> db.UserRow | None:
+            if lookup.field == "id":
+                return self._loads(int(lookup.value))
             rows = db.find_users(self.database, lookup.field, lookup.value)
             return rows[0] if rows else None
 
         return self.cache.read(lookup, load)
 
     def create(self, fields: dict[str, Any]) -> db.UserRow:
-        row = db.insert_user(self.database, fields["username"], fields["email"],
-                             fields.get("display_name"))
-        self.cache.created(row)
+        """The new row, once Postgres committed it and Redis acknowledged its write-through."""
+        user = db.NewUser(fields["username"], fields["email"], fields.get("display_name"))
+        row = self._creates(user)
+        if row is None:  # it conflicted in its batch: its own insert says with which field
+            row = db.insert_user(self.database, *user)
+            self.cache.created([row])
         return row
 
     def update(self, user_id: int, fields: dict[str, Any]) -> db.UserRow | None:
