@@ -63,7 +63,10 @@ def project_filter(project: str, service: str | None = None) -> dict[str, list[s
 def project_containers(
     client: docker.DockerClient, project: str, service: str | None = None
 ) -> list[Container]:
-    found = client.containers.list(all=True, filters=project_filter(project, service))
+    # A container removed between the engine's list and docker-py's inspect of each (a
+    # rollout or `down` at work) is no longer the project's.
+    found = client.containers.list(all=True, filters=project_filter(project, service),
+                                   ignore_removed=True)
     return sorted(found, key=lambda c: c.name)
 
 

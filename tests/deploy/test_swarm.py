@@ -39,7 +39,8 @@ class SwarmRun:
 
     def containers(self, client: docker.DockerClient, service: str) -> list[Any]:
         return client.containers.list(
-            filters={"label": f"com.docker.swarm.service.name={self.stack.project}_{service}"}
+            filters={"label": f"com.docker.swarm.service.name={self.stack.project}_{service}"},
+            ignore_removed=True,  # swarm replaces tasks' containers as we look
         )
 
 
@@ -81,14 +82,14 @@ def remove_stack(client: docker.DockerClient, name: str) -> list[str]:
     namespace = {"label": f"{NAMESPACE_LABEL}={name}"}
     deadline = time.monotonic() + REMOVE_TIMEOUT_S
     while time.monotonic() < deadline and (
-        client.containers.list(all=True, filters=namespace)
+        client.containers.list(all=True, filters=namespace, ignore_removed=True)
         or client.networks.list(filters=namespace)
     ):
         time.sleep(1)
     for volume in client.volumes.list(filters=namespace):
         volume.remove(force=True)
     return (
-        [c.name for c in client.containers.list(all=True, filters=namespace)]
+        [c.name for c in client.containers.list(all=True, filters=namespace, ignore_removed=True)]
         + [n.name for n in client.networks.list(filters=namespace)]
         + [v.name for v in client.volumes.list(filters=namespace)]
         + [s.name for s in client.secrets.list(filters=namespace)]
