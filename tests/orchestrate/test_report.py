@@ -1,7 +1,7 @@
 """`python -m orchestrate bench` against a running stack: the report's files (a PNG, an HTML
 page that carries it, the figures as JSON), figures for every workload that show each cache
 layer doing its part (the near cache off still hits Redis; the cache off hits nothing and
-costs a query a read), and no temporary container left behind, after a run or a Ctrl-C."""
+every read goes to Postgres), and no temporary container left behind, after a run or a Ctrl-C."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ WORKLOADS = ("id", "id-cache-on", "id-near-off", "id-cache-off", "email", "creat
 # Every query is a miss's or a bypass's, but for the proxy's /readyz checks (one a second per
 # replica) while the counters are read.
 READYZ_QUERIES = 50
+# Concurrent reads by id, or creates, of one worker share a statement (service/batching.py):
+# at most one per blocking thread (the service's default, 4) in each.
+MOST_PER_QUERY = 4
 BENCH_TIMEOUT_S = 600
 
 
@@ -104,9 +107,9 @@ def test_each_cache_layer_shows_in_the_hit_ratios(figures: dict[str, dict[str, A
     cache_off = figures["id-cache-off"]
     assert cache_off["hits"] == 0 and cache_off["misses"] == 0, cache_off
     assert cache_off["bypasses"] >= cache_off["requests"], cache_off
-    assert 0.9 <= cache_off["queries_per_request"] <= 1.2, cache_off
+    assert 1 / MOST_PER_QUERY <= cache_off["queries_per_request"] <= 1.2, cache_off
     assert figures["create"]["hit_ratio"] is None
-    assert figures["create"]["queries_per_request"] >= 1
+    assert figures["create"]["queries_per_request"] >= 1 / MOST_PER_QUERY
 
 
 def test_no_temporary_container_is_left(
