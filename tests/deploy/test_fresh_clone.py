@@ -56,7 +56,8 @@ def stand_ins(client: docker.DockerClient) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as context:
         (Path(context) / "Dockerfile").write_text(PYTHON_STAND_IN.format(base=debian))
         shutil.copy(HOST_CA, Path(context) / "ca-certificates.crt")
-        python, _ = client.images.build(path=context, tag="cachestack-offline/python-stand-in")
+        python, _ = client.images.build(path=context, tag="cachestack-offline/python-stand-in",
+                                        rm=True)
     found[IMAGES["service"].base] = python.id
     return found
 

@@ -37,7 +37,7 @@ def derived_image(client: docker.DockerClient, base: str, tag: str) -> str:
         info.size = len(recipe)
         tar.addfile(info, io.BytesIO(recipe))
     context.seek(0)
-    image, _ = client.images.build(fileobj=context, custom_context=True, tag=tag)
+    image, _ = client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True)
     return image.id
 
 
