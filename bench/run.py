@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                     database_options=TLS_DATABASE, env=guarded)
             if args.audit_off_rounds:
                 bases["ours-noaudit"], _ = stack.start_service(
-                    OURS_DB, f"redis://127.0.0.1:{redis_port}/0", name="service-noaudit",
+                    OURS_DB, f"redis://127.0.0.1:{redis_port}/2", name="service-noaudit",
                     database_options=PLAIN_DATABASE,
                     env={**guarded, "CACHE_AUDIT_PER_SECOND": "0"})
             started = time.monotonic()
