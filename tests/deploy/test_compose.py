@@ -60,7 +60,7 @@ class ComposeRun:
 
     def containers(self, client: docker.DockerClient, service: str) -> list[Any]:
         """The service's containers (each replica of a scaled one)."""
-        return client.containers.list(
+        return client.containers.list(ignore_removed=True,
             all=True,
             filters={
                 "label": [
@@ -86,7 +86,7 @@ def compose_command(*files: str, binary: str = "v1") -> list[str]:
 def leftovers(client: docker.DockerClient, project: str) -> list[str]:
     filters = {"label": f"{COMPOSE_LABEL}={project}"}
     return (
-        [c.name for c in client.containers.list(all=True, filters=filters)]
+        [c.name for c in client.containers.list(ignore_removed=True, all=True, filters=filters)]
         + [n.name for n in client.networks.list(filters=filters)]
         + [v.name for v in client.volumes.list(filters=filters)]
     )

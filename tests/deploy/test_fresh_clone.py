@@ -203,7 +203,7 @@ def test_the_orchestrator_on_the_official_images(
         print(f"orchestrator from a fresh clone on the official images: "
               f"{time.monotonic() - started:.1f}s to smoke checks passed")
         assert result.stdout.count("smoke ok") == 10
-        service = docker_client.containers.list(filters={"label": [
+        service = docker_client.containers.list(ignore_removed=True, filters={"label": [
             f"org.cachestack.project={project}", "org.cachestack.service=service"]})[0]
         # The image's own layers: the builder's virtualenv copied in, no wheel, no pip run.
         layers = [entry.get("CreatedBy", "") for entry in service.image.history()]

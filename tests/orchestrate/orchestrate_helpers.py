@@ -40,7 +40,8 @@ def labelled(client: docker.DockerClient, project: str) -> list[str]:
     """Every container, network and volume that carries the project's label."""
     filters = {"label": f"{PROJECT_LABEL}={project}"}
     return (
-        [f"container {c.name}" for c in client.containers.list(all=True, filters=filters)]
+        [f"container {c.name}"
+         for c in client.containers.list(ignore_removed=True, all=True, filters=filters)]
         + [f"network {n.name}" for n in client.networks.list(filters=filters)]
         + [f"volume {v.name}" for v in client.volumes.list(filters=filters)]
     )
@@ -49,7 +50,7 @@ def labelled(client: docker.DockerClient, project: str) -> list[str]:
 def sweep(client: docker.DockerClient, project: str) -> None:
     """Last-resort cleanup of a project, by label, after `down --volumes` already ran."""
     filters = {"label": f"{PROJECT_LABEL}={project}"}
-    for container in client.containers.list(all=True, filters=filters):
+    for container in client.containers.list(ignore_removed=True, all=True, filters=filters):
         container.remove(force=True)
     for network in client.networks.list(filters=filters):
         network.remove()

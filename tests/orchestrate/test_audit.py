@@ -17,7 +17,7 @@ from tests.containers import psql, redis_cli
 
 
 def container(client: docker.DockerClient, project: Project, service: str) -> Any:
-    found = client.containers.list(filters={"label": [
+    found = client.containers.list(ignore_removed=True, filters={"label": [
         f"org.cachestack.project={project.name}", f"{SERVICE_LABEL}={service}"]})
     assert found, f"a running {service} container"
     return found[0]

@@ -142,7 +142,7 @@ def test_a_full_disk_or_an_unknown_project_leave_nothing(stack: Project) -> None
 def test_150000_users_back_up_and_restore_and_an_interrupted_backup_leaves_nothing(
     docker_client: Any, stack: Project
 ) -> None:
-    [postgres] = docker_client.containers.list(filters={"label": [
+    [postgres] = docker_client.containers.list(ignore_removed=True, filters={"label": [
         f"org.cachestack.project={stack.name}", f"{SERVICE_LABEL}=postgres"]})
     psql(postgres, "INSERT INTO users (username, email) SELECT 'bulk' || g, 'bulk' || g || "
                    "'@example.org' FROM generate_series(1, 150000) g")

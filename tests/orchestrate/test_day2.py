@@ -23,7 +23,7 @@ from tests.load import SteadyLoad
 
 
 def running(client: docker.DockerClient, project: Project, service: str) -> list[Any]:
-    found = client.containers.list(filters={"label": [
+    found = client.containers.list(ignore_removed=True, filters={"label": [
         f"org.cachestack.project={project.name}", f"{SERVICE_LABEL}={service}"]})
     return sorted(found, key=lambda c: int(c.labels.get(REPLICA_LABEL, 0)))
 
@@ -62,7 +62,7 @@ def test_new_code_replaces_the_replicas_one_by_one_without_a_failed_request(
 ) -> None:
     before = running(docker_client, stack, "service")
     refs = {c.labels[SERVICE_LABEL]: c.image.id
-            for c in docker_client.containers.list(
+            for c in docker_client.containers.list(ignore_removed=True,
                 filters={"label": f"org.cachestack.project={stack.name}"})}
     refs["service"] = derived_image(docker_client, before[0].image.id,
                                     f"cachestack/service:{stack.name}")

@@ -48,7 +48,7 @@ def test_prometheus_answers_the_hit_ratio_the_replicas_count(
         for _ in range(3):
             session.get(f"{project.url}/users/{user['data']['id']}", timeout=10)
         session.get(f"{project.url}/users", params={"username": f"nobody{number}"}, timeout=10)
-    replicas = docker_client.containers.list(filters={"label": [
+    replicas = docker_client.containers.list(ignore_removed=True, filters={"label": [
         f"org.cachestack.project={project.name}", f"{SERVICE_LABEL}=service"]})
     hits = sum(counter(r, "cache_hits_total") for r in replicas)
     misses = sum(counter(r, "cache_misses_total") for r in replicas)

@@ -39,7 +39,8 @@ def described(container: Any) -> Service:
 
 def containers(client: docker.DockerClient, project: Project) -> dict[str, Any]:
     """The project's containers by name without the project: postgres, redis, service-1, ..."""
-    found = client.containers.list(all=True, filters={"label": f"{PROJECT_LABEL}={project.name}"})
+    found = client.containers.list(ignore_removed=True, all=True,
+                                   filters={"label": f"{PROJECT_LABEL}={project.name}"})
     return {c.name.removeprefix(f"{project.name}-"): c for c in found}
 
 

@@ -38,7 +38,8 @@ BENCH_TIMEOUT_S = 600
 
 def leftovers(client: docker.DockerClient, project: str) -> list[str]:
     """The project's temporary bench containers and their staged secrets, if any remain."""
-    containers = client.containers.list(all=True, filters={"label": f"{PROJECT_LABEL}={project}"})
+    containers = client.containers.list(ignore_removed=True, all=True,
+                                        filters={"label": f"{PROJECT_LABEL}={project}"})
     found = [c.name for c in containers if c.labels.get(SERVICE_LABEL, "").startswith("bench-")]
     staged = STAGE_ROOT / project
     return found + ([str(p) for p in staged.glob("bench-*")] if staged.is_dir() else [])

@@ -34,7 +34,7 @@ REDIS_LOGIN = ('read -r password; printf "AUTH service %s\\nPING\\n" "$password"
 
 
 def container(client: docker.DockerClient, project: Project, service: str) -> Any:
-    return client.containers.list(filters={"label": [
+    return client.containers.list(ignore_removed=True, filters={"label": [
         f"org.cachestack.project={project.name}", f"{SERVICE_LABEL}={service}"]})[0]
 
 

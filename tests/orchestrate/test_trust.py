@@ -34,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("docker_client")
 
 def container(client: docker.DockerClient, project: Project, service: str) -> Any:
     """A running container of `service` (of a replicated one, any replica)."""
-    found = client.containers.list(
+    found = client.containers.list(ignore_removed=True,
         filters={"label": [f"org.cachestack.project={project.name}", f"{SERVICE_LABEL}={service}"]}
     )
     assert found, f"a running {service} container"

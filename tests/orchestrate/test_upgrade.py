@@ -74,7 +74,7 @@ def test_volumes_of_the_previous_stack_come_up_under_the_new_roles(
         by_name = requests.get(f"{project.url}/users", params={"username": user["username"]},
                                headers=auth, timeout=10)
         assert by_name.json()["data"] == [user]
-    [postgres] = docker_client.containers.list(filters={"label": [
+    [postgres] = docker_client.containers.list(ignore_removed=True, filters={"label": [
         f"org.cachestack.project={project.name}", f"{SERVICE_LABEL}=postgres"]})
     assert {row[0] for row in psql(postgres, "SELECT tableowner FROM pg_tables "
                                    "WHERE schemaname = 'public'")} == {DB_OWNER}
