@@ -21,10 +21,12 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service import db, schema
-from service.app import create_app, users_of
-from service.config import Settings
-from service.keys import Keys, Lookup
+from service.cache.keys import Keys, Lookup
+from service.postgres import schema, statements
+from service.process.config import Settings
+from service.process.factory import create_app
+from service.settings import CacheSettings, PostgresSettings, RedisSettings
+from service.web.routes import users_of
 from tests.support import require
 
 from .servers import ROOT, RedisServer, ServiceProcess, TlsFiles
@@ -78,9 +80,16 @@ def via_proxy(database_url: str, proxy_port: int) -> str:
 # -- apps and servers ---------------------------------------------------------------
 
 
-def settings_for(database_url: str, redis_url: str, **overrides: object) -> Settings:
-    return Settings(database_url=database_url, redis_url=redis_url,
-                    **{"cache_cooldown": 0.2, **overrides})
+def settings_for(database_url: str, redis_url: str, *, postgres: dict | None = None,
+                 cache: dict | None = None, **overrides: object) -> Settings:
+    """Settings for an app of the tests: `postgres` and `cache` override fields of those
+    layers' records, the rest the process's own. The auditor is off unless asked for (the
+    tests make hundreds of apps), and Redis is tried again soon after a failure."""
+    return Settings(postgres=PostgresSettings(url=database_url, **(postgres or {})),
+                    redis=RedisSettings(url=redis_url),
+                    cache=CacheSettings(**{"cooldown": 0.2, "audit_per_second": 0,
+                                           **(cache or {})}),
+                    **overrides)
 
 
 def app_for(database_url: str, owner_url: str, redis_url: str,
@@ -219,7 +228,7 @@ def late_update(app: Flask, user_id: int, changes: dict) -> Callable[[], None]:
     """Commit an update now but hold back its write-through: returns the write-through."""
     users = users_of(app)
     token = users.cache.lease_for_write(user_id)
-    change = db.update_user(users.database, user_id, changes)
+    change = statements.update_user(users.database, user_id, changes)
     return lambda: users.cache.updated(change, token)
 
 

@@ -1,4 +1,4 @@
-"""API tokens (service/auth.py): /users needs one of API_TOKENS_FILE's, the rest stays open,
+"""API tokens (service/web/auth.py): /users needs one of API_TOKENS_FILE's, the rest stays open,
 refusals are counted, and no token is ever logged or echoed; a token added to the file is
 accepted, and one removed refused, within about a second, without a restart. How both doors
 refuse alike is in test_hotpath.py; bad token files at start in test_cli.py."""
@@ -130,7 +130,7 @@ def test_a_token_removed_from_the_file_is_refused_within_about_a_second(
     client = watching_app.test_client()
     token_file.write_text(f"{NEW}\n{OLD}\n")
     takes_effect(lambda: accepts(client, NEW), "the added token")
-    with caplog.at_level(logging.INFO, logger="service.auth"):
+    with caplog.at_level(logging.INFO, logger="service.web.auth"):
         token_file.write_text(f"{NEW}\n")
         takes_effect(lambda: not accepts(client, OLD), "the refusal of the removed token")
         assert accepts(client, NEW)
@@ -171,7 +171,7 @@ def test_a_file_that_cannot_be_used_keeps_the_tokens_read_before_and_says_so_onc
         watching_app: Flask, token_file: Path, how: str,
         caplog: pytest.LogCaptureFixture) -> None:
     client = watching_app.test_client()
-    with caplog.at_level(logging.WARNING, logger="service.auth"):
+    with caplog.at_level(logging.WARNING, logger="service.web.auth"):
         spoil(token_file, how)
         # Requests come meanwhile (a check is made by one of them): the old token goes on.
         takes_effect(lambda: accepts(client, OLD) and bool(caplog.records), "the warning")

@@ -1,4 +1,4 @@
-"""The hot routes answered in front of Flask (service/hotpath.py): the same bytes Flask
+"""The hot routes answered in front of Flask (service/web/hotpath.py): the same bytes Flask
 sends, for answers and errors alike, and every request they cannot take reaches Flask.
 With API tokens, both doors refuse alike a request without a valid one."""
 
@@ -15,9 +15,10 @@ from flask import Blueprint, Flask, request, request_started
 from prometheus_client import REGISTRY
 from werkzeug.test import EnvironBuilder
 
-from service.app import create_app, users_of
-from service.hotpath import serve_hot_routes
-from service.keys import Lookup
+from service.cache.keys import Lookup
+from service.process.factory import create_app
+from service.web.hotpath import serve_hot_routes
+from service.web.routes import users_of
 
 from .helpers import ApiTokens, create, empty_database, settings_for, via_proxy
 from .servers import RedisServer, TcpProxy
@@ -246,7 +247,7 @@ def test_hot_requests_are_counted_like_any_other(app: Flask) -> None:
     assert counted() == (hits + 3, requests + 3)
 
 
-# With API_TOKENS_FILE, one check in front of both doors (service/auth.py): every /users
+# With API_TOKENS_FILE, one check in front of both doors (service/web/auth.py): every /users
 # route and method, whichever door would have answered, is refused alike without a token.
 USERS_ROUTES = [  # (method, path, request options)
     ("GET", "/users/1", {}),  # the hot path's

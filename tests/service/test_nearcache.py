@@ -10,7 +10,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service.app import create_app, users_of
+from service.process.factory import create_app
+from service.web.routes import users_of
 
 from .helpers import (
     Read,

@@ -11,7 +11,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service.keys import Lookup
+from service.cache.keys import Lookup
 
 from .helpers import Read, create, evicted, finish, keys, late_update, parked_reader, read
 from .servers import RedisServer

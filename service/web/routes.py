@@ -5,18 +5,25 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Flask, Response, current_app, request
 
-from . import metrics, replies, validation
-from .app import users_of
-from .db import DatabaseUnavailable
+from .. import metrics
+from ..cache.keys import Lookup
+from ..postgres.pool import DatabaseUnavailable
+from ..usecases.users import Users
+from . import replies, validation
 from .errors import ApiError
-from .keys import Lookup
 from .openapi import OPENAPI_JSON
 from .replies import JSON, Reply
-from .users import Users
 
 bp = Blueprint("api", __name__)
+EXTENSION = "cachestack.users"  # where an app keeps the Users its routes serve, in app.extensions
+
+
+def users_of(app: Flask) -> Users:
+    """The use cases `app` serves (as Flask's tutorial's `get_db`: the blueprint owns its
+    accessor, the factory puts them there)."""
+    return app.extensions[EXTENSION]
 
 
 def _users() -> Users:

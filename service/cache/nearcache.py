@@ -1,8 +1,8 @@
 """An in-process copy of hot users' cached values, kept correct by Redis itself.
 
-A listener of its own (redis_io.InvalidationListener) hears from Redis of every change of a
+A listener of its own (wire/listener.py) hears from Redis of every change of a
 key under `changed:`, including FLUSHALL; every write touches `changed:<id>` for each user
-it changes (cache.py), so the message names the user.
+it changes (policy.py), so the message names the user.
 
 Why a read after an acknowledged write does not see old data: Redis writes the
 invalidation out in the same event-loop pass as the writer's own reply (before it, in
@@ -21,7 +21,7 @@ others wrote, until Redis dropped the subscriber at its limit for them (bench/RE
 That holds while Redis can write to the socket. A worker that falls behind (drains slower
 than others write) lets the socket buffers fill, and then Redis keeps the newest messages in
 its own memory, where no drain can see them, and still answers writers. A drain that finds
-more waiting than a listener that keeps up ever has (redis_io.BEHIND_BYTES) says
+more waiting than a listener that keeps up ever has (wire/listener.py, BEHIND_BYTES) says
 "everything", and the near cache drops everything instead of trusting what it read.
 """
 
@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 import redis
 
-from .redis_io import InvalidationListener
+from ..wire.client import InvalidationListener
 
 RETRY_SECONDS = 1.0  # between attempts to subscribe again
 # A listener that no request drained for this long is drained by the near cache's thread.

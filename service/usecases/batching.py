@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
-from . import metrics
+from .. import metrics
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from .config import ConfigError, FileVersion, file_version, parse_tokens, read_file
+from ..files import ConfigError, FileVersion, file_version, parse_tokens, read_file
 from .errors import error_body
 
 if TYPE_CHECKING:
