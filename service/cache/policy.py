@@ -92,8 +92,6 @@ class UserCache:
         self._token_counter = itertools.count()
         self._keys: Keys | None = None
         self.near = self._near_cache()
-        # Called between the database read and the fill; tests use it to force races.
-        self.before_fill: Callable[[Lookup], None] | None = None
         # What the last read looked up, for the consistency auditor to sample (audit.py),
         # which takes it (None: nothing was read since). One store is all a read pays.
         self.last_read: Lookup | None = None
@@ -271,8 +269,6 @@ class UserCache:
         metrics.CACHE_MISSES.inc()
         row = load()
         if lease:
-            if self.before_fill:
-                self.before_fill(lookup)
             puts = self._fill_entries(lookup, row)
             keys = [self.keys.lease(key), *(put.key for put in puts)]
             # Not waited for: the answer is right whether or not it gets cached.

@@ -195,18 +195,34 @@ def send_fills(client: FlaskClient) -> None:
 # -- races: a reader parked between its Postgres read and its fill, a late writer ---------
 
 
+def after_each_load(app: Flask, then: Callable[[], None]) -> None:
+    """Call `then` in each reader of `app` that missed, between its Postgres read and its
+    fill: the cache's read is given a loader that calls it after loading."""
+    cache = users_of(app).cache
+    read = cache.read
+
+    def read_then(lookup: Lookup, load: Callable) -> object:
+        def load_then() -> object:
+            row = load()
+            then()
+            return row
+
+        return read(lookup, load_then)
+
+    cache.read = read_then  # an attribute of this one cache, for this one app
+
+
 def parked_reader(app: Flask, path: str) -> tuple[threading.Thread, threading.Event, list[Read]]:
     """Start a GET of `path` that stops after reading Postgres, before filling Redis; its
     Read lands in the list once `finish` let it go on."""
     reached, release, result = threading.Event(), threading.Event(), []
-    reader = threading.current_thread  # the hook runs in the reader's thread
 
-    def hold(_lookup: Lookup) -> None:
-        if reader().name == "parked-reader":
+    def hold() -> None:
+        if threading.current_thread().name == "parked-reader":
             reached.set()
             release.wait(5)
 
-    users_of(app).cache.before_fill = hold
+    after_each_load(app, hold)
     thread = threading.Thread(name="parked-reader",
                               target=lambda: result.append(read(app.test_client(), path)))
     thread.start()

@@ -15,12 +15,18 @@ from flask import Blueprint, Flask, request, request_started
 from prometheus_client import REGISTRY
 from werkzeug.test import EnvironBuilder
 
-from service.cache.keys import Lookup
 from service.process.factory import create_app
 from service.web.hotpath import serve_hot_routes
 from service.web.routes import users_of
 
-from .helpers import ApiTokens, create, empty_database, settings_for, via_proxy
+from .helpers import (
+    ApiTokens,
+    after_each_load,
+    create,
+    empty_database,
+    settings_for,
+    via_proxy,
+)
 from .servers import RedisServer, TcpProxy
 
 
@@ -220,10 +226,10 @@ def test_an_unexpected_error_on_a_hot_route_is_flasks_500_and_logged(
         app: Flask, caplog: pytest.LogCaptureFixture) -> None:
     user = create(app.test_client())
 
-    def fail(lookup: Lookup) -> None:
+    def fail() -> None:
         raise RuntimeError("boom between the read and the fill")
 
-    users_of(app).cache.before_fill = fail
+    after_each_load(app, fail)
     with caplog.at_level(logging.ERROR):
         status, headers, body = call(app.wsgi_app, environ(f"/users/{user['id'] + 1}"))
     assert status == "500 INTERNAL SERVER ERROR"

@@ -1,7 +1,7 @@
 """The cache-aside races, forced to happen in the worst order, must not leave stale data.
 
-`UserCache.before_fill` runs between a reader's database read and its cache fill; the
-tests park a reader there while a writer commits, then let it fill. Some run again with a
+A reader is parked between its database read and its cache fill (helpers.parked_reader);
+the tests park it there while a writer commits, then let it fill. Some run again with a
 key evicted at the worst moment, as a Redis out of memory may do (test_eviction.py has more).
 """
 
