@@ -7,7 +7,7 @@
 #   BASE_IMAGE: python:<version>-slim-bookworm, or the offline Debian base (docker/offline).
 # Targets: `service` (the last stage, so the default), `setup` (docker-compose.yml's set-up).
 # checkov:skip=CKV_DOCKER_7: BASE_IMAGE is a pinned tag (orchestrate/stack.py) or a local image tagged by its recipe's hash
-ARG BASE_IMAGE=python:3.11.10-slim-bookworm
+ARG BASE_IMAGE=python:3.11.16-slim-bookworm
 
 FROM ${BASE_IMAGE} AS builder
 ARG WHEELS=pypi
