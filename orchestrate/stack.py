@@ -80,8 +80,8 @@ class ImageSpec:
     base: str
     offline_base: str | None
     dockerfile: str = "Dockerfile"
-    # The package's own image (the root Dockerfile): offline, its builder installs wheels made on
-    # the host, because pip inside a build cannot be relied on to reach PyPI there.
+    # The package's own image (the root Dockerfile): offline, its builder installs wheels the host
+    # downloaded, because pip inside a build cannot be relied on to reach PyPI there.
     host_wheels: bool = False
 
 
