@@ -1,9 +1,13 @@
-"""Bearer tokens in front of every /users route, for both doors (hotpath.py and Flask).
+"""Bearer tokens in front of every path but the probes', for both doors (hotpath.py and Flask).
 
-With API_TOKENS_FILE set, a request for `/users` or anything under `/users/` must carry
-`Authorization: Bearer <token>` with one of the file's tokens; /healthz, /readyz, /metrics
-and /openapi.json stay open to probes and scrapers. The check is one WSGI layer outside
-both doors, so they cannot disagree, and it is a hash and a comparison per token, not a
+With API_TOKENS_FILE set, a request must carry `Authorization: Bearer <token>` with one of
+the file's tokens, unless its path is exactly /healthz, /readyz, /metrics or /openapi.json
+(probes and scrapers). What is open is listed, not what is guarded: any other spelling of a
+path needs a token too, so a spelling the router would read as a guarded route (`//users`,
+or `/%2Fusers`, which the server decodes into PATH_INFO as `//users`) cannot pass unjudged,
+and a route added later is guarded from the start. The router, for its part, routes a path
+only as it is written (app.CanonicalFlask). The check is one WSGI layer outside both doors,
+so they cannot disagree, and it is a set lookup, a hash and a comparison per token, not a
 Flask request hook. The presented token's SHA-256 is compared with every accepted token's
 in constant time, without stopping at a match: how long it takes says neither how much of
 a guess was right nor which token matched. A token is never logged or echoed.
@@ -28,6 +32,8 @@ from .errors import error_body
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
+# The paths open without a token, as PATH_INFO must spell them.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
 REALM = 'Bearer realm="cachestack"'
 STATUS = "401 UNAUTHORIZED"
 SETTING = "API_TOKENS_FILE"
@@ -111,15 +117,14 @@ class TokenFile:
 
 def require_token(wsgi_app: WSGIApplication, tokens: Iterable[str],
                   tokens_file: str | None = None) -> WSGIApplication:
-    """Wrap `wsgi_app` so that /users routes need one of `tokens`, or of those `tokens_file`
-    holds once it changed; no tokens, no check."""
+    """Wrap `wsgi_app` so that every path but OPEN_PATHS needs one of `tokens`, or of those
+    `tokens_file` holds once it changed; no tokens, no check."""
     accepted = TokenFile(tokens, tokens_file)
     if not accepted.digests:
         return wsgi_app
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if path == "/users" or path.startswith("/users/"):
+        if environ.get("PATH_INFO", "") not in OPEN_PATHS:
             refusal = _check(environ.get("HTTP_AUTHORIZATION"), accepted.current())
             if refusal is not None:
                 headers, body = refusal

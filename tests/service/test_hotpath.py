@@ -8,27 +8,27 @@ import io
 import json
 import logging
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
 
 import pytest
 from flask import Blueprint, Flask, request, request_started
 from prometheus_client import REGISTRY
-from werkzeug.test import EnvironBuilder
 
 from service.app import create_app, users_of
 from service.hotpath import serve_hot_routes
 from service.keys import Lookup
 
-from .helpers import ApiTokens, create, empty_database, settings_for, via_proxy
+from .helpers import (
+    ApiTokens,
+    Sent,
+    call,
+    create,
+    empty_database,
+    environ,
+    flask_alone,
+    settings_for,
+    via_proxy,
+)
 from .servers import RedisServer, TcpProxy
-
-
-class Sent(NamedTuple):
-    """What a WSGI app sent: the status line, the headers (sorted) and the body."""
-
-    status: str
-    headers: list[tuple[str, str]]
-    body: bytes
 
 
 def calls_to(app: Flask) -> list[str]:
@@ -48,23 +48,8 @@ def guarded_calls(guarded_app: Flask) -> list[str]:
     return calls_to(guarded_app)
 
 
-def environ(path: str, method: str = "GET", **options: object) -> dict:
-    return EnvironBuilder(path=path, method=method, **options).get_environ()
-
-
-def call(wsgi_app: Callable, env: dict) -> Sent:
-    started: list = []
-    body = b"".join(wsgi_app(env, lambda status, headers, *_: started.extend([status, headers])))
-    return Sent(started[0], sorted(started[1]), body)
-
-
 def nothing() -> None:
     pass
-
-
-def flask_alone(app: Flask) -> Callable:
-    """Flask's own WSGI app, which the app factory wrapped with the hot path."""
-    return lambda env, start: Flask.wsgi_app(app, env, start)
 
 
 def both_ways(app: Flask, path: str, method: str = "GET", before: Callable[[], object] = nothing,
