@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logs.configure()
-    if not settings.api_tokens:  # said here once, rather than by every worker
+    if settings.api_tokens is None:  # said here once, rather than by every worker
         logging.getLogger("service").warning(
-            "API_TOKENS_FILE is not set: every /users route is open to anyone who reaches it")
+            "API_TOKENS_FILE is not set: the API is open to anyone who reaches it")
     # One database connection per request a worker can have in flight, unless told otherwise.
     os.environ.setdefault("DB_POOL_SIZE", str(args.threads))
     # Counters from all workers are summed from files in this directory at scrape time.

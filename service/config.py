@@ -131,30 +131,33 @@ def with_password(url: str, password: str | None) -> str:
 BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
-def _api_tokens(env: Mapping[str, str]) -> tuple[str, ...]:
-    """The tokens a client may send; none when the setting is absent, which leaves the API
-    open."""
+def _api_tokens(env: Mapping[str, str]) -> tuple[str, ...] | None:
+    """The tokens a client may send; None when the setting is absent, which leaves the API
+    open. A file of no token leaves it closed to everyone (auth.py)."""
     raw = read_setting(env, "API_TOKENS")
-    if raw is None:
-        return ()
-    return parse_tokens(raw, "API_TOKENS_FILE" if env.get("API_TOKENS_FILE") else "API_TOKENS")
+    return None if raw is None else parse_tokens(raw).tokens
 
 
-def parse_tokens(raw: str, name: str) -> tuple[str, ...]:
+class TokenLines(NamedTuple):
+    """What a token file says: its tokens, and the numbers of its lines that are not one."""
+
+    tokens: tuple[str, ...]
+    not_tokens: tuple[int, ...]
+
+
+def parse_tokens(raw: str) -> TokenLines:
     """Tokens one a line (so that a new one can be added before the old one is removed);
-    blank lines and spaces around a token are ignored. A ConfigError names the setting and
-    the line, never what it holds."""
-    tokens = []
+    blank lines, lines that start with `#` and spaces around a token are ignored."""
+    tokens, not_tokens = [], []
     for number, line in enumerate(raw.splitlines(), 1):
         token = line.strip()
-        if token and not BEARER_TOKEN.fullmatch(token):
-            raise ConfigError(f"{name}: line {number} is not a bearer token "
-                              "(A-Z a-z 0-9 - . _ ~ + / and a trailing =)")
-        if token:
+        if not token or token.startswith("#"):
+            continue
+        if BEARER_TOKEN.fullmatch(token):
             tokens.append(token)
-    if not tokens:
-        raise ConfigError(f"{name} holds no token (one a line)")
-    return tuple(tokens)
+        else:
+            not_tokens.append(number)
+    return TokenLines(tuple(tokens), tuple(not_tokens))
 
 
 def _urls(env: Mapping[str, str]) -> tuple[str, str]:
@@ -228,8 +231,8 @@ class Settings:
     cache_audit_per_second: float = 0.0
     # The role the service runs as, which `python -m service migrate` grants to.
     database_app_role: str = "cachestack_app"
-    # Empty: the API is open to anyone who reaches it.
-    api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    # None: the API is open to anyone who reaches it; empty: it accepts no token.
+    api_tokens: tuple[str, ...] | None = field(default=None, repr=False)
     # Where the tokens came from, read again when it changes (auth.py); None: they are fixed.
     api_tokens_file: str | None = None
     # Read again at each new connection, so that the passwords can rotate; None: the URLs'
