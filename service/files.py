@@ -86,18 +86,23 @@ def file_version(name: str, path: str) -> FileVersion:
 BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
-def parse_tokens(raw: str, name: str) -> tuple[str, ...]:
+class TokenLines(NamedTuple):
+    """What a token file says: its tokens, and the numbers of its lines that are not one."""
+
+    tokens: tuple[str, ...]
+    not_tokens: tuple[int, ...]
+
+
+def parse_tokens(raw: str) -> TokenLines:
     """Tokens one a line (so that a new one can be added before the old one is removed);
-    blank lines and spaces around a token are ignored. A ConfigError names the setting and
-    the line, never what it holds."""
-    tokens = []
+    blank lines, lines that start with `#` and spaces around a token are ignored."""
+    tokens, not_tokens = [], []
     for number, line in enumerate(raw.splitlines(), 1):
         token = line.strip()
-        if token and not BEARER_TOKEN.fullmatch(token):
-            raise ConfigError(f"{name}: line {number} is not a bearer token "
-                              "(A-Z a-z 0-9 - . _ ~ + / and a trailing =)")
-        if token:
+        if not token or token.startswith("#"):
+            continue
+        if BEARER_TOKEN.fullmatch(token):
             tokens.append(token)
-    if not tokens:
-        raise ConfigError(f"{name} holds no token (one a line)")
-    return tuple(tokens)
+        else:
+            not_tokens.append(number)
+    return TokenLines(tuple(tokens), tuple(not_tokens))

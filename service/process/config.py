@@ -56,13 +56,11 @@ def with_password(url: str, password: str | None) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def _api_tokens(env: Mapping[str, str]) -> tuple[str, ...]:
-    """The tokens a client may send; none when the setting is absent, which leaves the API
-    open."""
+def _api_tokens(env: Mapping[str, str]) -> tuple[str, ...] | None:
+    """The tokens a client may send; None when the setting is absent, which leaves the API
+    open. A file of no token leaves it closed to everyone (web/auth.py)."""
     raw = read_setting(env, "API_TOKENS")
-    if raw is None:
-        return ()
-    return parse_tokens(raw, "API_TOKENS_FILE" if env.get("API_TOKENS_FILE") else "API_TOKENS")
+    return None if raw is None else parse_tokens(raw).tokens
 
 
 def _urls(env: Mapping[str, str]) -> tuple[str, str]:
@@ -127,8 +125,8 @@ class Settings:
     threads: int = 4
     # The role the service runs as, which `python -m service migrate` grants to.
     app_role: str = "cachestack_app"
-    # Empty: the API is open to anyone who reaches it.
-    api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    # None: the API is open to anyone who reaches it; empty: it accepts no token.
+    api_tokens: tuple[str, ...] | None = field(default=None, repr=False)
     # Where the tokens came from, read again when it changes (auth.py); None: they are fixed.
     api_tokens_file: str | None = None
 

@@ -24,7 +24,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """App factory: one Postgres pool and one Redis client per process, made lazily."""
     settings = settings or Settings.from_env()
     logs.configure()
-    app = Flask("service")
+    app = routes.CanonicalFlask("service")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     database = Database(settings.postgres, statements.PREPARED)
     cache = UserCache(settings.cache, RedisClient(settings.redis), database)

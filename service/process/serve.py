@@ -85,9 +85,9 @@ def main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logs.configure()
-    if not settings.api_tokens:  # said here once, rather than by every worker
+    if settings.api_tokens is None:  # said here once, rather than by every worker
         logging.getLogger("service").warning(
-            "API_TOKENS_FILE is not set: every /users route is open to anyone who reaches it")
+            "API_TOKENS_FILE is not set: the API is open to anyone who reaches it")
     threads = args.threads or settings.threads
     # The workers load the app by its import path and read their settings from the
     # environment: this is how they learn the thread count (the pool's default size).

@@ -12,11 +12,14 @@ as it would without a combiner, only in a batch of one. What it saves, and what 
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 from .. import metrics
+
+log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -39,27 +42,36 @@ class _Waiter(Generic[Item, Result]):
 class Combiner(Generic[Item, Result]):
     """A thread enters with its item and leaves with its own result, or its own exception.
 
-    `run(items)` returns one result per item, in order; an exception it raises is raised in
-    every thread of its batch. Items run one batch at a time: the thread that finds nothing in
-    flight leads, running every item waiting then (its own included); when that batch
-    returns, the first thread that arrived meanwhile leads the next, and the others of the
-    batch just done go on. So the leader never runs work that arrived after its own batch.
+    `run(items)` returns one result per item, in order. Items run one batch at a time: the
+    thread that finds nothing in flight leads, running every item waiting then (its own
+    included); when that batch returns, the first thread that arrived meanwhile leads the
+    next, and the others of the batch just done go on. So the leader never runs work that
+    arrived after its own batch.
 
-    With `coalescing` off, every item is a batch of its own, run at once in its own thread,
+    An exception `run` raises is every item's when it is one of `shared` (a database that is
+    down fails each of them alike) or not an Exception at all: every thread of the batch
+    raises it. Any other may be one item's doing (a value the database driver cannot send),
+    so each item of the batch then runs again alone, as a batch of one, and each thread gets
+    what its own item gives: one request's input never fails another's. So `run` must leave
+    nothing done when it raises anything but a shared error.
+
+    With `batching` off, every item is a batch of its own, run at once in its own thread,
     as many at a time as threads bring (BATCHING=0, to compare).
     """
 
     def __init__(self, name: str, run: Callable[[Sequence[Item]], Sequence[Result]],
-                 coalescing: bool = True) -> None:
+                 batching: bool = True, shared: tuple[type[Exception], ...] = ()) -> None:
+        self._name = name
         self._run = run
-        self._coalescing = coalescing
+        self._batching = batching
+        self._shared = shared
         self._sizes = metrics.BATCH_SIZE.labels(name)
         self._lock = threading.Lock()
         self._waiting: list[_Waiter[Item, Result]] = []
         self._busy = False  # a batch is in flight, or a leader was named for the next
 
     def __call__(self, item: Item) -> Result:
-        if not self._coalescing:
+        if not self._batching:
             return self._run([item])[0]
         waiter: _Waiter[Item, Result] = _Waiter(item)
         with self._lock:
@@ -83,18 +95,35 @@ class Combiner(Generic[Item, Result]):
         with self._lock:
             batch, self._waiting = self._waiting, []
         try:
-            self._sizes.observe(len(batch))
-            results = self._run([waiter.item for waiter in batch])
-            for waiter, result in zip(batch, results, strict=True):
-                waiter.result = result
-        except BaseException as exc:  # every thread of the batch raises it, this one too
-            for waiter in batch:
-                waiter.error = exc
+            self._settle(batch)
         finally:
             self._hand_on()
             for waiter in batch:
                 waiter.leads = False
                 waiter.event.set()
+
+    def _settle(self, batch: list[_Waiter[Item, Result]]) -> None:
+        """Give each waiter of the batch its result or its error."""
+        try:
+            self._complete(batch)
+        except BaseException as exc:
+            if len(batch) == 1 or not isinstance(exc, Exception) or isinstance(exc, self._shared):
+                for waiter in batch:
+                    waiter.error = exc
+                return
+            log.exception("a batch of %d (%s) failed; each of them runs alone", len(batch),
+                          self._name)
+            for waiter in batch:
+                try:
+                    self._complete([waiter])
+                except BaseException as own:  # this thread's alone
+                    waiter.error = own
+
+    def _complete(self, batch: list[_Waiter[Item, Result]]) -> None:
+        self._sizes.observe(len(batch))
+        results = self._run([waiter.item for waiter in batch])
+        for waiter, result in zip(batch, results, strict=True):
+            waiter.result = result
 
     def _hand_on(self) -> None:
         """Name the first thread that arrived during the batch leader of the next one, or

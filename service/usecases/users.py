@@ -14,7 +14,7 @@ from ..cache.keys import Lookup
 from ..cache.policy import Answer, UserCache
 from ..model import NewUser, UserRow
 from ..postgres import statements
-from ..postgres.pool import Database
+from ..postgres.pool import Database, DatabaseUnavailable
 from .batching import Combiner
 
 R = TypeVar("R")
@@ -27,8 +27,12 @@ class Users:
         """`batching`: whether concurrent work shares its statements (Settings.batching)."""
         self.database = database
         self.cache = cache
-        self._creates = Combiner("create", self._create_many, batching)
-        self._loads = Combiner("load_by_id", self._load_by_ids, batching)
+        # A Postgres that fails fails every item of a batch alike. Any other error runs each
+        # alone (batching.py), which is safe: the creates' INSERT leaves nothing done when it
+        # fails, and their write-through raises nothing but DatabaseUnavailable.
+        shared = (DatabaseUnavailable,)
+        self._creates = Combiner("create", self._create_many, batching, shared)
+        self._loads = Combiner("load_by_id", self._load_by_ids, batching, shared)
 
     def _create_many(self, users: Sequence[NewUser]) -> list[UserRow | None]:
         """One INSERT, then one write-through of every row it inserted: each user's row,

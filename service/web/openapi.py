@@ -95,7 +95,9 @@ LOOKUP_PARAMETER = {
 DOCUMENT = {
     "openapi": "3.1.0",
     "info": {"title": "cachestack user service", "version": "0.1.0",
-             "description": "Users in PostgreSQL, cached in Redis (write-through, cache-aside)."},
+             "description": "Users in PostgreSQL, cached in Redis (write-through, cache-aside). "
+             "Text is stored as Unicode: NUL and lone surrogates (a \\ud800 escape outside a "
+             "pair) are refused with 400."},
     "paths": {
         "/users": {
             "post": guarded({

@@ -13,6 +13,11 @@ EMAIL_PATTERN = r"^[^@\x00-\x20\x7f]+@[^@.\x00-\x20\x7f]+(\.[^@.\x00-\x20\x7f]+)
 NO_NUL_PATTERN = r"^[^\x00]*$"
 USERNAME = re.compile(USERNAME_PATTERN)
 EMAIL = re.compile(EMAIL_PATTERN)
+# What Postgres's UTF-8 text cannot store: NUL, and the UTF-16 surrogates, which a JSON
+# "\ud800" escape gives alone but UTF-8 cannot encode; every other code point it stores,
+# unassigned ones and noncharacters too. The published patterns above leave surrogates out:
+# JSON Schema applies them to Unicode text, which a lone surrogate is not.
+UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 EMAIL_MAX = 254
 DISPLAY_NAME_MAX = 100
 BIGINT_MAX = 2**63 - 1
@@ -32,13 +37,21 @@ def username(value: Any) -> str:
     return value
 
 
+def storable(field: str, value: str) -> str:
+    """`value`, if Postgres can store it."""
+    if UNSTORABLE.search(value):
+        raise invalid(field, "must not contain NUL (U+0000) or a lone surrogate "
+                      "(U+D800-U+DFFF), which cannot be stored")
+    return value
+
+
 def email(value: Any) -> str:
     """One @, a non-empty local part, a dot inside the domain; stored lower-cased."""
     if not isinstance(value, str):
         raise invalid("email", "must be a string")
     if len(value) > EMAIL_MAX:
         raise invalid("email", f"must be at most {EMAIL_MAX} characters")
-    if not EMAIL.fullmatch(value):
+    if not EMAIL.fullmatch(storable("email", value)):
         raise invalid("email", "must look like name@example.org")
     return value.lower()
 
@@ -50,9 +63,7 @@ def display_name(value: Any) -> str | None:
         raise invalid("display_name", "must be a string or null")
     if len(value) > DISPLAY_NAME_MAX:
         raise invalid("display_name", f"must be at most {DISPLAY_NAME_MAX} characters")
-    if "\x00" in value:
-        raise invalid("display_name", "must not contain NUL characters")
-    return value
+    return storable("display_name", value)
 
 
 CHECKS = {"username": username, "email": email, "display_name": display_name}

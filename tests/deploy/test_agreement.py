@@ -222,6 +222,14 @@ def test_compose_builds_every_image_once_as_the_orchestrator_does(
         assert (builds[0]["target"], builds[0]["args"]["WHEELS"]) == ("service", "pypi")
 
 
+@pytest.mark.parametrize("key", sorted(IMAGES))
+def test_each_recipe_defaults_to_the_pinned_base(key: str) -> None:
+    """`docker build` of a recipe alone (no build argument) uses the base `IMAGES` pins."""
+    spec = IMAGES[key]
+    recipe = (REPO / spec.context / spec.dockerfile).read_text()
+    assert re.findall(r"^ARG BASE_IMAGE=(\S+)$", recipe, re.MULTILINE) == [spec.base]
+
+
 def test_compose_sets_up_its_secrets_in_a_one_shot_of_its_own(compose: dict[str, Any]) -> None:
     """The one service compose has beyond the stack: `docker compose run --rm setup` does what
     `python -m orchestrate secrets` does, in a container, with no Python on the host."""

@@ -20,6 +20,7 @@ import psycopg2
 import requests
 from flask import Flask
 from flask.testing import FlaskClient
+from werkzeug.test import EnvironBuilder
 
 from service.cache.keys import Keys, Lookup
 from service.postgres import schema, statements
@@ -137,6 +138,32 @@ class ApiTokens:
 
     def header(self, which: int = 0) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[which]}"}
+
+
+class Sent(NamedTuple):
+    """What a WSGI app sent: the status line, the headers (sorted) and the body."""
+
+    status: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+def environ(path: str, method: str = "GET", **options: object) -> dict:
+    """A WSGI environ for a request, made as Werkzeug's test client makes it."""
+    return EnvironBuilder(path=path, method=method, **options).get_environ()
+
+
+def call(wsgi_app: Callable, env: dict) -> Sent:
+    """Send `env` to a WSGI app; what it answered."""
+    started: list = []
+    body = b"".join(wsgi_app(env, lambda status, headers, *_: started.extend([status, headers])))
+    return Sent(started[0], sorted(started[1]), body)
+
+
+def flask_alone(app: Flask) -> Callable:
+    """Flask's own WSGI app, which the app factory wrapped with the hot path and the token
+    check."""
+    return lambda env, start: Flask.wsgi_app(app, env, start)
 
 
 def counter(base_url: str, name: str) -> float:
