@@ -1,4 +1,4 @@
-"""API tokens (service/auth.py): every path but the probes' needs one of API_TOKENS_FILE's,
+"""API tokens (service/web/auth.py): every path but the probes' needs one of API_TOKENS_FILE's,
 refusals are counted, and no token is ever logged or echoed; a token added to the file is
 accepted, and one removed refused, within about a second, without a restart. It fails
 closed: a file that holds no token, or cannot be read, accepts none, and a line that is not
@@ -132,7 +132,7 @@ def test_a_token_removed_from_the_file_is_refused_within_about_a_second(
     client = watching_app.test_client()
     token_file.write_text(f"{NEW}\n{OLD}\n")
     takes_effect(lambda: accepts(client, NEW), "the added token")
-    with caplog.at_level(logging.INFO, logger="service.auth"):
+    with caplog.at_level(logging.INFO, logger="service.web.auth"):
         token_file.write_text(f"{NEW}\n")
         takes_effect(lambda: not accepts(client, OLD), "the refusal of the removed token")
         assert accepts(client, NEW)
@@ -175,7 +175,7 @@ def test_a_file_that_holds_no_readable_token_accepts_none_and_says_so_once(
         caplog: pytest.LogCaptureFixture) -> None:
     client = watching_app.test_client()
     assert accepts(client, OLD)
-    with caplog.at_level(logging.WARNING, logger="service.auth"):
+    with caplog.at_level(logging.WARNING, logger="service.web.auth"):
         spoil(token_file, how)
         takes_effect(lambda: not accepts(client, OLD), "the refusal of every token")
         until = time.monotonic() + 1.2  # another check or two: still one line, still closed
@@ -198,7 +198,7 @@ def test_a_line_that_is_not_a_token_is_left_out_and_the_others_accepted(
     """It cannot be presented as a token (not even what it says, spaces and all), and it
     locks nobody else out; the warning names the line, never what it holds."""
     client = watching_app.test_client()
-    with caplog.at_level(logging.WARNING, logger="service.auth"):
+    with caplog.at_level(logging.WARNING, logger="service.web.auth"):
         token_file.write_text(f"# rotated\n{NEW}\nnot {NEWER}\n{NEWER}#x\n")
         takes_effect(lambda: accepts(client, NEW) and not accepts(client, OLD),
                      "the new file")

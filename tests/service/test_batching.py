@@ -19,9 +19,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client import REGISTRY
 
-from service.app import users_of
-from service.batching import Combiner
-from service.config import ConfigError, Settings
+from service.process.config import ConfigError, Settings
+from service.usecases.batching import Combiner
+from service.web.routes import users_of
 
 from .helpers import Read, app_for, create, empty_database, keys, query, read
 from .servers import RedisServer, ServiceProcess
@@ -71,7 +71,8 @@ def wait_for(condition: Callable[[], bool]) -> None:
 def short_timeout_app(database_url: str, owner_url: str,
                       redis_up: RedisServer) -> Iterator[Flask]:
     """Statements that wait on a lock longer than 300 ms fail (Postgres cancels them)."""
-    yield from app_for(database_url, owner_url, redis_up.url, db_statement_timeout_ms=300)
+    yield from app_for(database_url, owner_url, redis_up.url,
+                       postgres={"statement_timeout_ms": 300})
 
 
 @pytest.fixture

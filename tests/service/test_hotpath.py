@@ -1,4 +1,4 @@
-"""The hot routes answered in front of Flask (service/hotpath.py): the same bytes Flask
+"""The hot routes answered in front of Flask (service/web/hotpath.py): the same bytes Flask
 sends, for answers and errors alike, and every request they cannot take reaches Flask.
 With API tokens, both doors refuse alike a request without a valid one."""
 
@@ -13,13 +13,14 @@ import pytest
 from flask import Blueprint, Flask, request, request_started
 from prometheus_client import REGISTRY
 
-from service.app import create_app, users_of
-from service.hotpath import serve_hot_routes
-from service.keys import Lookup
+from service.process.factory import create_app
+from service.web.hotpath import serve_hot_routes
+from service.web.routes import users_of
 
 from .helpers import (
     ApiTokens,
     Sent,
+    after_each_load,
     call,
     create,
     empty_database,
@@ -206,10 +207,10 @@ def test_an_unexpected_error_is_a_500_with_a_json_body_and_its_traceback_only_lo
     nothing of why."""
     user = create(app.test_client())
 
-    def fail(lookup: Lookup) -> None:
+    def fail() -> None:
         raise RuntimeError("boom between the read and the fill")
 
-    users_of(app).cache.before_fill = fail
+    after_each_load(app, fail)
     expected = b'{"error": {"code": "internal_error", "message": "an unexpected error occurred"}}'
     for path in (f"/users/{user['id'] + 1}", f"/users?id={user['id'] + 1}"):
         caplog.clear()
@@ -238,7 +239,7 @@ def test_hot_requests_are_counted_like_any_other(app: Flask) -> None:
     assert counted() == (hits + 3, requests + 3)
 
 
-# With API_TOKENS_FILE, one check in front of both doors (service/auth.py): every /users
+# With API_TOKENS_FILE, one check in front of both doors (service/web/auth.py): every /users
 # route and method, whichever door would have answered, is refused alike without a token.
 USERS_ROUTES = [  # (method, path, request options)
     ("GET", "/users/1", {}),  # the hot path's

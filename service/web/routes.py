@@ -5,18 +5,54 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Flask, Request, Response, current_app, request
+from werkzeug.exceptions import NotFound
+from werkzeug.routing import MapAdapter
 
-from . import metrics, replies, validation
-from .app import users_of
-from .db import DatabaseUnavailable
+from .. import metrics
+from ..cache.keys import Lookup
+from ..postgres.pool import DatabaseUnavailable
+from ..usecases.users import Users
+from . import replies, validation
 from .errors import ApiError
-from .keys import Lookup
 from .openapi import OPENAPI_JSON
 from .replies import JSON, Reply
-from .users import Users
+
+# What a path segment never is in a route: empty (a doubled or trailing slash), "." or "..".
+NOT_SEGMENTS = frozenset({"", ".", ".."})
+
+
+def canonical(path: str) -> bool:
+    """Whether `path` is spelled as a route is: "/" and segments, none of them NOT_SEGMENTS."""
+    first, *segments = path.split("/")
+    return first == "" and bool(segments) and NOT_SEGMENTS.isdisjoint(segments)
+
+
+class CanonicalFlask(Flask):
+    """Flask whose router takes a path only as it is written: any other is a 404.
+
+    Werkzeug's router reads some paths otherwise: it drops leading slashes (`//users` is
+    routed as `/users`, whatever its `merge_slashes`) and merges doubled ones elsewhere. So a
+    route could be reached by a spelling that whatever judged the request before it (the token
+    check, a proxy's rules, the logs) saw as another path. Here every request that reaches a
+    route spells it exactly, as the hot path (hotpath.py) only ever takes exact spellings too.
+    Checked when Flask makes the request's URL adapter, before it routes, so the 404 is its
+    own, answered by the app's error handlers."""
+
+    def create_url_adapter(self, request: Request | None) -> MapAdapter | None:
+        if request is not None and not canonical(request.environ.get("PATH_INFO", "")):
+            raise NotFound()
+        return super().create_url_adapter(request)
+
 
 bp = Blueprint("api", __name__)
+EXTENSION = "cachestack.users"  # where an app keeps the Users its routes serve, in app.extensions
+
+
+def users_of(app: Flask) -> Users:
+    """The use cases `app` serves (as Flask's tutorial's `get_db`: the blueprint owns its
+    accessor, the factory puts them there)."""
+    return app.extensions[EXTENSION]
 
 
 def _users() -> Users:

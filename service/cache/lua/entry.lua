@@ -1,6 +1,6 @@
 -- entry.lua: put(key, mode, ttl, value), which fill.lua and write.lua use to write each of
--- their entries. Not a script by itself: service/scripts.py puts it in front of both.
--- A mode says how the entry is written (service/scripts.py, Mode):
+-- their entries. Not a script by itself: service/cache/scripts.py puts it in front of both.
+-- A mode says how the entry is written (service/cache/scripts.py, Mode):
 --   'store-unless-older'  SET value PX ttl, unless the key holds a higher version (values
 --                         are '<version> <json>' or '<version> '; no version counts as 0);
 --   'store'               SET value PX ttl, whatever the key holds;

@@ -26,23 +26,24 @@ comparisons once over every key the cache holds (full_pass), in paced batches.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
-import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from . import cache as cache_module
-from . import db, logs, metrics
-from .cache import CacheUnavailable, UserCache
-from .config import ConfigError, Settings
+from .. import metrics
+from ..model import UserRow
+from ..postgres import statements
+from ..postgres.pool import Database, DatabaseUnavailable
+from ..settings import PostgresSettings
+from . import entry
 from .keys import Lookup
+from .policy import CacheUnavailable, UserCache
 
 log = logging.getLogger(__name__)
 
@@ -68,33 +69,25 @@ class Finding:
     truth: tuple[int, int] | None
 
 
-def _truth(row: db.UserRow | None) -> tuple[int, int] | None:
+def _truth(row: UserRow | None) -> tuple[int, int] | None:
     return (row.id, row.version) if row else None
 
 
-def _entry(row: db.UserRow) -> bytes:
-    """The user's entry exactly as the service stores it (cache.py, _user_entry)."""
-    return b"%d " % row.version + row.public_json
-
-
-def _body(held: bytes) -> bytes:
-    return held.partition(b" ")[2]
-
-
 def _user_finding(layer: str, key: str, held: bytes | None,
-                  row: db.UserRow | None) -> Finding | None:
+                  row: UserRow | None) -> Finding | None:
     """A user's entry (`<version> <json>`, a tombstone `<version> `, nobody `0 `) judged
     against its row: it must be the row's very bytes, or empty where there is no row."""
     if held is None:
         return None
     if row is None:
-        return Finding(layer, "value", key, held, None) if _body(held) else None
-    if held == _entry(row):
+        return Finding(layer, "value", key, held, None) if entry.user_json(held) else None
+    if held == entry.of_user(row):
         return None
-    return Finding(layer, "nobody" if not _body(held) else "value", key, held, _truth(row))
+    kind = "value" if entry.user_json(held) else "nobody"
+    return Finding(layer, kind, key, held, _truth(row))
 
 
-def _pointer_finding(key: str, held: bytes | None, row: db.UserRow | None) -> Finding | None:
+def _pointer_finding(key: str, held: bytes | None, row: UserRow | None) -> Finding | None:
     """A pointer (`username:`/`email:`, an id or '' for nobody) judged against the row that
     has the value in Postgres (None: nobody has it)."""
     if held is None or (held == b"" and row is None):
@@ -119,10 +112,11 @@ def _pointer_values(*users: Any) -> set[tuple[str, str]]:
 
 def _decoded(held: bytes | None) -> dict | None:
     """A cached entry's JSON, or None (absent, empty, or not JSON: planted junk)."""
-    if not held or not _body(held):
+    body = entry.user_json(held) if held else None
+    if body is None:
         return None
     try:
-        user = json.loads(_body(held))
+        user = json.loads(body)
     except ValueError:
         return None
     return user if isinstance(user, dict) else None
@@ -138,22 +132,13 @@ def loggable(key: str) -> str:
     return key
 
 
-class AuditDatabase(db.Database):
+def own_database(settings: PostgresSettings) -> Database:
     """The auditor's own Postgres session (one, used by its one thread): it never takes a
     connection a request is waiting for, and its statements are not in db_queries (which
     counts what requests cost). It says nothing when Postgres is away: the service's pool
     already said so."""
-
-    counted = False
-
-    def _report(self, problem: str | None) -> None:
-        return
-
-
-def audit_database(settings: Settings) -> AuditDatabase:
-    password = settings.database_password_file
-    return AuditDatabase(settings.database_url, 1, settings.db_connect_timeout,
-                         settings.db_statement_timeout_ms, password.read if password else None)
+    return Database(settings, statements.PREPARED, name="cachestack-audit", size=1,
+                    counted=False, reports=False)
 
 
 class Auditor:
@@ -161,7 +146,7 @@ class Auditor:
     docstring); `check` finds, `confirm` re-checks after the grace, `repair` counts,
     logs and deletes."""
 
-    def __init__(self, cache: UserCache, database: db.Database) -> None:
+    def __init__(self, cache: UserCache, database: Database) -> None:
         self.cache = cache
         self.database = database
 
@@ -169,13 +154,13 @@ class Auditor:
         value = self.cache.ask("GET", key)
         return value if isinstance(value, bytes) else None
 
-    def _row(self, field: str, value: str | int) -> db.UserRow | None:
-        rows = db.find_users(self.database, field, value)
+    def _row(self, field: str, value: str | int) -> UserRow | None:
+        rows = statements.find_users(self.database, field, value)
         return rows[0] if rows else None
 
     def check(self, lookup: Lookup) -> frozenset[Finding]:
         """What disagrees with Postgres now among the entries of `lookup` (one audit). Raises
-        CacheUnavailable or db.DatabaseUnavailable when either cannot be asked."""
+        CacheUnavailable or DatabaseUnavailable when either cannot be asked."""
         metrics.CACHE_AUDITS.inc()
         return self._compare(lookup)
 
@@ -267,7 +252,7 @@ class Sampler:
         while not self._stopping.wait(self.interval):
             try:
                 self.tick()
-            except (CacheUnavailable, db.DatabaseUnavailable):
+            except (CacheUnavailable, DatabaseUnavailable):
                 pass  # skipped quietly: the service already logs outages
             except Exception as exc:  # never let the auditor stop, nor say the same twice
                 if type(exc).__name__ != self._failing:
@@ -297,12 +282,12 @@ class Sampler:
         return lookup
 
 
-def start_sampler(settings: Settings, cache: UserCache) -> Sampler | None:
-    """The process's auditor thread, or None when CACHE_AUDIT_PER_SECOND is 0."""
-    if settings.cache_audit_per_second <= 0:
+def start_sampler(cache: UserCache, database: Database, rate: float) -> Sampler | None:
+    """The process's auditor thread, comparing `rate` samples a second with `database` (its
+    own: own_database); None when `rate` is 0."""
+    if rate <= 0:
         return None
-    return Sampler(Auditor(cache, audit_database(settings)), settings.cache_audit_per_second
-                   ).start()
+    return Sampler(Auditor(cache, database), rate).start()
 
 
 # -- the full pass: python -m service audit --------------------------------------------
@@ -362,43 +347,3 @@ def full_pass(auditor: Auditor, progress: Callable[[int, int], None],
         time.sleep(pause_seconds)
     settle(float("inf"))
     return found
-
-
-def main(argv: list[str]) -> int:
-    """`python -m service audit`: one full pass; exit 1 if it found any inconsistency (with
-    --json, progress and the counts as JSON lines, and 0 whenever the pass completed)."""
-    parser = argparse.ArgumentParser(prog="python -m service audit",
-                                     description=main.__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true",
-                        help='JSON lines: {"done", "total"} after each batch, then {"found"}')
-    parser.add_argument("--batch", type=int, default=BATCH, help="keys per batch (default 100)")
-    parser.add_argument("--pause", type=float, default=BATCH_PAUSE_SECONDS,
-                        help="seconds between batches (default 0.2)")
-    args = parser.parse_args(argv)
-    try:
-        settings = replace(Settings.from_env(), near_cache_size=0)  # its own: nothing to check
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-    def progress(done: int, total: int) -> None:
-        if args.json:
-            print(json.dumps({"done": done, "total": total}), flush=True)
-
-    logs.configure()  # each repair is one line on stderr, by key
-    # An unreachable Redis is this command's one error line, not the service's warning.
-    logging.getLogger(cache_module.__name__).setLevel(logging.ERROR)
-    database = audit_database(settings)
-    auditor = Auditor(UserCache(settings, database), database)
-    try:
-        found = full_pass(auditor, progress, max(1, args.batch), max(0.0, args.pause))
-    except (CacheUnavailable, db.DatabaseUnavailable) as exc:
-        print(f"error: the audit could not finish: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        database.close()
-    if args.json:
-        print(json.dumps({"found": dict(found)}), flush=True)
-        return 0
-    print(", ".join(f"{kind} {found[kind]}" for kind in KINDS))
-    return 1 if sum(found.values()) else 0

@@ -17,9 +17,9 @@ import time
 import psycopg2
 import psycopg2.extensions
 
-from . import schema
+from ..postgres import schema
+from ..postgres.pool import first_line
 from .config import ConfigError, Settings
-from .db import first_line
 
 RETRY_SECONDS = 0.5
 
@@ -39,8 +39,8 @@ def connect(settings: Settings, wait: float) -> psycopg2.extensions.connection:
     waiting = False
     while True:
         try:
-            return psycopg2.connect(settings.database_url, application_name="cachestack-migrate",
-                                    connect_timeout=settings.db_connect_timeout)
+            return psycopg2.connect(settings.postgres.url, application_name="cachestack-migrate",
+                                    connect_timeout=settings.postgres.connect_timeout)
         except psycopg2.OperationalError as exc:
             reason = first_line(exc)
         remaining = deadline - time.monotonic()
@@ -56,11 +56,11 @@ def run(settings: Settings, wait: float) -> str:
     """Migrate and grant; returns the summary line."""
     conn = connect(settings, wait)
     try:
-        applied = schema.migrate(conn, settings.database_app_role)
+        applied = schema.migrate(conn, settings.app_role)
     finally:
         conn.close()
     done = f"applied {', '.join(applied)}" if applied else "nothing to apply"
-    return (f"schema up to date ({done}); {settings.database_app_role} may use "
+    return (f"schema up to date ({done}); {settings.app_role} may use "
             f"{', '.join(schema.GRANTS)} and nothing else")
 
 

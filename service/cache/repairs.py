@@ -12,23 +12,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import db
+from ..postgres import statements
+from ..postgres.pool import Database
 
 
 class RepairLog:
     """The keys one database's writes could not update in Redis."""
 
-    def __init__(self, database: db.Database) -> None:
+    def __init__(self, database: Database) -> None:
         self.database = database
 
     def record(self, keys: list[str]) -> None:
         """Log keys a write-through could not update (a key logged twice is kept once)."""
-        db.record_cache_repairs(self.database, keys)
+        statements.record_cache_repairs(self.database, keys)
 
     def replay(self, delete: Callable[[list[str]], None]) -> int:
         """Delete every logged key from Redis with `delete`, then forget them; how many."""
-        keys = db.pending_cache_repairs(self.database)
+        keys = statements.pending_cache_repairs(self.database)
         if keys:
             delete(keys)
-            db.clear_cache_repairs(self.database, keys)
+            statements.clear_cache_repairs(self.database, keys)
         return len(keys)

@@ -1,4 +1,4 @@
-"""The answers to /users, whichever door a request came in by: Flask's routes (api.py) or
+"""The answers to /users, whichever door a request came in by: Flask's routes (routes.py) or
 the hot path in front of Flask (hotpath.py).
 
 Each function takes a use case's input, runs it and returns the Reply to send; a door only
@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from ..cache.keys import Lookup
+from ..cache.policy import HIT, Answer
+from ..usecases.users import Users
 from . import validation
-from .cache import HIT, Answer
 from .errors import ApiError, error_body
-from .keys import Lookup
-from .users import Users
 
 JSON = "application/json"
 

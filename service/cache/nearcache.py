@@ -1,28 +1,13 @@
-"""An in-process copy of hot users' cached values, kept correct by Redis itself.
+"""Each worker's own copy of users' cached values by id (least recently used go first),
+kept correct by Redis itself: a listener (wire/listener.py) hears of every write's
+`changed:<id>` and of every flush, and every `get` drains it before it answers, so no read
+that starts after an acknowledged write sees the old value (docs/design.md, "The near cache").
 
-A listener of its own (redis_io.InvalidationListener) hears from Redis of every change of a
-key under `changed:`, including FLUSHALL; every write touches `changed:<id>` for each user
-it changes (cache.py), so the message names the user.
-
-Why a read after an acknowledged write does not see old data: Redis writes the
-invalidation out in the same event-loop pass as the writer's own reply (before it, in
-Redis 7's pending-write order), so by the time the writer has its reply, and long
-before its HTTP response reaches a client that then asks again, the message is in this
-process's socket buffer; every `get` drains that socket before it answers. When the
-connection breaks, everything is dropped and the near cache stays off until a new
-connection is subscribed.
-
-Requests drain the socket as they come. When they do not come (an idle worker, or one
-that only writes or looks users up by name), a thread of its own drains it, so Redis
-never keeps what it could not send: without it, the messages piled up in Redis as long as
-others wrote, until Redis dropped the subscriber at its limit for them (bench/README.md,
-"Measurements behind the code").
-
-That holds while Redis can write to the socket. A worker that falls behind (drains slower
-than others write) lets the socket buffers fill, and then Redis keeps the newest messages in
-its own memory, where no drain can see them, and still answers writers. A drain that finds
-more waiting than a listener that keeps up ever has (redis_io.BEHIND_BYTES) says
-"everything", and the near cache drops everything instead of trusting what it read.
+Requests drain the socket as they come; a thread of its own drains it when they do not (an
+idle worker, one that only writes or looks users up by name), or Redis would keep what it
+could not send until it dropped the subscriber at its limit. A drain that finds more waiting
+than a listener that keeps up ever has (listener.BEHIND_BYTES) may be reading full socket
+buffers while Redis holds newer messages: the near cache then drops everything.
 """
 
 from __future__ import annotations
@@ -30,11 +15,12 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import redis
 
-from .redis_io import InvalidationListener
+from ..wire.client import InvalidationListener
 
 RETRY_SECONDS = 1.0  # between attempts to subscribe again
 # A listener that no request drained for this long is drained by the near cache's thread.
@@ -50,7 +36,8 @@ class NearCache:
         self._connect = connect
         self._size = size
         self._max_age = max_age
-        self._values: dict[str, tuple[bytes, float]] = {}
+        # Least recently used first: a hit moves its user to the end, a put evicts the first.
+        self._values: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self._listener: InvalidationListener | None = None
         # Bumped whenever invalidations are applied or the subscription changes. A value read
         # from Redis is kept only if the epoch has not moved since the read began: otherwise
@@ -106,6 +93,7 @@ class NearCache:
             if found[1] < time.monotonic():
                 del self._values[key]
                 return None
+            self._values.move_to_end(key)
             return found[0]
 
     def put(self, key: str, value: bytes, epoch: int) -> None:
@@ -113,9 +101,10 @@ class NearCache:
         with self._lock:
             if self._listener is None or epoch != self.epoch:
                 return
-            if len(self._values) >= self._size:
-                del self._values[next(iter(self._values))]
+            if key not in self._values and len(self._values) >= self._size:
+                self._values.popitem(last=False)
             self._values[key] = (value, time.monotonic() + self._max_age)
+            self._values.move_to_end(key)
 
     def start(self) -> None:
         """Subscribe (again) after a (re)connection to Redis; errors leave it off."""

@@ -8,7 +8,7 @@ import logging
 from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
-from .db import Conflict, DatabaseUnavailable
+from ..postgres.pool import Conflict, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 

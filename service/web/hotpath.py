@@ -25,11 +25,11 @@ from flask import Flask, Response, signals
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.http import HTTP_STATUS_CODES
 
+from ..usecases.users import Users
 from . import validation
-from .app import users_of
 from .errors import ApiError
 from .replies import JSON, Reply, create, parse_json, user_by_id
-from .users import Users
+from .routes import users_of
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -83,7 +83,7 @@ def _refuse_request_hooks(flask_app: Flask) -> None:
     if found:
         raise RuntimeError(
             f"the hot routes would skip this app's {', '.join(found)}: put that work in a WSGI "
-            "middleware around both doors, as service/auth.py and service/metrics.py do")
+            "middleware around both doors, as service/web/auth.py and service/web/timing.py do")
 
 
 def _any_registered(hooks: dict[str | None, list] | list) -> bool:

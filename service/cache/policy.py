@@ -1,5 +1,5 @@
 """The cache policy: what each read and write does in Redis, and in what order (the key
-names are in keys.py, the scripts in lua/, the bytes on the wire in redis_io.py).
+names are in keys.py, the scripts in lua/, the bytes on the wire in wire/).
 
 Races are closed with leases (as in "Scaling Memcache at Facebook") plus versions:
 - A reader that misses takes the key's lease (SET NX PX) and fills only if its lease is
@@ -38,17 +38,21 @@ from typing import TypeVar
 
 import redis
 
-from . import db, metrics
+from .. import metrics
+from ..model import Update, UserRow
+from ..postgres import statements
+from ..postgres.pool import Database, DatabaseUnavailable, first_line
+from ..settings import CacheSettings
+from ..wire.client import InvalidationListener, RedisClient
+from . import entry
 from .breaker import Breaker
-from .config import Settings
 from .keys import Keys, Lookup
 from .nearcache import NearCache
-from .redis_io import InvalidationListener, RedisClient
 from .repairs import RepairLog
-from .scripts import BUSY, FILL, FOLLOW, FOUND, LEASED, READ, WRITE, Entry, Mode, entry_argv
+from .scripts import BUSY, FILL, FOLLOW, FOUND, LEASED, READ, WRITE, Mode, Put, put_argv
 
 T = TypeVar("T")
-Load = Callable[[], db.UserRow | None]  # what a read asks Postgres
+Load = Callable[[], UserRow | None]  # what a read asks Postgres
 
 log = logging.getLogger(__name__)
 
@@ -72,50 +76,41 @@ class Answer:
     user: bytes | None
 
 
-def _decode_user(value: bytes) -> bytes | None:
-    """`<version> <json>` -> the JSON; None for a tombstone, a cached nobody or ''."""
-    body = value.partition(b" ")[2]
-    return body or None
-
-
 class UserCache:
     """Reads through and writes through Redis for one process; see the module docstring."""
 
-    def __init__(self, settings: Settings, database: db.Database) -> None:
+    def __init__(self, settings: CacheSettings, redis_client: RedisClient,
+                 database: Database) -> None:
         self.settings = settings
         self.database = database
-        self.breaker = Breaker(settings.cache_cooldown)
+        self.breaker = Breaker(settings.cooldown)
         self.repairs = RepairLog(database)
-        password = settings.redis_password_file
-        self.redis = RedisClient(settings.redis_url, settings.cache_timeout,
-                                 password.read if password else None)
+        self.redis = redis_client
         # Lease tokens only need to be unique, not secret: a random prefix and a counter
         # (itertools.count is safe to share between threads).
         self._token_prefix = secrets.token_hex(4)
         self._token_counter = itertools.count()
         self._keys: Keys | None = None
         self.near = self._near_cache()
-        # Called between the database read and the fill; tests use it to force races.
-        self.before_fill: Callable[[Lookup], None] | None = None
         # What the last read looked up, for the consistency auditor to sample (audit.py),
         # which takes it (None: nothing was read since). One store is all a read pays.
         self.last_read: Lookup | None = None
 
     def _near_cache(self) -> NearCache | None:
-        if not self.settings.near_cache_size:
+        if not self.settings.near_size:
             return None
 
         def subscribe() -> InvalidationListener:
             return self.redis.invalidation_listener(self.keys.changes)
 
-        max_age = self.settings.cache_ttl * (1 - self.settings.cache_ttl_jitter)
-        return NearCache(subscribe, self.settings.near_cache_size, max_age)
+        max_age = self.settings.ttl * (1 - self.settings.ttl_jitter)
+        return NearCache(subscribe, self.settings.near_size, max_age)
 
     @property
     def keys(self) -> Keys:
         """The database's key names, learnt from Postgres once per process."""
         if self._keys is None:
-            self._keys = Keys.for_namespace(db.cache_namespace(self.database))
+            self._keys = Keys.for_namespace(statements.cache_namespace(self.database))
         return self._keys
 
     # -- Redis, behind the breaker -------------------------------------------------
@@ -133,7 +128,7 @@ class UserCache:
             metrics.CACHE_ERRORS.inc()
             if self.breaker.trip():  # one line per outage, not one per request
                 log.warning("redis unavailable, serving from postgres: %s: %s",
-                            type(exc).__name__, db.first_line(exc))
+                            type(exc).__name__, first_line(exc))
             self.redis.close()  # the other idle connections are likely dead too
             if self.near:
                 self.near.stop()
@@ -145,7 +140,7 @@ class UserCache:
         if self.near:
             self.near.start()
         deleted = self.repairs.replay(
-            lambda keys: self._write_entries([Entry(key, Mode.DELETE, 0, "") for key in keys],
+            lambda keys: self._write_entries([Put(key, Mode.DELETE, 0, "") for key in keys],
                                              ""))
         if deleted:
             log.info("cache repaired: %d stale keys deleted", deleted)
@@ -157,7 +152,7 @@ class UserCache:
         try:
             self._through_breaker(lambda: self.redis.command("PING"))
             return True
-        except (CacheUnavailable, db.DatabaseUnavailable):
+        except (CacheUnavailable, DatabaseUnavailable):
             return False
 
     def ask(self, *command: str | int) -> object:
@@ -169,42 +164,42 @@ class UserCache:
         """Delete `keys` as a write would (leases dropped, near caches told), so the next
         read fills them from Postgres: the auditor's repair."""
         self._through_breaker(lambda: self._write_entries(
-            [Entry(key, Mode.DELETE, 0, "") for key in keys], ""))
+            [Put(key, Mode.DELETE, 0, "") for key in keys], ""))
 
     def _new_lease_token(self) -> str:
         return f"{self._token_prefix}:{next(self._token_counter)}"
 
-    # -- entries ------------------------------------------------------------------
+    # -- what reads and writes put --------------------------------------------------
 
     def _ttl_ms(self, found: bool) -> int:
         """TTL with jitter so keys filled together do not expire together."""
-        jitter = self.settings.cache_ttl_jitter
+        jitter = self.settings.ttl_jitter
         if found:
-            return int(self.settings.cache_ttl * 1000 * random.uniform(1 - jitter, 1 + jitter))
-        return int(self.settings.cache_negative_ttl * 1000 * random.uniform(1 - jitter, 1))
+            return int(self.settings.ttl * 1000 * random.uniform(1 - jitter, 1 + jitter))
+        return int(self.settings.negative_ttl * 1000 * random.uniform(1 - jitter, 1))
 
-    def _user_entry(self, row: db.UserRow) -> Entry:
-        return Entry(self.keys.user(row.id), Mode.STORE_UNLESS_OLDER, self._ttl_ms(True),
-                     b"%d " % row.version + row.public_json)
+    def _user_put(self, row: UserRow) -> Put:
+        return Put(self.keys.user(row.id), Mode.STORE_UNLESS_OLDER, self._ttl_ms(True),
+                     entry.of_user(row))
 
-    def _fill_entries(self, lookup: Lookup, row: db.UserRow | None) -> list[Entry]:
+    def _fill_entries(self, lookup: Lookup, row: UserRow | None) -> list[Put]:
         """What a fill of `lookup` stores, given what Postgres answered."""
         if row is None:
             if lookup.field == "id":
-                return [Entry(self.keys.of(lookup), Mode.STORE_UNLESS_OLDER,
-                              self._ttl_ms(False), "0 ")]
-            return [Entry(self.keys.of(lookup), Mode.STORE, self._ttl_ms(False), "")]
-        entries = [self._user_entry(row)]
+                return [Put(self.keys.of(lookup), Mode.STORE_UNLESS_OLDER,
+                              self._ttl_ms(False), entry.NOBODY)]
+            return [Put(self.keys.of(lookup), Mode.STORE, self._ttl_ms(False), "")]
+        puts = [self._user_put(row)]
         if lookup.field != "id":
-            entries.append(Entry(self.keys.of(lookup), Mode.STORE, self._ttl_ms(True),
+            puts.append(Put(self.keys.of(lookup), Mode.STORE, self._ttl_ms(True),
                                  str(row.id)))
-        return entries
+        return puts
 
-    def _row_entries(self, row: db.UserRow) -> list[Entry]:
+    def _row_entries(self, row: UserRow) -> list[Put]:
         """A row's entry and its two pointers, as a create or an update stores them."""
         ttl = self._ttl_ms(True)
-        return [self._user_entry(row),
-                *(Entry(self.keys.of(Lookup.of(field, getattr(row, field))), Mode.STORE, ttl,
+        return [self._user_put(row),
+                *(Put(self.keys.of(Lookup.of(field, getattr(row, field))), Mode.STORE, ttl,
                         str(row.id))
                   for field in ("username", "email"))]
 
@@ -221,7 +216,7 @@ class UserCache:
             value = near.get(lookup.value)
             if value is not None:
                 metrics.CACHE_HITS.inc()
-                return Answer(HIT, _decode_user(value))
+                return Answer(HIT, entry.user_json(value))
             epoch = near.epoch  # before Redis is asked: see NearCache.put
         key, token = self.keys.of(lookup), self._new_lease_token()
         try:
@@ -232,7 +227,7 @@ class UserCache:
             metrics.CACHE_HITS.inc()
             if near is not None:
                 near.put(lookup.value, reply[1], epoch)
-            return Answer(HIT, _decode_user(reply[1]))
+            return Answer(HIT, entry.user_json(reply[1]))
         return self._load_and_fill(lookup, key, load, token if reply[0] == LEASED else "")
 
     def _get_or_lease(self, lookup: Lookup, key: str, token: str) -> list:
@@ -274,14 +269,12 @@ class UserCache:
         metrics.CACHE_MISSES.inc()
         row = load()
         if lease:
-            if self.before_fill:
-                self.before_fill(lookup)
-            entries = self._fill_entries(lookup, row)
-            keys = [self.keys.lease(key), *(entry.key for entry in entries)]
+            puts = self._fill_entries(lookup, row)
+            keys = [self.keys.lease(key), *(put.key for put in puts)]
             # Not waited for: the answer is right whether or not it gets cached.
             with contextlib.suppress(CacheUnavailable):
                 self._through_breaker(lambda: self.redis.run_script(
-                    FILL, keys, [lease, *entry_argv(entries)], wait=False))
+                    FILL, keys, [lease, *put_argv(puts)], wait=False))
         return Answer(MISS, row.public_json if row else None)
 
     # -- writes -------------------------------------------------------------------
@@ -303,37 +296,37 @@ class UserCache:
                 lease = self.keys.lease(self.keys.user(user_id))
                 self._through_breaker(lambda: self.redis.command("DEL", lease))
 
-    def created(self, rows: Sequence[db.UserRow]) -> None:
+    def created(self, rows: Sequence[UserRow]) -> None:
         """One write-through for the rows of one or more creates (batching.py)."""
-        self._write_through([entry for row in rows for entry in self._row_entries(row)], "")
+        self._write_through([put for row in rows for put in self._row_entries(row)], "")
 
-    def updated(self, change: db.Update, token: str) -> None:
-        entries = self._row_entries(change.row)
-        fresh = {entry.key for entry in entries}
+    def updated(self, change: Update, token: str) -> None:
+        puts = self._row_entries(change.row)
+        fresh = {put.key for put in puts}
         for field, old in (("username", change.old_username), ("email", change.old_email)):
             key = self.keys.of(Lookup.of(field, old))
             if key not in fresh:
-                entries.append(Entry(key, Mode.DELETE, 0, ""))
-        self._write_through(entries, token)
+                puts.append(Put(key, Mode.DELETE, 0, ""))
+        self._write_through(puts, token)
 
-    def deleted(self, row: db.UserRow, token: str) -> None:
-        tombstone = Entry(self.keys.user(row.id), Mode.STORE_UNLESS_OLDER, self._ttl_ms(False),
-                          b"%d " % (row.version + 1))
-        indexes = [Entry(self.keys.of(Lookup.of(field, getattr(row, field))), Mode.DELETE, 0, "")
+    def deleted(self, row: UserRow, token: str) -> None:
+        tombstone = Put(self.keys.user(row.id), Mode.STORE_UNLESS_OLDER, self._ttl_ms(False),
+                          entry.tombstone(row))
+        indexes = [Put(self.keys.of(Lookup.of(field, getattr(row, field))), Mode.DELETE, 0, "")
                    for field in ("username", "email")]
         self._write_through([tombstone, *indexes], token)
 
-    def _write_through(self, entries: list[Entry], token: str) -> None:
+    def _write_through(self, puts: list[Put], token: str) -> None:
         try:
-            self._through_breaker(lambda: self._write_entries(entries, token))
+            self._through_breaker(lambda: self._write_entries(puts, token))
         except CacheUnavailable:
-            self.repairs.record([entry.key for entry in entries])
+            self.repairs.record([put.key for put in puts])
 
-    def _write_entries(self, entries: list[Entry], token: str) -> None:
-        """One WRITE: store or delete `entries`, dropping their leases, and announce every
+    def _write_entries(self, puts: list[Put], token: str) -> None:
+        """One WRITE: store or delete `puts`, dropping their leases, and announce every
         user among them to the near caches."""
-        keys = [entry.key for entry in entries]
+        keys = [put.key for put in puts]
         ids = self.keys.ids
         changed = [self.keys.changes + key[len(ids):] for key in keys if key.startswith(ids)]
         self.redis.run_script(WRITE, [*keys, *map(self.keys.lease, keys), *changed],
-                              [token, *entry_argv(entries)])
+                              [token, *put_argv(puts)])

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
-from . import metrics
+from .. import metrics
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +55,15 @@ class Combiner(Generic[Item, Result]):
     what its own item gives: one request's input never fails another's. So `run` must leave
     nothing done when it raises anything but a shared error.
 
-    With `coalescing` off, every item is a batch of its own, run at once in its own thread,
+    With `batching` off, every item is a batch of its own, run at once in its own thread,
     as many at a time as threads bring (BATCHING=0, to compare).
     """
 
     def __init__(self, name: str, run: Callable[[Sequence[Item]], Sequence[Result]],
-                 coalescing: bool = True, shared: tuple[type[Exception], ...] = ()) -> None:
+                 batching: bool = True, shared: tuple[type[Exception], ...] = ()) -> None:
         self._name = name
         self._run = run
-        self._coalescing = coalescing
+        self._batching = batching
         self._shared = shared
         self._sizes = metrics.BATCH_SIZE.labels(name)
         self._lock = threading.Lock()
@@ -71,7 +71,7 @@ class Combiner(Generic[Item, Result]):
         self._busy = False  # a batch is in flight, or a leader was named for the next
 
     def __call__(self, item: Item) -> Result:
-        if not self._coalescing:
+        if not self._batching:
             return self._run([item])[0]
         waiter: _Waiter[Item, Result] = _Waiter(item)
         with self._lock:

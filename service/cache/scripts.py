@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
 
-from .redis_io import Script
+from ..wire.client import Script
 
 
 def _lua(name: str) -> str:
@@ -40,7 +40,7 @@ class Mode(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class Entry:
+class Put:
     """One key a FILL or a WRITE writes: how, for how long, and its value."""
 
     key: str
@@ -49,6 +49,6 @@ class Entry:
     value: bytes | str
 
 
-def entry_argv(entries: Iterable[Entry]) -> list[bytes | str | int]:
+def put_argv(entries: Iterable[Put]) -> list[bytes | str | int]:
     """The ARGV that FILL and WRITE take after their token: each entry's mode, TTL and value."""
     return [part for entry in entries for part in (entry.mode, entry.ttl_ms, entry.value)]

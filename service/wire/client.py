@@ -1,24 +1,18 @@
-"""Every byte the service exchanges with Redis: a pool of connections that sends commands
-and scripts (RedisClient), and the near cache's invalidation listener (InvalidationListener).
+"""The service's commands and scripts to Redis: a small pool of connections (RedisClient).
 
-Both use redis-py's connections and nothing above them. redis-py's client layer (command
-dispatch, pool checkout, retry wrapper, script objects) costs about as much CPU as a round
-trip itself, and the cache needs none of it: it sends a handful of commands and scripts and
-handles every failure itself (cache.py, breaker.py). A redis-py connection still does the
-connecting (address, TLS with its certificate and host name checks, credentials); the pool's
-connections and the listener's are all made by one redis-py ConnectionPool, so they cannot
-connect differently, and a `rediss://` URL never leads to a plaintext byte. Given a password
-source, every new connection asks it for the password as it is now, so the Redis user's
-password can rotate under a running service. Every failure raises redis.RedisError or OSError.
+It uses redis-py's connections (which connect, verify TLS and log in) and nothing above them:
+the cache sends a handful of commands and handles every failure itself (cache/policy.py), so
+redis-py's client layer would only add CPU to every call. Every connection, the near cache's
+listener's too (listener.py), is made by one redis-py ConnectionPool, so none can connect
+differently, and each new one asks the password source for the password as it is now (it can
+rotate). Every failure raises redis.RedisError or OSError. docs/design.md says why it queues
+unawaited fills.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import select
-import socket
-import ssl
 import threading
 import time
 from collections import deque
@@ -26,11 +20,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import hiredis
 import redis
 from redis.connection import parse_url
 from redis.credentials import CredentialProvider
 from redis.exceptions import NoScriptError
+
+from ..settings import RedisSettings
+from .listener import InvalidationListener
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +35,6 @@ log = logging.getLogger(__name__)
 # saves (much shorter waits ate the gain), short enough that a quiet worker holds a fill,
 # and with it its lease, only briefly (bench/README.md, "Measurements behind the code").
 FLUSH_AFTER = 0.005
-CHANNEL = b"__redis__:invalidate"  # where Redis publishes what CLIENT TRACKING saw change
-# A listener that keeps up finds far less than this waiting, and full socket buffers hold
-# many times more (measured: bench/README.md). A drain that finds this much may be reading
-# buffers that were full, while Redis keeps newer messages in its own memory.
-BEHIND_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -126,8 +117,9 @@ class RedisClient:
     and one that still meets NOSCRIPT (after a SCRIPT FLUSH) is queued again whole.
     """
 
-    def __init__(self, url: str, timeout: float, password: Callable[[], str] | None = None) -> None:
-        self.pool = _connection_pool(url, timeout, password)
+    def __init__(self, settings: RedisSettings) -> None:
+        password = settings.password.read if settings.password else None
+        self.pool = _connection_pool(settings.url, settings.timeout, password)
         self._idle: list[_QueuingConnection] = []
         self._lock = threading.Lock()
         # SHA1s of the scripts Redis has; forgotten with every new connection, which may be
@@ -252,91 +244,3 @@ class RedisClient:
             idle, self._idle = self._idle, []
         for pooled in idle:
             pooled.conn.disconnect()
-
-
-def _nothing_decrypted() -> int:
-    return 0
-
-
-class InvalidationListener:
-    """A socket subscribed to Redis's client-side-caching broadcasts for the keys under
-    `prefix` (CLIENT TRACKING on REDIRECT <itself> BCAST PREFIX <prefix>, Redis 6+): each
-    drain reports what changed since the last one, as the rest of each key's name.
-
-    redis-py connects it and logs it in; from then on the listener reads the socket itself,
-    without redis-py's parser, so that a drain with nothing waiting costs one poll. Redis
-    also publishes a FLUSHALL here (as "everything").
-    """
-
-    def __init__(self, connection: redis.connection.AbstractConnection, prefix: str) -> None:
-        self._prefix_length = len(prefix.encode())
-        self._reader = hiredis.Reader()
-        connection.connect()  # and logs in; nothing is left unread after that
-        self._connection = connection
-        self._sock: socket.socket = connection._sock  # redis-py has no public accessor
-        try:
-            client_id = self._ask("CLIENT", "ID")
-            self._ask("CLIENT", "TRACKING", "on", "REDIRECT", client_id, "BCAST", "PREFIX", prefix)
-            self._ask("SUBSCRIBE", CHANNEL)
-        except BaseException:
-            connection.disconnect()
-            raise
-        self._sock.setblocking(False)
-        # Asking whether anything waits costs far less than a recv that finds nothing (which
-        # raises), and a drain usually finds nothing. With TLS, bytes already decrypted
-        # wait inside the SSL object, where poll cannot see them.
-        self._poll = select.poll()
-        self._poll.register(self._sock, select.POLLIN)
-        self._decrypted = (self._sock.pending if isinstance(self._sock, ssl.SSLSocket)
-                           else _nothing_decrypted)
-
-    def _ask(self, *parts: str | bytes | int) -> object:
-        """One command and its reply, while the socket still blocks (before the first drain)."""
-        self._sock.sendall(hiredis.pack_command(parts))
-        while (reply := self._reader.gets()) is False:
-            data = self._sock.recv(4096)
-            if not data:
-                raise ConnectionError("redis closed the connection")
-            self._reader.feed(data)
-        if isinstance(reply, hiredis.ReplyError):
-            raise ConnectionError(str(reply))
-        return reply
-
-    def drain(self) -> list[str] | None:
-        """What changed since the last call; None means "everything" (a flush, or this
-        listener fell behind and Redis may hold messages it could not send yet)."""
-        waiting = 0
-        while self._readable():
-            try:
-                data = self._sock.recv(65536)
-            except (BlockingIOError, ssl.SSLWantReadError):  # a TLS record not yet whole
-                break
-            if not data:
-                raise ConnectionError("redis closed the invalidation connection")
-            waiting += len(data)
-            self._reader.feed(data)
-        changed: list[str] | None = []
-        while (message := self._reader.gets()) is not False:
-            if isinstance(message, list) and len(message) == 3 and message[1] == CHANNEL:
-                if message[2] is None:
-                    changed = None
-                elif changed is not None:
-                    changed += (key[self._prefix_length:].decode() for key in message[2])
-        return None if waiting >= BEHIND_BYTES else changed
-
-    def _readable(self) -> bool:
-        """Whether a recv would find something now, or the connection broke. (The poll object
-        is the drains', which run one at a time: a poll object takes one caller at once.)"""
-        return bool(self._decrypted() or self._poll.poll(0))
-
-    def wait(self, timeout: float) -> bool:
-        """Whether anything arrives within `timeout` seconds (False at once when closed)."""
-        if self._decrypted():
-            return True
-        try:
-            return bool(select.select([self._sock], [], [], timeout)[0])
-        except (OSError, ValueError):
-            return False
-
-    def close(self) -> None:
-        self._connection.disconnect()

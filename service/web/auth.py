@@ -6,7 +6,7 @@ the file's tokens, unless its path is exactly /healthz, /readyz, /metrics or /op
 path needs a token too, so a spelling the router would read as a guarded route (`//users`,
 or `/%2Fusers`, which the server decodes into PATH_INFO as `//users`) cannot pass unjudged,
 and a route added later is guarded from the start. The router, for its part, routes a path
-only as it is written (app.CanonicalFlask). The check is one WSGI layer outside both doors,
+only as it is written (routes.CanonicalFlask). The check is one WSGI layer outside both doors,
 so they cannot disagree, and it is a set lookup, a hash and a comparison per token, not a
 Flask request hook. The presented token's SHA-256 is compared with every accepted token's
 in constant time, without stopping at a match: how long it takes says neither how much of
@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from .config import ConfigError, FileVersion, TokenLines, file_version, parse_tokens, read_file
+from ..files import ConfigError, FileVersion, TokenLines, file_version, parse_tokens, read_file
 from .errors import error_body
 
 if TYPE_CHECKING:

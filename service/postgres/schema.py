@@ -1,11 +1,11 @@
 """The database schema: the packaged migrations, and what the service's role may do with it.
 
-Two roles share a database. Its owner runs `python -m service migrate` (migrate.py), which
+Two roles share a database. Its owner runs `python -m service migrate` (process/migrate.py), which
 applies the migrations and records each one in `schema_migrations`; the service runs as a
 role that owns nothing and may only read and write rows, exactly those of GRANTS. So code
 running in the service cannot change the schema, read another table or reach the server's
 files, and the service itself never runs DDL: until the database has every packaged
-migration it counts as unavailable (db.py), and it serves once migrate has run.
+migration it counts as unavailable (pool.py), and it serves once migrate has run.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ RECORDS = """CREATE TABLE IF NOT EXISTS schema_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 )"""
 
-# What the service's role may do, table by table: what the statements in db.py need.
+# What the service's role may do, table by table: what the statements in statements.py need.
 # (Inserting into users needs no right on its identity sequence: Postgres draws an
 # identity column's values for whoever may insert.)
 GRANTS = {

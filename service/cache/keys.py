@@ -8,7 +8,7 @@ never reads what Redis kept of a predecessor. Under it:
 - `username:<lower>` and `email:<lower>` hold the user's id, or an empty string when
   nobody has it. They are pointers: a read follows one to `id:<id>` inside a Lua script
   (lua/follow.lua) and counts it a hit only if that user still has the username or email.
-- `lease:<key>` is the lease on a key (cache.py).
+- `lease:<key>` is the lease on a key (policy.py).
 - `changed:<id>` is never stored: a write sets and deletes it to tell every near cache
   that the user changed (nearcache.py).
 """
