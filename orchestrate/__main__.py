@@ -112,17 +112,17 @@ def backup_command(args: argparse.Namespace) -> None:
 
 
 def restore_command(args: argparse.Namespace) -> int:
+    dump = Path(args.file)
+    manifest = backup.verify(args.project, dump, args.trust_unsigned)
     client = engine.connect()
     stack = describe_stack(args.project, args.port, engine.replica_count(client, args.project))
-    dump = Path(args.file)
-    manifest = backup.verify(stack, dump)
     if not args.yes:
         say(f"this would replace the database of project {args.project} with {dump} (taken "
             f"{manifest.taken_at}, {manifest.bytes / 2**20:.1f} MiB) and give the cache a new "
             "namespace; run it again with --yes")
         return 2
     started = time.monotonic()
-    backup.restore(stack, dump)
+    backup.restore(stack, dump, manifest)
     refs = images.resolve_images(client, stack, args.images)
     engine.realise(client, stack, refs, {})
     if not run_smoke(engine.service_url(stack), api_token()):
@@ -211,6 +211,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       "replace the database with a backup, with a new cache namespace")
     restore.add_argument("file", help="a file `backup` wrote (its .sha256 and .json beside it)")
     restore.add_argument("--yes", action="store_true", help="do it (without: say what it would do)")
+    restore.add_argument("--trust-unsigned", action="store_true",
+                         help="restore a file whose HMAC does not match secrets/backup_key (not "
+                         "made by this orchestrator, or with another key); still as the owner "
+                         "role only")
     command("rotate", rotate_command, "new values for secrets, applied while the stack serves"
             ).add_argument("names", nargs="*", metavar="NAME",
                            help=f"what to rotate (default all: {', '.join(rotate.ROTATABLE)})")
