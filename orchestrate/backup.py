@@ -88,8 +88,8 @@ class Manifest:
         return manifest
 
     def _mac(self) -> str:
-        fields = json.dumps([self.project, self.taken_at, self.bytes, self.sha256])
-        message = f"{SIGNATURE_VERSION}\n{fields}".encode()
+        signed = json.dumps([self.project, self.taken_at, self.bytes, self.sha256])
+        message = f"{SIGNATURE_VERSION}\n{signed}".encode()
         return hmac.new(backup_key(), message, hashlib.sha256).hexdigest()
 
     def signed(self) -> Manifest:
@@ -159,11 +159,11 @@ def _free_name(output: Path) -> Path:
 def backup(stack: Stack, output: Path | None = None) -> tuple[Path, Manifest]:
     """Dump the stack's database into `output` (default backups/<project>-<time>.dump)."""
     now = datetime.datetime.now(datetime.UTC)
-    if output is None:
-        BACKUPS.mkdir(mode=0o700, exist_ok=True)
-        output = BACKUPS / f"{stack.project}-{now:%Y%m%dT%H%M%SZ}.dump"
-    output = _free_name(output)
+    default = output is None
+    output = _free_name(output or BACKUPS / f"{stack.project}-{now:%Y%m%dT%H%M%SZ}.dump")
     postgres = _postgres(connect(), stack)
+    if default:
+        BACKUPS.mkdir(mode=0o700, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial")
     digest, size = hashlib.sha256(), 0
     command = ["pg_dump", "--format=custom", "--username=postgres", f"--dbname={DB_NAME}"]
