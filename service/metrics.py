@@ -20,6 +20,11 @@ from prometheus_client.multiprocess import MultiProcessCollector
 CACHE_HITS = Counter("cache_hits", "Reads answered from the cache: Redis or a near cache")
 CACHE_MISSES = Counter("cache_misses", "Reads that went to Postgres and filled Redis")
 CACHE_ERRORS = Counter("cache_errors", "Redis calls that failed or timed out")
+CACHE_GAPS = Counter(
+    "cache_gaps",
+    "Times a worker stopped trusting Redis until a new epoch: a write-through that failed, "
+    "a Redis not heard for a heartbeat",
+)
 CACHE_BYPASSES = Counter("cache_bypasses", "Reads served from Postgres while Redis was unavailable")
 DB_QUERIES = Counter("db_queries", "SQL statements sent to Postgres")
 # The consistency auditor's (cache/audit.py); its own SQL is not in db_queries, which counts what

@@ -173,7 +173,7 @@ class Auditor:
         if not user_id.isdigit():
             return frozenset()
         key = self.cache.keys.user(user_id)
-        near = self.cache.near if not self.cache.breaker.tripped else None
+        near = self.cache.near if not self.cache.trust.breaker.tripped else None
         # The copies first, then the truth: a write in between shows up as a copy older than
         # the row, which the grace re-check then sees healed.
         in_near = near.get(user_id) if near is not None else None
@@ -295,7 +295,8 @@ def start_sampler(cache: UserCache, database: Database, rate: float) -> Sampler 
 
 def cached_lookups(auditor: Auditor, pause: Callable[[], None]) -> list[Lookup]:
     """Every user entry and pointer Redis holds under the database's prefix, as lookups
-    (SCAN, paced by `pause` between calls)."""
+    (SCAN, paced by `pause` between calls), of the epoch in use once Redis answered."""
+    auditor.cache.ask("PING")
     prefix = auditor.cache.keys.prefix
     found: list[Lookup] = []
     cursor: bytes | str = "0"

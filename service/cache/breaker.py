@@ -8,10 +8,9 @@ import time
 
 class Breaker:
     """Open for `cooldown` seconds after each failure; `tripped` from a failure until Redis
-    is trusted again, which takes a repair (repairs.py) once Redis answers.
+    is trusted again, which takes settling an epoch (trust.py) once Redis answers.
 
-    It starts tripped, so that each process clears pending cache repairs before its first
-    cache read.
+    It starts tripped: a worker settles its epoch before its first use of Redis.
     """
 
     def __init__(self, cooldown: float) -> None:

@@ -1,16 +1,15 @@
 """The cache's key names, all under `cs:1:<namespace>:`.
 
-1 is the format of the values, bumped when it changes; the namespace is a name the database
-got when its schema was created (migration 002), so a database made anew, or restored,
-never reads what Redis kept of a predecessor. Under it:
-- `id:<id>` holds `<version> <json>` for a user, `<version> ` for a deleted one (a
-  tombstone) and `0 ` for an id nobody has. The JSON is the exact response body.
-- `username:<lower>` and `email:<lower>` hold the user's id, or an empty string when
-  nobody has it. They are pointers: a read follows one to `id:<id>` inside a Lua script
-  (lua/follow.lua) and counts it a hit only if that user still has the username or email.
+1 is the format of the values; the namespace is a name the database got when its schema was
+created (migration 002), so a database made anew, or restored, never reads what Redis kept of
+a predecessor. Under it, `epoch` names the epoch every entry belongs to (docs/design.md,
+"Epochs"), `changed:<id>` is never stored (a write sets and deletes it, to tell every near
+cache that the user changed), and the entries of an epoch are under `<epoch name>:`:
+- `id:<id>` holds a user's entry (entry.py);
+- `username:<lower>` and `email:<lower>` hold the user's id, or an empty string when nobody
+  has it. They are pointers: a read follows one to `id:<id>` inside Redis and counts it a hit
+  only if that user still has the username or email;
 - `lease:<key>` is the lease on a key (policy.py).
-- `changed:<id>` is never stored: a write sets and deletes it to tell every near cache
-  that the user changed (nearcache.py).
 """
 
 from __future__ import annotations
@@ -34,13 +33,27 @@ class Lookup:
 
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """Key names under one database's prefix."""
+    """Key names under one database's namespace (`namespace`), and of one epoch (`prefix`,
+    empty until an epoch is known)."""
 
-    prefix: str
+    namespace: str
+    prefix: str = ""
 
     @classmethod
     def for_namespace(cls, namespace: str) -> Keys:
         return cls(f"{FORMAT}{namespace}:")
+
+    def in_epoch(self, epoch: str) -> Keys:
+        """The key names of `epoch` ('<run_id>:<name>'): its entries live under its name."""
+        return Keys(self.namespace, f"{self.namespace}{epoch.rpartition(':')[2]}:")
+
+    @property
+    def epoch(self) -> str:
+        return self.namespace + "epoch"
+
+    @property
+    def changes(self) -> str:
+        return self.namespace + "changed:"
 
     @property
     def ids(self) -> str:
@@ -51,10 +64,6 @@ class Keys:
 
     def user(self, user_id: int | str) -> str:
         return f"{self.ids}{user_id}"
-
-    @property
-    def changes(self) -> str:
-        return self.prefix + "changed:"
 
     def lease(self, key: str) -> str:
         return f"{self.prefix}lease:{key.removeprefix(self.prefix)}"

@@ -1,9 +1,10 @@
-"""The Lua scripts the cache runs in Redis, and the entries the writing ones write.
+"""The cache's functions in Redis (lua/cachestack.lua, one library), and the entries the
+writing ones write.
 
-Each script is a file in lua/ that opens with its KEYS, ARGV and reply. They are package
-data, read with importlib.resources as schema.py reads the migrations. entry.lua is not a
-script by itself: it defines put(), which fill.lua and write.lua use for every entry, so
-it is put in front of both.
+Redis loads the library as its admin at start; the service only calls the functions by name
+(FCALL), so its Redis user needs no right to run Lua of its own. LIBRARY is the library's
+text, package data read with importlib.resources as schema.py reads the migrations, for
+whoever loads it (the Redis image, the tests' and benchmarks' own Redis servers).
 """
 
 from __future__ import annotations
@@ -13,26 +14,19 @@ from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
 
-from ..wire.client import Script
-
-
-def _lua(name: str) -> str:
-    return resources.files(__package__).joinpath("lua", name).read_text(encoding="utf-8")
-
-
-_PUT = _lua("entry.lua")
-READ = Script(_lua("read.lua"))
-FOLLOW = Script(_lua("follow.lua"))
-FILL = Script(_PUT + _lua("fill.lua"))
-WRITE = Script(_PUT + _lua("write.lua"))
+LIBRARY = resources.files(__package__).joinpath("lua", "cachestack.lua").read_text(
+    encoding="utf-8")
+EPOCH, READ, FOLLOW, FILL, WRITE, LEASE = (
+    f"cachestack_{name}" for name in ("epoch", "read", "follow", "fill", "write", "lease"))
 
 # What READ and FOLLOW answer first: the entry was there; this reader took the lease; another
-# reader holds the lease.
-FOUND, LEASED, BUSY = b"hit", b"lease", b"busy"
+# reader holds the lease. Every function answers OTHER_EPOCH, and the current epoch, when the
+# caller's is not current.
+FOUND, LEASED, BUSY, OTHER_EPOCH = b"hit", b"lease", b"busy", b"epoch"
 
 
 class Mode(StrEnum):
-    """How put() writes an entry; each value is the word entry.lua compares with."""
+    """How put() writes an entry; each value is the word the library compares with."""
 
     STORE_UNLESS_OLDER = "store-unless-older"  # users' entries: a version never goes back
     STORE = "store"  # pointers, username:<lower> and email:<lower>
@@ -41,7 +35,8 @@ class Mode(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Put:
-    """One key a FILL or a WRITE writes: how, for how long, and its value."""
+    """One key a FILL or a WRITE writes (a put() of the library): how, for how long, and its
+    value."""
 
     key: str
     mode: Mode

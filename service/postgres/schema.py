@@ -40,7 +40,6 @@ RECORDS = """CREATE TABLE IF NOT EXISTS schema_migrations (
 # identity column's values for whoever may insert.)
 GRANTS = {
     "users": ("SELECT", "INSERT", "UPDATE", "DELETE"),
-    "cache_repairs": ("SELECT", "INSERT", "DELETE"),
     "cache_namespace": ("SELECT",),
     "schema_migrations": ("SELECT",),
 }

@@ -122,25 +122,6 @@ def delete_user(db: Database, user_id: int) -> UserRow | None:
     return db.run(delete)
 
 
-def record_cache_repairs(db: Database, keys: list[str]) -> None:
-    db.run(lambda cur: cur.execute(
-        "INSERT INTO cache_repairs (key) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING",
-        (keys,),
-    ))
-
-
-def pending_cache_repairs(db: Database) -> list[str]:
-    def select(cur: Any) -> list[str]:
-        cur.execute("SELECT key FROM cache_repairs")
-        return [key for (key,) in cur.fetchall()]
-
-    return db.run(select)
-
-
-def clear_cache_repairs(db: Database, keys: list[str]) -> None:
-    db.run(lambda cur: cur.execute("DELETE FROM cache_repairs WHERE key = ANY(%s)", (keys,)))
-
-
 def cache_namespace(db: Database) -> str:
     def select(cur: Any) -> str:
         cur.execute("SELECT value FROM cache_namespace")

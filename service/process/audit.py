@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 
-from ..cache import policy
+from ..cache import trust
 from ..cache.audit import BATCH, BATCH_PAUSE_SECONDS, KINDS, Auditor, full_pass, own_database
 from ..cache.policy import CacheUnavailable, UserCache
 from ..postgres.pool import DatabaseUnavailable
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
 
     logs.configure()  # each repair is one line on stderr, by key
     # An unreachable Redis is this command's one error line, not the service's warning.
-    logging.getLogger(policy.__name__).setLevel(logging.ERROR)
+    logging.getLogger(trust.__name__).setLevel(logging.ERROR)
     database = own_database(settings.postgres)
     # A near cache of its own would have nothing in it to check.
     cache = dataclasses.replace(settings.cache, near_size=0)

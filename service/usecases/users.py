@@ -46,6 +46,11 @@ class Users:
     def _load_by_ids(self, ids: Sequence[int]) -> list[UserRow | None]:
         return statements.find_users_by_ids(self.database, ids)
 
+    def close(self) -> None:
+        """Close the cache's and the pool's connections (tests; a worker just exits)."""
+        self.cache.close()
+        self.database.close()
+
     def find(self, lookup: Lookup) -> Answer:
         def load() -> UserRow | None:
             if lookup.field == "id":

@@ -11,19 +11,15 @@ unawaited fills.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from redis.connection import parse_url
 from redis.credentials import CredentialProvider
-from redis.exceptions import NoScriptError
 
 from ..settings import RedisSettings
 from .listener import InvalidationListener
@@ -35,17 +31,6 @@ log = logging.getLogger(__name__)
 # saves (much shorter waits ate the gain), short enough that a quiet worker holds a fill,
 # and with it its lease, only briefly (bench/README.md, "Measurements behind the code").
 FLUSH_AFTER = 0.005
-
-
-@dataclass(frozen=True)
-class Script:
-    """A Lua script, sent by its SHA1 once Redis knows it."""
-
-    source: str
-    sha: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
 class _LoginNow(CredentialProvider):
@@ -77,16 +62,16 @@ def _connection_pool(url: str, timeout: float,
 
 
 class _QueuingConnection:
-    """A redis-py connection, the commands it has yet to send (packed), and the replies it
-    still owes, oldest first, each with the command (an EVAL) to send instead should the
-    reply be NOSCRIPT, and its script's SHA1."""
+    """A redis-py connection, the commands it has yet to send (packed), and how many replies
+    it still owes for commands sent without waiting."""
 
-    __slots__ = ("conn", "unsent", "owed")
+    __slots__ = ("conn", "generation", "unsent", "owed")
 
-    def __init__(self, conn: redis.Connection) -> None:
+    def __init__(self, conn: redis.Connection, generation: int) -> None:
         self.conn = conn
+        self.generation = generation  # the client's generation when it was connected
         self.unsent: list[bytes] = []
-        self.owed: deque[tuple[tuple, str]] = deque()
+        self.owed = 0
 
     def send_unsent(self) -> None:
         """Write every unsent command, in one write."""
@@ -94,14 +79,23 @@ class _QueuingConnection:
             packed, self.unsent = b"".join(self.unsent), []
             self.conn.send_packed_command([packed], check_health=False)
 
-    def queue(self, command: tuple, fallback: tuple, sha: str) -> None:
+    def queue(self, command: tuple) -> None:
         """Hold `command` until this connection's next write; its reply is owed until then."""
         self.unsent += self.conn.pack_command(*command)
-        self.owed.append((fallback, sha))
+        self.owed += 1
+
+    def read_owed_replies(self) -> None:
+        """Read the replies owed for commands sent earlier; their errors only get logged."""
+        while self.owed:
+            self.owed -= 1
+            try:
+                self.conn.read_response()
+            except redis.ResponseError as exc:
+                log.warning("unawaited redis command failed: %s", exc)
 
 
 class RedisClient:
-    """Commands and scripts over a small LIFO pool of connections.
+    """Commands and function calls over a small LIFO pool of connections.
 
     A command whose reply does not matter to the caller (a fill: the reader already has its
     answer) is not sent at once: it waits on its connection for the next command, and both
@@ -110,102 +104,84 @@ class RedisClient:
     Redis client does for every command (auto-pipelining): one system call and one wake-up
     instead of two, on both sides. A flusher thread sends whatever still waits after
     FLUSH_AFTER, so a quiet worker delays a fill by a few milliseconds, never indefinitely;
-    and a fill is conditional on its lease, so a late one is never a stale one.
+    and a fill is conditional on its lease, so a late one is never a stale one. Replies owed
+    for such commands are read before the next command's own.
 
-    Replies owed for such commands are read before the next command's own. A script queued
-    this way goes by its SHA1 only once a reply showed that Redis has it (whole before that),
-    and one that still meets NOSCRIPT (after a SCRIPT FLUSH) is queued again whole.
+    `on_connect(connection)` runs on every new connection before anything else is sent on it
+    (the cache checks there which Redis, and which epoch, it has reached).
     """
 
-    def __init__(self, settings: RedisSettings) -> None:
+    def __init__(self, settings: RedisSettings,
+                 on_connect: Callable[[redis.Connection], None] | None = None) -> None:
         password = settings.password.read if settings.password else None
         self.pool = _connection_pool(settings.url, settings.timeout, password)
+        self.on_connect = on_connect
         self._idle: list[_QueuingConnection] = []
+        self._generation = 0  # moved on by close(): older connections are not pooled again
         self._lock = threading.Lock()
-        # SHA1s of the scripts Redis has; forgotten with every new connection, which may be
-        # to a Redis that restarted.
-        self._loaded: set[str] = set()
         self._unsent_waiting = threading.Event()
         self._flusher: threading.Thread | None = None
 
-    def invalidation_listener(self, prefix: str) -> InvalidationListener:
-        """A new listener for changes of keys under `prefix`, on a connection of its own that
+    def invalidation_listener(self, prefixes: Iterable[str]) -> InvalidationListener:
+        """A new listener for changes of keys under `prefixes`, on a connection of its own that
         connects as the pool's do."""
-        return InvalidationListener(self.pool.make_connection(), prefix)
+        return InvalidationListener(self.pool.make_connection(), prefixes)
 
     def command(self, *args: Any) -> Any:
         """Send one command and return its reply."""
         return self._execute(args, wait=True)
 
-    def run_script(self, script: Script, keys: list[str], argv: list[Any],
-                   wait: bool = True) -> Any:
-        """Run a script by its SHA1, or whole (which also loads it) when Redis lacks it.
+    def call(self, function: str, keys: list[str], argv: list[Any], wait: bool = True) -> Any:
+        """Call a function of a library Redis has loaded (FCALL). With `wait=False` the call is
+        sent with the connection's next command (or by the flusher) and None is returned."""
+        return self._execute(("FCALL", function, len(keys), *keys, *argv), wait)
 
-        With `wait=False` the script is sent with the connection's next command (or by the
-        flusher) and None is returned.
-        """
-        whole = ("EVAL", script.source, len(keys), *keys, *argv)
-        if wait or script.sha in self._loaded:
-            try:
-                return self._execute(("EVALSHA", script.sha, len(keys), *keys, *argv), wait,
-                                     whole, script.sha)
-            except NoScriptError:
-                self._loaded.discard(script.sha)
-        return self._execute(whole, wait, whole, script.sha)
-
-    def _execute(self, command: tuple, wait: bool, fallback: tuple = (), sha: str = "") -> Any:
+    def _execute(self, command: tuple, wait: bool) -> Any:
         with self._lock:
             pooled = self._idle.pop() if self._idle else None
         if pooled is None:
-            self._loaded.clear()
-            pooled = _QueuingConnection(self.pool.make_connection())
+            pooled = self._connect()
         if not wait:
             try:
-                pooled.queue(command, fallback, sha)
+                pooled.queue(command)
             finally:
                 self._release(pooled)  # which wakes the flusher
             return None
-        again: list[tuple[tuple, str]] = []
         try:
             pooled.unsent += pooled.conn.pack_command(*command)
             pooled.send_unsent()
-            again = self._read_owed_replies(pooled)
+            pooled.read_owed_replies()
             reply = pooled.conn.read_response()
-            if sha:
-                self._loaded.add(sha)
         except redis.ResponseError:
-            self._release(pooled, again)  # an error reply leaves the connection usable
+            self._release(pooled)  # an error reply leaves the connection usable
             raise
         except BaseException:
             pooled.conn.disconnect()
             raise
-        self._release(pooled, again)
+        self._release(pooled)
         return reply
 
-    def _read_owed_replies(self, pooled: _QueuingConnection) -> list[tuple[tuple, str]]:
-        """Read the replies owed for commands sent earlier; their errors only get logged.
-        Returns the scripts that met NOSCRIPT, to be sent again whole."""
-        again = []
-        while pooled.owed:
-            fallback, sha = pooled.owed.popleft()
+    def _connect(self) -> _QueuingConnection:
+        generation = self._generation
+        conn = self.pool.make_connection()
+        if self.on_connect is not None:
             try:
-                pooled.conn.read_response()
-                self._loaded.add(sha)
-            except NoScriptError:
-                self._loaded.discard(sha)
-                again.append((fallback, sha))
-            except redis.ResponseError as exc:
-                log.warning("unawaited redis command failed: %s", exc)
-        return again
+                self.on_connect(conn)
+            except BaseException:
+                conn.disconnect()
+                raise
+        return _QueuingConnection(conn, generation)
 
-    def _release(self, pooled: _QueuingConnection,
-                 again: Iterable[tuple[tuple, str]] = ()) -> None:
-        """Back into the pool, with `again` queued on it; wake the flusher if it holds any."""
-        for fallback, sha in again:
-            pooled.queue(fallback, fallback, sha)
+    def _release(self, pooled: _QueuingConnection) -> None:
+        """Back into the pool, unless the pool was closed since it connected; wake the flusher
+        if it holds unsent commands."""
         with self._lock:
-            self._idle.append(pooled)
-        if pooled.unsent:
+            current = pooled.generation == self._generation
+            if current:
+                self._idle.append(pooled)
+        if not current:
+            pooled.conn.disconnect()
+        elif pooled.unsent:
             self._wake_flusher()
 
     def _wake_flusher(self) -> None:
@@ -240,7 +216,11 @@ class RedisClient:
             self._release(pooled)
 
     def close(self) -> None:
+        """Disconnect every connection: the idle ones now, those in use when they come back.
+        The next command connects anew (through Sentinel, to whichever Redis is the primary
+        then)."""
         with self._lock:
+            self._generation += 1
             idle, self._idle = self._idle, []
         for pooled in idle:
             pooled.conn.disconnect()

@@ -7,14 +7,20 @@ redis-py's parser, so that a drain with nothing waiting costs one poll.
 
 from __future__ import annotations
 
+import math
 import select
 import socket
 import ssl
+import time
+from collections import deque
+from collections.abc import Iterable
 
 import hiredis
 import redis
 
 CHANNEL = b"__redis__:invalidate"  # where Redis publishes what CLIENT TRACKING saw change
+PING = hiredis.pack_command(("PING",))
+PONG = [b"pong", b""]  # PING's answer on a subscribed connection
 # A listener that keeps up finds far less than this waiting, and full socket buffers hold
 # many times more (measured: bench/README.md). A drain that finds this much may be reading
 # buffers that were full, while Redis keeps newer messages in its own memory.
@@ -27,27 +33,34 @@ def _nothing_decrypted() -> int:
 
 class InvalidationListener:
     """A socket subscribed to Redis's client-side-caching broadcasts for the keys under
-    `prefix` (CLIENT TRACKING on REDIRECT <itself> BCAST PREFIX <prefix>, Redis 6+): each
-    drain reports what changed since the last one, as the rest of each key's name.
+    `prefixes` (CLIENT TRACKING on REDIRECT <itself> BCAST PREFIX ..., Redis 6+), which also
+    answers the PINGs it sends: each drain reports the keys that changed since the last one,
+    and when the newest answered PING was sent.
 
     redis-py connects it and logs it in; from then on the listener reads the socket itself,
     without redis-py's parser, so that a drain with nothing waiting costs one poll. Redis
-    also publishes a FLUSHALL here (as "everything").
+    also publishes a FLUSHALL here (as "everything"). Its reads and writes must not overlap:
+    the caller serialises them.
     """
 
-    def __init__(self, connection: redis.connection.AbstractConnection, prefix: str) -> None:
-        self._prefix_length = len(prefix.encode())
+    def __init__(self, connection: redis.connection.AbstractConnection,
+                 prefixes: Iterable[str]) -> None:
         self._reader = hiredis.Reader()
+        self._pings: deque[float] = deque()  # when each unanswered PING was sent
+        self.answered = -math.inf  # when the newest answered PING was sent (monotonic)
+        self.slowest = 0.0  # the longest any PING waited for its answer, in seconds
         connection.connect()  # and logs in; nothing is left unread after that
         self._connection = connection
         self._sock: socket.socket = connection._sock  # redis-py has no public accessor
         try:
             client_id = self._ask("CLIENT", "ID")
-            self._ask("CLIENT", "TRACKING", "on", "REDIRECT", client_id, "BCAST", "PREFIX", prefix)
+            self._ask("CLIENT", "TRACKING", "on", "REDIRECT", client_id, "BCAST",
+                      *(part for prefix in prefixes for part in ("PREFIX", prefix)))
             self._ask("SUBSCRIBE", CHANNEL)
         except BaseException:
             connection.disconnect()
             raise
+        self.answered = time.monotonic()  # it answered all of that just now
         self._sock.setblocking(False)
         # Asking whether anything waits costs far less than a recv that finds nothing (which
         # raises), and a drain usually finds nothing. With TLS, bytes already decrypted
@@ -69,9 +82,15 @@ class InvalidationListener:
             raise ConnectionError(str(reply))
         return reply
 
+    def ping(self) -> None:
+        """Ask Redis for a sign of life; its answer comes with a later drain. Raises OSError
+        when even that cannot be sent (the socket's buffer is full of unanswered PINGs)."""
+        self._sock.sendall(PING)
+        self._pings.append(time.monotonic())
+
     def drain(self) -> list[str] | None:
-        """What changed since the last call; None means "everything" (a flush, or this
-        listener fell behind and Redis may hold messages it could not send yet)."""
+        """The keys that changed since the last call; None means "everything" (a flush, or
+        this listener fell behind and Redis may hold messages it could not send yet)."""
         waiting = 0
         while self._readable():
             try:
@@ -84,11 +103,14 @@ class InvalidationListener:
             self._reader.feed(data)
         changed: list[str] | None = []
         while (message := self._reader.gets()) is not False:
-            if isinstance(message, list) and len(message) == 3 and message[1] == CHANNEL:
+            if message == PONG and self._pings:
+                self.answered = self._pings.popleft()
+                self.slowest = max(self.slowest, time.monotonic() - self.answered)
+            elif isinstance(message, list) and len(message) == 3 and message[1] == CHANNEL:
                 if message[2] is None:
                     changed = None
                 elif changed is not None:
-                    changed += (key[self._prefix_length:].decode() for key in message[2])
+                    changed += (key.decode() for key in message[2])
         return None if waiting >= BEHIND_BYTES else changed
 
     def _readable(self) -> bool:

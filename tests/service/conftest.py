@@ -10,13 +10,16 @@ so tests may stop and restart it freely. The helpers these are made of are in he
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg2
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from service.process.config import Settings
+from service.process.factory import create_app
+from service.web.routes import users_of
 from tests.support import require
 
 from .helpers import (
@@ -104,6 +107,21 @@ def guarded_app(database_url: str, owner_url: str, redis_up: RedisServer,
                 api_tokens: ApiTokens) -> Iterator[Flask]:
     """An app whose /users routes need one of `api_tokens`."""
     yield from app_for(database_url, owner_url, redis_up.url, api_tokens=api_tokens.tokens)
+
+
+@pytest.fixture
+def new_app() -> Iterator[Callable[[Settings], Flask]]:
+    """Make apps like another worker's, each with its own pool, Redis connections and near
+    cache; all closed at the end of the test."""
+    made: list[Flask] = []
+
+    def make(settings: Settings) -> Flask:
+        made.append(create_app(settings))
+        return made[-1]
+
+    yield make
+    for app in made:
+        users_of(app).close()
 
 
 @pytest.fixture

@@ -63,14 +63,15 @@ def empty_database(owner_url: str) -> None:
     """As if the database were new: no rows, ids from 1, and a new cache namespace (so the
     shared Redis holds nothing this database has ever written). Done as the owner: the
     service's role may not truncate."""
-    query(owner_url, "TRUNCATE users, cache_repairs RESTART IDENTITY; "
+    query(owner_url, "TRUNCATE users RESTART IDENTITY; "
           "UPDATE cache_namespace SET value = substr(md5(random()::text), 1, 12)")
 
 
-def keys_of(database_url: str) -> Keys:
-    """The cache key names a service on this database uses."""
+def keys_of(database_url: str, redis_server: RedisServer) -> Keys:
+    """The cache key names a service on this database uses in Redis's current epoch."""
     ((namespace,),) = query(database_url, "SELECT value FROM cache_namespace")
-    return Keys.for_namespace(namespace)
+    names = Keys.for_namespace(namespace)
+    return names.in_epoch(redis_server.client().get(names.epoch).decode())
 
 
 def via_proxy(database_url: str, proxy_port: int) -> str:
@@ -99,7 +100,7 @@ def app_for(database_url: str, owner_url: str, redis_url: str,
     empty_database(owner_url)
     app = create_app(settings_for(database_url, redis_url, **overrides))
     yield app
-    users_of(app).database.close()
+    users_of(app).close()
 
 
 def private_redis(tls: TlsFiles | None = None) -> Iterator[RedisServer]:

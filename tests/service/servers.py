@@ -23,6 +23,7 @@ import redis
 import requests
 
 from orchestrate.certs import KeyPair, make_ca, make_server_cert
+from service.cache.scripts import LIBRARY
 from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,9 +82,11 @@ class TlsFiles:
 
 
 class RedisServer:
-    """A redis-server of the test's own, with append-only persistence in a temp dir and the
-    stack's users (docker/redis/users.acl): `url` logs in as the service, `client()` as
-    the admin. With `tls`, it listens on a TLS port only."""
+    """A redis-server of the test's own, with the stack's users (docker/redis/users.acl) and
+    the cache's functions, which the admin loads at every start as the stack's Redis does:
+    `url` logs in as the service, `client()` as the admin. With `tls`, it listens on a TLS
+    port only. Unlike the stack's, it keeps an append-only file in a temp dir, so that a
+    restart brings back what it held (the epochs must make that unreachable)."""
 
     def __init__(self, tls: TlsFiles | None = None) -> None:
         self.port = free_port()
@@ -122,6 +125,7 @@ class RedisServer:
              "--aclfile", str(self.acl_file)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self.client().ping, 10, "redis-server")
+        self.client().function_load(LIBRARY, replace=True)
 
     def stop(self) -> None:
         """Stop like a crash would, after the append-only file has what was written so far."""

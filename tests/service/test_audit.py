@@ -69,7 +69,7 @@ def apps(database_url: str, owner_url: str, redis_up: RedisServer) -> Iterator[t
     yield audited, other
     audited.extensions[AUDITOR].stop()
     for app in (audited, other):
-        users_of(app).database.close()
+        users_of(app).close()
 
 
 def read_until(client: FlaskClient, path: str, done: Callable[[], bool]) -> float:
@@ -146,7 +146,7 @@ def test_a_stale_value_planted_in_redis_is_found_and_dropped_from_other_near_cac
     user = create(audited)
     path = f"/users/{user['id']}"
     warm(audited, path)
-    key = keys_of(database_url).user(user["id"])
+    key = keys_of(database_url, redis_up).user(user["id"])
     version = redis_up.client().get(key).partition(b" ")[0]
     planted = {**user, "display_name": "planted"}
     admin_set(redis_up, key, version + b" " + json.dumps(planted, separators=(",", ":")).encode())
@@ -166,7 +166,7 @@ def test_a_stale_pointer_planted_in_redis_is_found_and_deleted(
     bob = create(audited, username="bob", email="bob@example.org")
     path = f"/users/{alice['id']}"
     warm(audited, path)
-    pointer = keys_of(database_url).of(Lookup.of("username", "alice"))
+    pointer = keys_of(database_url, redis_up).of(Lookup.of("username", "alice"))
     admin_set(redis_up, pointer, str(bob["id"]))  # "alice" is bob's, says Redis
     before = inconsistencies()
     counted = found_within_deadline(audited, path, before, ("redis", "pointer"))
@@ -181,7 +181,7 @@ def test_a_wrong_nobody_planted_in_redis_is_found_and_never_served_again(
     audited, other = apps[0].test_client(), apps[1].test_client()
     alice = create(audited)
     by_name = "/users?username=alice"
-    admin_set(redis_up, keys_of(database_url).of(Lookup.of("username", "alice")), "")
+    admin_set(redis_up, keys_of(database_url, redis_up).of(Lookup.of("username", "alice")), "")
     assert read(other, by_name).data == []  # the lie: nobody is called alice
     before = inconsistencies()
     counted = found_within_deadline(audited, by_name, before, ("redis", "nobody"))
@@ -257,7 +257,7 @@ def test_the_auditor_skips_quietly_while_postgres_is_away_and_audits_again_after
         assert found_within_deadline(client, path, before, ("redis", "value"))
     finally:
         app.extensions[AUDITOR].stop()
-        users_of(app).database.close()
+        users_of(app).close()
         proxy.close()
 
 
@@ -291,7 +291,7 @@ def test_the_full_pass_finds_each_kind_repairs_it_and_then_finds_nothing(
     for user in (alice, bob, carol):
         read(client, f"/users/{user['id']}")
     send_fills(client)
-    keys = keys_of(database_url)
+    keys = keys_of(database_url, redis_up)
     query(owner_url, "UPDATE users SET display_name = 'behind' WHERE id = %s", (carol["id"],))
     admin_set(redis_up, keys.of(Lookup.of("username", "alice")), str(bob["id"]))
     admin_set(redis_up, keys.of(Lookup.of("email", "bob@example.org")), "")

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
 from service.cache.keys import Lookup
-from service.process.factory import create_app
+from service.process.config import Settings
 
 from .helpers import (
     Read,
@@ -90,18 +91,28 @@ def test_stale_index_entry_is_a_miss(
     assert read(client, "/users?username=alice") == Read("MISS", [alice])
 
 
-def ttls(redis_up: RedisServer) -> dict[str, float]:
+def ttls(app: Flask, redis_up: RedisServer) -> dict[str, float]:
+    """The TTL of every key but the epoch key, which never expires, so that volatile-lru never
+    evicts it."""
     client = redis_up.client()
-    return {key.decode(): client.pttl(key) / 1000 for key in client.scan_iter()}
+    return {key.decode(): client.pttl(key) / 1000 for key in client.scan_iter()
+            if key.decode() != keys(app).epoch}
 
 
-def test_every_key_has_a_jittered_ttl(client: FlaskClient, redis_up: RedisServer) -> None:
+def test_the_epoch_key_alone_never_expires(
+        app: Flask, client: FlaskClient, redis_up: RedisServer) -> None:
+    create(client)
+    assert redis_up.client().pttl(keys(app).epoch) == -1
+
+
+def test_every_key_has_a_jittered_ttl(
+        app: Flask, client: FlaskClient, redis_up: RedisServer) -> None:
     for n in range(20):
         create(client, f"user{n}", f"user{n}@example.org")
     client.get("/users?username=ghost")
     client.get("/users/999")
     send_fills(client)
-    found = ttls(redis_up)
+    found = ttls(app, redis_up)
     assert found and all(ttl > 0 for ttl in found.values()), found
     positive = [t for k, t in found.items() if "ghost" not in k and not k.endswith(":999")]
     negative = [t for k, t in found.items() if "ghost" in k or k.endswith(":999")]
@@ -110,13 +121,14 @@ def test_every_key_has_a_jittered_ttl(client: FlaskClient, redis_up: RedisServer
     assert len(negative) == 2 and all(0 < ttl <= 60 for ttl in negative)
 
 
-def test_ttls_are_configurable(database_url: str, redis_up: RedisServer) -> None:
-    app = create_app(settings_for(database_url, redis_up.url, cache={"ttl": 20, "negative_ttl": 5}))
+def test_ttls_are_configurable(database_url: str, redis_up: RedisServer,
+                               new_app: Callable[[Settings], Flask]) -> None:
+    app = new_app(settings_for(database_url, redis_up.url, cache={"ttl": 20, "negative_ttl": 5}))
     client = app.test_client()
     create(client, "tina", "tina@example.org")
     client.get("/users?username=nobody")
     send_fills(client)
-    found = ttls(redis_up)
+    found = ttls(app, redis_up)
     assert all(18 - 1 <= ttl <= 22 for key, ttl in found.items() if "nobody" not in key)
     assert 0 < found[keys(app).of(Lookup("username", "nobody"))] <= 5
 
@@ -203,9 +215,10 @@ def test_flushed_redis_refills(client: FlaskClient, redis_up: RedisServer) -> No
 
 
 def test_app_starts_without_redis_and_uses_it_once_it_appears(
-        database_url: str, stopped_redis: RedisServer) -> None:
+        database_url: str, stopped_redis: RedisServer,
+        new_app: Callable[[Settings], Flask]) -> None:
     stopped_redis.stop()
-    app: Flask = create_app(settings_for(database_url, stopped_redis.url))
+    app = new_app(settings_for(database_url, stopped_redis.url))
     client = app.test_client()
     user = create(client)
     assert read(client, f"/users/{user['id']}") == Read("BYPASS", user)
@@ -218,11 +231,11 @@ def test_app_starts_without_redis_and_uses_it_once_it_appears(
 
 def test_a_recreated_database_never_reads_its_predecessors_entries(
         app: Flask, client: FlaskClient, database_url: str, owner_url: str,
-        redis_up: RedisServer) -> None:
+        redis_up: RedisServer, new_app: Callable[[Settings], Flask]) -> None:
     old = create(client, "alice", "alice@example.org")
     client.patch(f"/users/{old['id']}", json={"display_name": "version 2"})
     empty_database(owner_url)  # ids and versions start over; Redis keeps its entries
-    fresh = create_app(settings_for(database_url, redis_up.url)).test_client()
+    fresh = new_app(settings_for(database_url, redis_up.url)).test_client()
     bob = create(fresh, "bob", "bob@example.org")
     assert bob["id"] == old["id"]
     assert read(fresh, f"/users/{bob['id']}").data == bob

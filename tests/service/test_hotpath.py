@@ -183,7 +183,7 @@ def postgres_proxy(database_url: str, owner_url: str,
     proxy = TcpProxy(5432)
     app = create_app(settings_for(via_proxy(database_url, proxy.port), redis_up.url))
     yield app, proxy
-    users_of(app).database.close()
+    users_of(app).close()
     proxy.close()
 
 

@@ -30,11 +30,10 @@ from .servers import ROOT, RedisServer, ServiceProcess, wait_until
 
 MIGRATIONS = ROOT / "service" / "postgres" / "migrations"
 PACKAGED = sorted(path.name for path in MIGRATIONS.glob("*.sql"))
-TABLES = ("users", "cache_repairs", "cache_namespace", "schema_migrations")
+TABLES = ("users", "cache_namespace", "schema_migrations")
 # What the service's statements need, and nothing else (the contract of issue 10).
 EXPECTED_GRANTS = {
     ("users", "SELECT"), ("users", "INSERT"), ("users", "UPDATE"), ("users", "DELETE"),
-    ("cache_repairs", "SELECT"), ("cache_repairs", "INSERT"), ("cache_repairs", "DELETE"),
     ("cache_namespace", "SELECT"), ("schema_migrations", "SELECT"),
 }
 
@@ -47,7 +46,7 @@ def run_migrate(owner_url: str, app_role: str, *args: str) -> subprocess.Complet
 def bare(owner_url: str, database_url: str) -> Iterator[str]:
     """The test database without any of the service's tables, as before its first migrate;
     migrated again afterwards. Yields the service role's name."""
-    query(owner_url, f"DROP TABLE IF EXISTS {', '.join(TABLES)}")
+    query(owner_url, f"DROP TABLE IF EXISTS {', '.join(TABLES)}, cache_repairs")
     yield role_of(database_url)
     migrate(owner_url, role_of(database_url))
 
@@ -57,7 +56,7 @@ def test_migrate_applies_and_records_every_migration_once(owner_url: str, bare: 
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip().splitlines() == [
         f"schema up to date (applied {', '.join(PACKAGED)}); {bare} may use "
-        "users, cache_repairs, cache_namespace, schema_migrations and nothing else"]
+        "users, cache_namespace, schema_migrations and nothing else"]
     assert first.stderr == ""
     recorded = query(owner_url, "SELECT name FROM schema_migrations ORDER BY name")
     assert [name for (name,) in recorded] == PACKAGED
@@ -161,7 +160,7 @@ def test_a_missing_migration_is_one_log_line_and_503_until_migrate_runs(
     assert [record.getMessage() for record in caplog.records] == [
         f"database schema is behind: {one_behind} not applied; run `python -m service migrate`",
         "database available again"]
-    users_of(app).database.close()
+    users_of(app).close()
 
 
 def test_migrate_waits_for_postgres_then_fails_with_one_line() -> None:

@@ -5,12 +5,13 @@ a plain Redis and against one that speaks TLS only (the listener reads an SSL so
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service.process.factory import create_app
+from service.process.config import Settings
 from service.web.routes import users_of
 
 from .helpers import (
@@ -38,9 +39,10 @@ def commands(redis_up: RedisServer) -> int:
 
 
 @pytest.fixture
-def other_worker(database_url: str, redis_up: RedisServer) -> FlaskClient:
+def other_worker(database_url: str, redis_up: RedisServer,
+                 new_app: Callable[[Settings], Flask]) -> FlaskClient:
     """A second app with its own Redis connections and near cache, like another process."""
-    return create_app(settings_for(database_url, redis_up.url)).test_client()
+    return new_app(settings_for(database_url, redis_up.url)).test_client()
 
 
 def test_repeated_hits_are_served_from_process_memory(
@@ -117,12 +119,12 @@ def test_a_value_read_before_another_thread_drained_its_invalidation_is_not_kept
     user = create(client)
     near = users_of(app).cache.near
     assert near.get(str(user["id"])) is None
-    epoch = near.epoch  # A's read of Redis starts here
+    generation = near.generation  # A's read of Redis starts here
     old = redis_up.client().get(keys(app).user(user["id"]))
     new = other_worker.patch(f"/users/{user['id']}",
                              json={"display_name": "newer"}).get_json()["data"]
     near.get(str(user["id"] + 1))  # B drains the invalidation of A's user
-    near.put(str(user["id"]), old, epoch)  # A, late
+    near.put(str(user["id"]), old, generation)  # A, late
     assert read(client, f"/users/{user['id']}").data == new
 
 
@@ -165,10 +167,11 @@ def test_an_idle_worker_still_reads_what_redis_sends_it(
     wait_until(lambda: waiting_in_redis() == 0, 2, "the listener to read its messages")
 
 
-def test_the_near_cache_works_over_a_unix_socket(database_url: str, owner_url: str,
-                                                  redis_up: RedisServer) -> None:
+def test_the_near_cache_works_over_a_unix_socket(
+        database_url: str, owner_url: str, redis_up: RedisServer,
+        new_app: Callable[[Settings], Flask]) -> None:
     empty_database(owner_url)
-    over_socket = [create_app(settings_for(database_url, redis_up.unix_url)).test_client()
+    over_socket = [new_app(settings_for(database_url, redis_up.unix_url)).test_client()
                    for _ in range(2)]
     user = create(over_socket[0])
     read(over_socket[0], f"/users/{user['id']}")
@@ -181,11 +184,12 @@ def test_the_near_cache_works_over_a_unix_socket(database_url: str, owner_url: s
 
 
 def test_the_least_recently_read_user_is_the_one_that_goes(
-        database_url: str, owner_url: str, redis_up: RedisServer) -> None:
+        database_url: str, owner_url: str, redis_up: RedisServer,
+        new_app: Callable[[Settings], Flask]) -> None:
     """A near cache of two: reading the first user again keeps it, the second one goes."""
     empty_database(owner_url)
-    client = create_app(settings_for(database_url, redis_up.url,
-                                     cache={"near_size": 2})).test_client()
+    client = new_app(settings_for(database_url, redis_up.url,
+                                  cache={"near_size": 2})).test_client()
     first, second, third = (create(client, name, f"{name}@example.org")
                             for name in ("ann", "ben", "cid"))
     for user in (first, second, first):  # into the near cache; the first read last

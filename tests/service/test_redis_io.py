@@ -12,61 +12,82 @@ import pytest
 import redis
 
 from service.settings import RedisSettings
-from service.wire.client import RedisClient, Script
+from service.wire.client import RedisClient
 
 from .servers import RedisServer, wait_until
 
-SET_AND_ECHO = Script("redis.call('SET', KEYS[1], ARGV[1]) return ARGV[1]")
+# A library of the tests' own, which the admin loads as Redis's admin loads the cache's.
+LIBRARY = """#!lua name=redis_io_tests
+redis.register_function('set_and_echo', function(keys, args)
+  redis.call('SET', keys[1], args[1]) return args[1] end)
+redis.register_function('failing', function() return redis.error_reply('NOPE on purpose') end)
+"""
 KEY = "cs:test:k"
-FAILING = Script("return redis.error_reply('NOPE on purpose')")
 
 
 @pytest.fixture
 def pool(redis_up: RedisServer) -> Iterator[RedisClient]:
+    redis_up.client().function_load(LIBRARY, replace=True)
     pool = RedisClient(RedisSettings(url=redis_up.url, timeout=0.2))
     yield pool
     pool.close()
 
 
-def test_a_script_redis_does_not_know_is_sent_whole_and_then_known(
-        pool: RedisClient, redis_up: RedisServer) -> None:
-    redis_up.client().script_flush()
-    assert pool.run_script(SET_AND_ECHO, [KEY], ["one"]) == b"one"
-    assert redis_up.client().script_exists(SET_AND_ECHO.sha) == [True]
-    assert pool.run_script(SET_AND_ECHO, [KEY], ["two"]) == b"two"
+def test_a_function_is_called_by_name(pool: RedisClient, redis_up: RedisServer) -> None:
+    assert pool.call("set_and_echo", [KEY], ["one"]) == b"one"
+    assert redis_up.client().get(KEY) == b"one"
 
 
-def test_an_unawaited_script_takes_effect_soon_on_a_fresh_redis(
-        pool: RedisClient, redis_up: RedisServer) -> None:
-    """Another connection must see its effect without this one being used again (a fill
-    left unsent, or one that met NOSCRIPT, would leave its lease held and make other
-    readers wait)."""
-    redis_up.client().script_flush()
-    pool.run_script(SET_AND_ECHO, [KEY], ["filled"], wait=False)
+def test_an_unawaited_call_takes_effect_soon(pool: RedisClient, redis_up: RedisServer) -> None:
+    """Another connection must see its effect without this one being used again (a fill left
+    unsent would leave its lease held and make other readers wait)."""
+    assert pool.call("set_and_echo", [KEY], ["filled"], wait=False) is None
     wait_until(lambda: redis_up.client().get(KEY) == b"filled", 0.5, "the flusher to send it")
 
 
-def test_a_script_redis_lost_after_it_was_queued_is_sent_again_whole(
-        pool: RedisClient, redis_up: RedisServer) -> None:
-    pool.run_script(SET_AND_ECHO, [KEY], ["filled"])
-    redis_up.client().script_flush()
-    pool.run_script(SET_AND_ECHO, [KEY], ["again"], wait=False)  # by SHA1: NOSCRIPT
-    assert pool.command("GET", KEY) == b"filled"  # the NOSCRIPT reply was settled first
-    wait_until(lambda: redis_up.client().get(KEY) == b"again", 0.5, "the script sent whole")
-    assert redis_up.client().script_exists(SET_AND_ECHO.sha) == [True]
-
-
 def test_an_unawaited_reply_is_read_before_the_next_command(pool: RedisClient) -> None:
-    pool.run_script(SET_AND_ECHO, [KEY], ["filled"])  # known to Redis: the next is an EVALSHA
-    assert pool.run_script(SET_AND_ECHO, [KEY], ["later"], wait=False) is None
+    pool.command("PING")  # one connection, idle in the pool
+    assert pool.call("set_and_echo", [KEY], ["later"], wait=False) is None
     # Sent with the next command on the same (only) connection, and its reply read first:
-    # had it been left unread, GET would get "later".
+    # had it been left unread, the first GET would get "later".
     assert pool.command("GET", "cs:test:missing") is None
     assert pool.command("GET", KEY) == b"later"
 
 
+def test_every_new_connection_is_handed_to_on_connect_before_its_first_command(
+        pool: RedisClient, redis_up: RedisServer) -> None:
+    seen: list[bytes] = []
+
+    def on_connect(connection: redis.Connection) -> None:
+        connection.send_command("GET", KEY)
+        seen.append(connection.read_response())
+
+    pool.on_connect = on_connect
+    redis_up.client().set(KEY, "first")
+    assert pool.command("SET", KEY, "second") == b"OK"
+    assert pool.command("SET", KEY, "third") == b"OK"  # the same connection again
+    assert seen == [b"first"]
+
+
+def test_a_closed_pool_drops_the_connections_that_were_in_use(
+        pool: RedisClient, redis_up: RedisServer) -> None:
+    """close() in one thread while another's command is under way: that connection is not
+    used again, so nothing sent after the close goes to the Redis of before it."""
+    admin = redis_up.client()
+    pool.command("PING")
+    before = admin.info("stats")["total_connections_received"]
+    admin.execute_command("CLIENT", "PAUSE", "150")  # within the pool's timeout of 200 ms
+    in_use = threading.Thread(target=lambda: pool.command("PING"))
+    in_use.start()
+    time.sleep(0.05)  # under way, waiting for Redis
+    pool.close()
+    in_use.join()
+    pool.command("PING")
+    assert admin.info("stats")["total_connections_received"] - before == 1  # a new one
+
+
 def test_an_unawaited_error_does_not_break_the_connection(pool: RedisClient) -> None:
-    pool.run_script(FAILING, [], [], wait=False)
+    pool.call("failing", [], [], wait=False)
     assert pool.command("PING") == b"PONG"
 
 

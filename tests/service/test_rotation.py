@@ -85,13 +85,13 @@ def app_with_password_file(database_url: str, owner_url: str, redis_up: RedisSer
                         "DATABASE_PASSWORD_FILE": str(password_file),
                         "REDIS_URL": redis_up.url})
     yield app
-    users_of(app).database.close()
+    users_of(app).close()
 
 
 def new_login(app: Flask) -> FlaskClient:
     """A client of `app` whose next request logs in to Postgres anew: the pool's idle
     connections are closed, as after Postgres closed them."""
-    users_of(app).database.close()
+    users_of(app).close()
     return app.test_client()
 
 
@@ -225,4 +225,4 @@ def test_a_redis_password_rotates_under_the_pool_and_the_near_cache(
             redis.Redis.from_url(f"redis://service:{old}@127.0.0.1:{redis_up.port}/0").ping()
         assert redis.Redis.from_url(f"redis://service:{new}@127.0.0.1:{redis_up.port}/0").ping()
     finally:
-        users_of(app).database.close()
+        users_of(app).close()

@@ -65,7 +65,7 @@ def test_stampede_on_one_key_costs_at_most_two_queries(
     service = threaded_service
     user = post_user(service.url, f"hot{uuid.uuid4().hex[:12]}")
     warm_up(service.url)
-    key = keys_of(database_url).user(user["id"])
+    key = keys_of(database_url, redis_server).user(user["id"])
     if state == "cold":
         redis_server.client().delete(key)
     else:

@@ -48,7 +48,7 @@ def test_every_redis_connection_speaks_tls_from_its_first_byte(
             assert sent[0] == TLS_HANDSHAKE, bytes(sent[:16])
             assert password not in sent and b"AUTH" not in sent
     finally:
-        users_of(app).database.close()
+        users_of(app).close()
         proxy.close()
 
 
@@ -84,7 +84,7 @@ def misconfigured(database_url: str, owner_url: str) -> Iterator[list[Flask]]:
     apps: list[Flask] = []
     yield apps
     for app in apps:
-        users_of(app).database.close()
+        users_of(app).close()
 
 
 def test_a_redis_certificate_from_another_ca_is_one_line_and_no_hang(
@@ -97,7 +97,7 @@ def test_a_redis_certificate_from_another_ca_is_one_line_and_no_hang(
     user = create(app.test_client())  # acknowledged: Postgres has it, Redis was skipped
     assert app.test_client().get(f"/users/{user['id']}").headers["X-Cache"] == "BYPASS"
     assert app.test_client().get("/readyz").get_json() == {"database": "ok", "cache": "degraded"}
-    assert_one_clear_line_and_no_hang(app, caplog, "service.cache.policy",
+    assert_one_clear_line_and_no_hang(app, caplog, "service.cache.trust",
                                       "certificate verify failed", f"/users/{user['id']}")
 
 
@@ -110,7 +110,7 @@ def test_a_redis_certificate_for_another_host_is_one_line_and_no_hang(
         elsewhere.start()
         app = create_app(settings_for(database_url, elsewhere.url))
         misconfigured.append(app)
-        assert_one_clear_line_and_no_hang(app, caplog, "service.cache.policy", "mismatch",
+        assert_one_clear_line_and_no_hang(app, caplog, "service.cache.trust", "mismatch",
                                           "/users/1")
     finally:
         elsewhere.close()

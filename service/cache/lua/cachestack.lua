@@ -1,0 +1,147 @@
+#!lua name=cachestack
+-- The cache's functions in Redis: what every read and write does there, each one atomic.
+-- Redis loads this library as its admin when it starts (docker/redis/cachestack-redis); the
+-- service's Redis user may call these functions (FCALL) and may run no Lua of its own.
+-- service/cache/scripts.py names them; docs/design.md says why each step is there.
+--
+-- Every function takes the epoch key as KEYS[1] and the epoch the caller believes in as
+-- ARGV[1]. When they differ it changes nothing and answers {'epoch', <the current one>}: an
+-- entry of an older epoch is never read, and a command of one is never applied.
+--
+-- A user's entry is '<version> <json>', '<version> ' for a deleted user or '0 ' for an id
+-- nobody has (service/cache/entry.py). A put writes one entry in one of three modes
+-- (service/cache/scripts.py, Mode): 'store-unless-older' (SET, unless the key holds a higher
+-- version; no version counts as 0), 'store' (SET whatever it holds) or 'delete' (DEL).
+
+local function version(value) return tonumber(string.match(value, '^(%d+) ')) or 0 end
+
+local function put(key, mode, ttl, value)
+  if mode == 'delete' then redis.call('DEL', key) return end
+  if mode == 'store-unless-older' then
+    local current = redis.call('GET', key)
+    if current and version(current) > version(value) then return end
+  end
+  redis.call('SET', key, value, 'PX', ttl)
+end
+
+local function other_epoch(keys, args)
+  local current = redis.call('GET', keys[1])
+  if current ~= args[1] then return {'epoch', current or ''} end
+end
+
+-- epoch: the epoch to use now. KEYS[1] the epoch key; ARGV[1] an epoch the caller lived
+-- through a gap in (commands of it may have been lost, or may still arrive late), which must
+-- not be current when this returns, or '' for none; ARGV[2] a fresh random name, used when a
+-- new epoch must begin. An epoch is '<run_id>:<name>': one of another run of Redis (a
+-- restart, or a replica promoted in a failover) is never current.
+local function epoch(keys, args)
+  local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+  local current = redis.call('GET', keys[1])
+  if current and current ~= args[1] and string.find(current, run_id .. ':', 1, true) == 1 then
+    return current
+  end
+  local new = run_id .. ':' .. args[2]
+  redis.call('SET', keys[1], new)
+  return new
+end
+
+-- read: a user's entry by id, or the lease to fill it. KEYS[2] the entry, KEYS[3] its lease;
+-- ARGV[2] this reader's lease token, ARGV[3] how long a lease lasts, in ms. Answers
+-- {'hit', value} when the entry is there (a user, a tombstone or nobody's); {'lease'} when
+-- it is not and this reader took the lease (it reads Postgres, then fills); {'busy'} when
+-- another reader holds the lease.
+local function read(keys, args)
+  local stale = other_epoch(keys, args)
+  if stale then return stale end
+  local value = redis.call('GET', keys[2])
+  if value then return {'hit', value} end
+  if redis.call('SET', keys[3], args[2], 'NX', 'PX', args[3]) then return {'lease'} end
+  return {'busy'}
+end
+
+-- follow: a user by username or email, following the pointer to the user's entry; or the
+-- lease to fill the pointer. KEYS[2] the pointer (username:<lowered> or email:<lowered>,
+-- holding an id, or '' for nobody), KEYS[3] its lease; ARGV[2] this reader's lease token,
+-- ARGV[3] how long a lease lasts in ms, ARGV[4] the prefix of the users' entries (...:id:),
+-- ARGV[5] the field, 'username' or 'email', ARGV[6] its lowered value. Answers {'hit', ''}
+-- when nobody has the value; {'hit', entry} when the pointer leads to a user who still has
+-- it; else, as read, {'lease'} or {'busy'}. A pointer to an entry that is gone, or to a
+-- user who no longer has the value, is a miss, never a wrong answer.
+local function follow(keys, args)
+  local stale = other_epoch(keys, args)
+  if stale then return stale end
+  local id = redis.call('GET', keys[2])
+  if id == '' then return {'hit', ''} end
+  if id then
+    local row = redis.call('GET', args[4] .. id)
+    local body = row and string.match(row, '^%d+ (.+)$')
+    if body and string.lower(cjson.decode(body)[args[5]]) == args[6] then
+      return {'hit', row}
+    end
+  end
+  if redis.call('SET', keys[3], args[2], 'NX', 'PX', args[3]) then return {'lease'} end
+  return {'busy'}
+end
+
+-- fill: store what a reader found in Postgres, only while its lease is still there (no
+-- write, flush or new epoch came in between: each deletes the leases of what it touches).
+-- KEYS[2] the reader's lease, KEYS[3..] the entries; ARGV[2] the reader's lease token,
+-- ARGV[3..] mode, ttl in ms and value of each entry in turn. Answers 1 when it wrote the
+-- entries and gave the lease back, 0 when the lease was gone or another's.
+local function fill(keys, args)
+  local stale = other_epoch(keys, args)
+  if stale then return stale end
+  if redis.call('GET', keys[2]) ~= args[2] then return 0 end
+  redis.call('DEL', keys[2])
+  for i = 3, #keys do put(keys[i], args[3*i-6], args[3*i-5], args[3*i-4]) end
+  return 1
+end
+
+-- write: a write-through (or the auditor's repair): write n entries, delete every lease on
+-- them, and announce each user it changed to the near caches. KEYS[2..n+1] the entries,
+-- KEYS[n+2..2n+1] their leases in the same order, KEYS[2n+2..] changed:<id> of each user
+-- among the entries, set and deleted at once (the near caches' listeners hear of it,
+-- nothing is kept); ARGV[2] the writer's lease token on its user's entry ('' for none: a
+-- create, a repair), ARGV[3..] mode, ttl in ms and value of each entry in turn. An entry to
+-- 'store-unless-older' whose lease is no longer the writer's own is deleted instead: the
+-- writer cannot know what came in between. Answers 1.
+local function write(keys, args)
+  local stale = other_epoch(keys, args)
+  if stale then return stale end
+  local n = (#args - 2) / 3
+  for i = 1, n do
+    local mode = args[3*i]
+    if mode == 'store-unless-older' and args[2] ~= ''
+        and redis.call('GET', keys[n+1+i]) ~= args[2] then
+      mode = 'delete'
+    end
+    put(keys[1+i], mode, args[3*i+1], args[3*i+2])
+    redis.call('DEL', keys[n+1+i])
+  end
+  for i = 2*n + 2, #keys do
+    redis.call('SET', keys[i], '')
+    redis.call('DEL', keys[i])
+  end
+  return 1
+end
+
+-- lease: a writer takes the lease of the entry it is about to change (KEYS[2]) with its
+-- token (ARGV[2]) for ARGV[3] ms, whoever held it; or gives it back when ARGV[2] is ''.
+-- Answers 1.
+local function lease(keys, args)
+  local stale = other_epoch(keys, args)
+  if stale then return stale end
+  if args[2] == '' then
+    redis.call('DEL', keys[2])
+  else
+    redis.call('SET', keys[2], args[2], 'PX', args[3])
+  end
+  return 1
+end
+
+redis.register_function('cachestack_epoch', epoch)
+redis.register_function('cachestack_read', read)
+redis.register_function('cachestack_follow', follow)
+redis.register_function('cachestack_fill', fill)
+redis.register_function('cachestack_write', write)
+redis.register_function('cachestack_lease', lease)
