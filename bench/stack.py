@@ -22,9 +22,11 @@ from types import TracebackType
 from urllib.parse import urlsplit
 
 import psycopg2
+import redis
 import requests
 
 from orchestrate.certs import make_ca, make_server_cert
+from service.cache.scripts import LIBRARY
 
 REPO = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("BENCH_PG_URL", "postgresql://cachestack:cachestack@127.0.0.1:5432")
@@ -103,30 +105,34 @@ class Stack:
         raise RuntimeError(f"{name} not ready at {url} after {timeout} s:\n{self.log_tail(name)}")
 
     def start_redis(self) -> int:
-        """A private redis-server without persistence; returns its port."""
+        """A private redis-server without persistence, with the cache's functions loaded (as
+        the stack's Redis has them); returns its port."""
         port = free_port()
-        self._redis("redis", ["--port", str(port)], port)
+        self._redis("redis", ["--port", str(port)], port, f"redis://127.0.0.1:{port}/0")
         return port
 
     def start_tls_redis(self) -> str:
         """The same, speaking TLS only, with a certificate of a CA made for the run (as the
         stack's Redis does); returns the URL that verifies it."""
         port = free_port()
-        self._redis("redis-tls", self._tls_listen(port), port)
-        return f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={self.workdir / 'ca.crt'}"
+        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={self.workdir / 'ca.crt'}"
+        self._redis("redis-tls", self._tls_listen(port), port, url)
+        return url
 
-    def _redis(self, name: str, listen: list[str], port: int) -> None:
+    def _redis(self, name: str, listen: list[str], port: int, url: str) -> None:
         self.spawn(name, ["redis-server", *listen, "--bind", "127.0.0.1", "--save", "",
                           "--appendonly", "no", "--dir", str(self.workdir)])
         deadline = time.monotonic() + 10
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    return
+                    break
             except OSError:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{name} did not start:\n{self.log_tail(name)}") from None
                 time.sleep(0.05)
+        with redis.Redis.from_url(url) as client:
+            client.function_load(LIBRARY, replace=True)
 
     def _tls_listen(self, port: int) -> list[str]:
         ca = make_ca("cachestack bench CA")

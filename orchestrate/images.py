@@ -153,16 +153,20 @@ def ensure_offline_base(client: docker.DockerClient) -> str:
     return tag
 
 
-def build_recipe(client: docker.DockerClient, repository: str, context: str, base: str) -> str:
-    """Build the Dockerfile in `context` on `base`, unless an image of the same recipe and
-    base exists; return its tag."""
+def build_recipe(client: docker.DockerClient, repository: str, context: str, base: str,
+                 dockerfile: str = "Dockerfile", sources: tuple[str, ...] = ()) -> str:
+    """Build `dockerfile` in `context` on `base`, unless an image of the same recipe (the
+    files under `sources`, by default the context's) and base exists; return its tag."""
     base_id = client.images.get(base).id
-    tag = f"{repository}:{tree_hash(files_under(context), base_id)}"
+    recipe = [path for folder in sources or (context,) for path in files_under(folder)]
+    if sources:
+        recipe.append(ROOT / context / dockerfile)
+    tag = f"{repository}:{tree_hash(recipe, base_id)}"
     if image_exists(client, tag):
         say(f"reusing {tag}")
         return tag
     stream_build(client, tag, f"{repository} image", path=str(ROOT / context),
-                 buildargs={"BASE_IMAGE": base})
+                 dockerfile=dockerfile, buildargs={"BASE_IMAGE": base})
     prune_older(client, tag)
     return tag
 
@@ -294,5 +298,6 @@ def resolve_images(client: docker.DockerClient, stack: Stack, mode: str) -> dict
             if spec.host_wheels:
                 refs[key] = ensure_service_image(client, spec, base, mode != "official")
             else:
-                refs[key] = build_recipe(client, spec.repository, spec.context, base)
+                refs[key] = build_recipe(client, spec.repository, spec.context, base,
+                                         spec.dockerfile, spec.sources)
     return refs

@@ -54,10 +54,10 @@ CA_CERT = "ca.crt"
 API_TOKENS = "api_tokens"
 
 REDIS_MEMORY_LIMIT = 256 * 2**20
-# Redis rewrites its append-only file in a forked child, which shares memory with Redis
-# copy-on-write: while it runs, every page Redis writes is copied. Under a steady stream of
-# writes and evictions the container peaked at about twice maxmemory (bench/README.md), so
-# maxmemory is 3/8 of the limit and the rest is headroom.
+# Redis saves nothing here, but a replica's first sync (--ha) is a snapshot written by a forked
+# child, which shares memory with Redis copy-on-write: while it runs, every page Redis writes
+# is copied. Under a steady stream of writes and evictions a forked Redis peaked at about
+# twice maxmemory (bench/README.md), so maxmemory is 3/8 of the limit and the rest headroom.
 REDIS_MAXMEMORY = REDIS_MEMORY_LIMIT * 3 // 8
 
 
@@ -80,6 +80,9 @@ class ImageSpec:
     base: str
     offline_base: str | None
     dockerfile: str = "Dockerfile"
+    # The folders whose files make the recipe, when the context holds more than them (the
+    # repository's root): what the image's tag is a hash of. Empty: the context.
+    sources: tuple[str, ...] = ()
     # The package's own image (the root Dockerfile): offline, its builder installs wheels the host
     # downloaded, because pip inside a build cannot be relied on to reach PyPI there.
     host_wheels: bool = False
@@ -219,7 +222,10 @@ IMAGES: dict[str, ImageSpec] = {
     ),
     "redis": ImageSpec(
         repository="cachestack/redis",
-        context="docker/redis",
+        # The repository's root: the image carries the cache's functions (service/cache/lua).
+        context=".",
+        dockerfile="docker/redis/Dockerfile",
+        sources=("docker/redis", "service/cache/lua"),
         base="redis:7.4.11-bookworm",
         offline_base="docker/offline/redis",
     ),
@@ -339,8 +345,11 @@ def describe_stack(
             # Evict as much as a command needs before it runs, however long that takes; the
             # default bounds the time and lets a burst of writes outgrow maxmemory.
             "--maxmemory-eviction-tenacity", "100",
-            "--appendonly", "yes",
-            "--dir", "/data",
+            # Nothing is kept across a restart: a Redis that comes back is a new epoch for
+            # the service, whatever it would bring back (service/cache/trust.py). The image's
+            # start script gives the server its functions, its users and its working folder.
+            "--appendonly", "no",
+            "--save", "",
         ),
         environment=(),
         secrets=_mounts(
@@ -353,10 +362,14 @@ def describe_stack(
             CA_CERT,
         ),
         networks=("backend",),
-        volumes=(("redisdata", "/data"),),
+        volumes=(),
         healthcheck=HealthCheck(("CMD-SHELL", REDIS_HEALTH)),
         hardening=Hardening(
-            tmpfs=(_private_tmp(REDIS_UID, "8m"),),
+            tmpfs=(
+                _private_tmp(REDIS_UID, "8m"),
+                # Its users and its functions' snapshot (docker/redis/cachestack-redis).
+                ("/data", f"rw,noexec,nosuid,size=8m,uid={REDIS_UID},gid={REDIS_UID},mode=0700"),
+            ),
             mem_limit=f"{REDIS_MEMORY_LIMIT // 2**20}m",
             pids_limit=64,
         ),

@@ -232,10 +232,13 @@ def test_the_orchestrator_sees_a_compose_project_and_says_compose_made_it(
     assert "ready to accept connections" in logs
 
 
-def test_redis_is_append_only(compose: ComposeRun, docker_client: docker.DockerClient) -> None:
+def test_redis_saves_nothing_and_has_the_cache_functions(
+        compose: ComposeRun, docker_client: docker.DockerClient) -> None:
     redis = compose.container(docker_client, "redis")
     assert redis_cli(redis, "admin", "CONFIG", "GET", "appendonly")[1].split() == [
-        "appendonly", "yes"]
+        "appendonly", "no"]
+    assert redis_cli(redis, "admin", "CONFIG", "GET", "save")[1].split() == ["save"]
+    assert "cachestack_read" in redis_cli(redis, "admin", "FUNCTION", "LIST")[1]
 
 
 def test_dev_override_reloads_changed_code(

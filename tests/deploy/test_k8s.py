@@ -136,25 +136,22 @@ def test_service_deployment_probes_replicas_and_budget(k8s_objects: list[Obj]) -
     assert pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]
 
 
-@pytest.mark.parametrize(
-    ("app", "mount"), [("postgres", "/var/lib/postgresql/data"), ("redis", "/data")]
-)
-def test_stateful_parts_keep_their_data_on_a_volume_claim(
-    k8s_objects: list[Obj], app: str, mount: str
+def test_postgres_keeps_its_data_on_a_volume_claim_and_redis_on_none(
+    k8s_objects: list[Obj],
 ) -> None:
-    statefulset = one(k8s_objects, "StatefulSet", app)
+    statefulset = one(k8s_objects, "StatefulSet", "postgres")
     claims = [c["metadata"]["name"] for c in statefulset["spec"]["volumeClaimTemplates"]]
-    mounts = {
-        m["name"]: m["mountPath"] for m in containers(pod_spec(k8s_objects, app))[0]["volumeMounts"]
-    }
-    assert [mounts[c] for c in claims] == [mount]
+    mounts = {m["name"]: m["mountPath"]
+              for m in containers(pod_spec(k8s_objects, "postgres"))[0]["volumeMounts"]}
+    assert [mounts[c] for c in claims] == ["/var/lib/postgresql/data"]
+    assert "volumeClaimTemplates" not in one(k8s_objects, "StatefulSet", "redis")["spec"]
 
 
-def test_redis_is_append_only_tls_only_and_no_password_is_on_its_command_line(
+def test_redis_saves_nothing_is_tls_only_and_no_password_is_on_its_command_line(
     k8s_objects: list[Obj],
 ) -> None:
     command = " ".join(pod_spec(k8s_objects, "redis")["containers"][0]["args"])
-    assert "--appendonly yes" in command
+    assert "--appendonly no --save " in command
     assert "--port 0 --tls-port 6379" in command
     assert "pass" not in command  # the image writes the users from /run/secrets
 

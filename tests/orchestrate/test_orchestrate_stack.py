@@ -198,7 +198,7 @@ def test_data_survives_down_and_up(docker_client: docker.DockerClient, stack: Pr
     result = stack.run("down")
     assert result.returncode == 0, result.stderr
     left = labelled(docker_client, stack.name)
-    assert sorted(left) == [f"volume {stack.name}_pgdata", f"volume {stack.name}_redisdata"]
+    assert sorted(left) == [f"volume {stack.name}_pgdata"]  # Redis keeps nothing
     result = stack.run("up")
     assert result.returncode == 0, result.stdout + result.stderr
     again = requests.get(f"{stack.url}/users/{user_id}", timeout=10, headers=auth())

@@ -92,8 +92,8 @@ def test_stale_index_entry_is_a_miss(
 
 
 def ttls(app: Flask, redis_up: RedisServer) -> dict[str, float]:
-    """The TTL of every key but the epoch key, which never expires, so that volatile-lru never
-    evicts it."""
+    """The TTL of every key but the epoch key, which never expires (only an eviction takes it,
+    which begins a new epoch)."""
     client = redis_up.client()
     return {key.decode(): client.pttl(key) / 1000 for key in client.scan_iter()
             if key.decode() != keys(app).epoch}
