@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import itertools
+import os
 import random
+import signal
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +70,7 @@ class Report:
     errors: list[str]  # 5xx answers, unexpected statuses, transport failures
     statuses: collections.Counter
     seconds: float
+    faults: int = 0  # faults that happened to Redis during the run
 
     @property
     def ok(self) -> bool:
@@ -76,6 +81,7 @@ class Report:
                  f"({self.operations / self.seconds:.0f}/s)",
                  "statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(self.statuses.items())),
                  f"reads checked: {self.reads_checked}",
+                 f"faults: {self.faults}",
                  f"violations: {len(self.violations)}",
                  f"server errors: {len(self.errors)}"]
         lines += [f"  violation: {v}" for v in self.violations[:5]]
@@ -296,10 +302,55 @@ class Checker:
         return self.check_user(read, user)
 
 
+FAULTS = ("kill", "pause")
+FAULT_EVERY = 2.0  # seconds from one fault to the next (the first comes after a quarter of it)
+PAUSE_SECONDS = 1.5  # longer than the service's command timeout, and than its heartbeat
+
+
+class Faults:
+    """What happens to Redis while the clients run: `kill` sends it SIGKILL (`restart` brings
+    it back; None when something else does, as a container's restart policy), `pause` stops it
+    with SIGSTOP for PAUSE_SECONDS, then lets it go on. `pid()` is Redis's process id now."""
+
+    def __init__(self, mode: str, pid: Callable[[], int],
+                 restart: Callable[[], None] | None = None) -> None:
+        if mode not in FAULTS:
+            raise ValueError(f"no such fault: {mode} (one of {', '.join(FAULTS)})")
+        self.mode, self._pid, self._restart = mode, pid, restart
+        self.done = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="faults", daemon=True)
+
+    def __enter__(self) -> Faults:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        wait = FAULT_EVERY / 4
+        while not self._stop.wait(wait):
+            pid = self._pid()
+            if self.mode == "kill":
+                os.kill(pid, signal.SIGKILL)
+                if self._restart:
+                    self._restart()
+            else:
+                os.kill(pid, signal.SIGSTOP)
+                time.sleep(PAUSE_SECONDS)
+                os.kill(pid, signal.SIGCONT)
+            self.done += 1
+            wait = FAULT_EVERY
+
+
 def run_checker(base_url: str, operations: int = 20_000, clients: int = 32,
-                seed: int = 1, headers: dict[str, str] | None = None) -> Report:
+                seed: int = 1, headers: dict[str, str] | None = None,
+                faults: Faults | None = None) -> Report:
     """Run `operations` random operations from `clients` threads against base_url, each request
-    with `headers` (an Authorization header, say), then check."""
+    with `headers` (an Authorization header, say), while `faults` happen to Redis, then
+    check."""
     history = History(f"k{uuid.uuid4().hex[:8]}")
     rng = random.Random(seed)
     threads = []
@@ -309,15 +360,35 @@ def run_checker(base_url: str, operations: int = 20_000, clients: int = 32,
                         headers or {})
         threads.append(threading.Thread(target=client.run, args=(share,), daemon=True))
     started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with faults or contextlib.nullcontext():
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     seconds = time.monotonic() - started
     checker = Checker(history.writes)
     violations = [v for v in map(checker.check, history.reads) if v]
     return Report(operations, len(history.reads), violations, history.errors, history.statuses,
-                  seconds)
+                  seconds, faults.done if faults else 0)
+
+
+def container_pid(name: str) -> Callable[[], int]:
+    """The host's process id of a container's main process, asked anew each time (a killed
+    container comes back as another process): kill -9 of it is a crash, as `docker kill`
+    is not (a manual stop, which the restart policy leaves alone)."""
+    import docker
+
+    client = docker.from_env(version="auto")
+
+    def pid() -> int:
+        deadline = time.monotonic() + 30
+        while (found := client.containers.get(name).attrs["State"]["Pid"]) == 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"container {name} did not come back")
+            time.sleep(0.1)
+        return found
+
+    return pid
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,13 +399,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--token-file", type=Path,
                         help="with --url: send the first token of this API_TOKENS_FILE")
+    parser.add_argument("--fault", choices=FAULTS,
+                        help=f"every {FAULT_EVERY:g} s, SIGKILL Redis (it is started again) or "
+                        f"stop it for {PAUSE_SECONDS:g} s (SIGSTOP)")
+    parser.add_argument("--redis-container",
+                        help="with --url and --fault: the stack's Redis container (its restart "
+                        "policy starts it again)")
     args = parser.parse_args(argv)
     if args.url:
         headers = {}
         if args.token_file:
             token = args.token_file.read_text().split()[0]
             headers = {"Authorization": f"Bearer {token}"}
-        report = run_checker(args.url, args.operations, args.clients, args.seed, headers)
+        faults = None
+        if args.fault:
+            if not args.redis_container:
+                parser.error("--fault with --url needs --redis-container")
+            faults = Faults(args.fault, container_pid(args.redis_container))
+        report = run_checker(args.url, args.operations, args.clients, args.seed, headers,
+                             faults)
     else:
         from stack import Stack, drop_database, recreate_database
 
@@ -345,7 +428,10 @@ def main(argv: list[str] | None = None) -> int:
                 base, _ = stack.start_service("bench_consistency",
                                               f"redis://127.0.0.1:{stack.start_redis()}/0")
                 print(f"service {base} (default settings), {args.clients} clients", flush=True)
-                report = run_checker(base, args.operations, args.clients, args.seed)
+                faults = args.fault and Faults(args.fault, lambda: stack.pid("redis"),
+                                               lambda: stack.restart("redis"))
+                report = run_checker(base, args.operations, args.clients, args.seed,
+                                     faults=faults or None)
             finally:
                 stack.close()
                 drop_database("bench_consistency")

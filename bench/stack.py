@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
@@ -52,6 +53,7 @@ class Stack:
     def __init__(self, workdir: str) -> None:
         self.workdir = Path(workdir)
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self._starts: dict[str, Callable[[], None]] = {}  # how to start a process again
         signal.signal(signal.SIGTERM, _terminate)
 
     def __enter__(self) -> Stack:
@@ -70,6 +72,15 @@ class Stack:
         log.close()
         self.procs.append((name, proc))
         return proc
+
+    def pid(self, name: str) -> int:
+        """The process id of the newest process started under `name`."""
+        return dict(self.procs)[name].pid
+
+    def restart(self, name: str) -> None:
+        """Start `name` again, as it was started (after it died: the consistency checker's
+        faults kill Redis)."""
+        self._starts[name]()
 
     def log_tail(self, name: str, lines: int = 20) -> str:
         path = self.workdir / f"{name}.log"
@@ -120,6 +131,7 @@ class Stack:
         return url
 
     def _redis(self, name: str, listen: list[str], port: int, url: str) -> None:
+        self._starts[name] = lambda: self._redis(name, listen, port, url)
         self.spawn(name, ["redis-server", *listen, "--bind", "127.0.0.1", "--save", "",
                           "--appendonly", "no", "--dir", str(self.workdir)])
         deadline = time.monotonic() + 10

@@ -37,9 +37,12 @@ from .watch import Watch
 Load = Callable[[], UserRow | None]  # what a read asks Postgres
 
 LEASE_MS = 3000
-# A reader that finds another's lease polls for its fill, backing off from the first to
-# the last pause, for at most FILL_WAIT seconds; then it reads Postgres itself.
-FILL_POLL_FIRST, FILL_POLL_LAST, FILL_WAIT = 0.002, 0.05, 1.0
+# A reader that finds another's lease polls for its fill, backing off from the first to the
+# last pause, for as long as a lease lasts: by then the fill came, or the lease went and this
+# reader took it, so a key costs Postgres at most one query per lease, however slow Postgres
+# is. Only then does it read Postgres itself, without the lease (Redis keeps failing it).
+FILL_POLL_FIRST, FILL_POLL_LAST = 0.002, 0.05
+FILL_WAIT = LEASE_MS / 1000 + FILL_POLL_LAST
 
 HIT, MISS, BYPASS = "HIT", "MISS", "BYPASS"
 
@@ -223,19 +226,27 @@ class UserCache:
         the lookup's key in `epoch` (`lease` is its token; '' when another reader's fill
         never came)."""
         metrics.CACHE_MISSES.inc()
-        row = load()
+        try:
+            row = load()
+        except BaseException:
+            if lease:  # give the lease back: the next reader need not wait it out
+                self._fill(lookup, [], lease, epoch)
+            raise
         if lease:
-            puts = self._fill_puts(lookup, row)
-
-            def keys(names: Keys) -> list[str]:
-                return [names.lease(names.prefix + _lookup_key(lookup)),
-                        *(names.prefix + put.key for put in puts)]
-
-            # Not waited for: the answer is right whether or not it gets cached. Only in the
-            # epoch of its lease: in any other, the lease is not there.
-            with contextlib.suppress(CacheUnavailable):
-                self.trust.call(FILL, keys, [lease, *put_argv(puts)], wait=False, epoch=epoch)
+            self._fill(lookup, self._fill_puts(lookup, row), lease, epoch)
         return Answer(MISS, row.public_json if row else None)
+
+    def _fill(self, lookup: Lookup, puts: list[Put], lease: str, epoch: Epoch) -> None:
+        """Store `puts` (and give the lease back) while this reader's lease on the lookup's key
+        is still there. Not waited for: the answer is right whether or not it gets cached.
+        Only in the epoch of its lease: in any other, the lease is not there."""
+
+        def keys(names: Keys) -> list[str]:
+            return [names.lease(names.prefix + _lookup_key(lookup)),
+                    *(names.prefix + put.key for put in puts)]
+
+        with contextlib.suppress(CacheUnavailable):
+            self.trust.call(FILL, keys, [lease, *put_argv(puts)], wait=False, epoch=epoch)
 
     # -- writes -------------------------------------------------------------------
 

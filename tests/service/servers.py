@@ -119,6 +119,9 @@ class RedisServer:
                 "--tls-key-file", str(self.tls.key), "--tls-auth-clients", "no", *unix]
 
     def start(self) -> None:
+        """Start the server (again: after stop(), or after something killed it)."""
+        if self.process is not None:
+            self.process.wait(timeout=5)  # killed: reap it
         self.process = subprocess.Popen(
             ["redis-server", *self._listen(), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes", "--dir", self.dir, "--enable-debug-command", "local",

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench.consistency import run_checker
+from bench.consistency import Faults, run_checker
 
 from .helpers import ApiTokens, counter, private_redis, serve
 from .servers import RedisServer, ServiceProcess
@@ -30,6 +30,34 @@ def test_no_read_sees_data_older_than_an_acknowledged_write(
     report = run_checker(guarded_service.url, OPERATIONS, CLIENTS, seed=20261127,
                          headers=api_tokens.header())
     assert report.operations >= OPERATIONS
+    assert report.reads_checked > OPERATIONS // 3
+    assert report.ok, report.summary()
+
+
+@pytest.fixture(scope="module")
+def faulty_redis() -> Iterator[RedisServer]:
+    """A Redis of its own, to crash and to hang: it comes back with its append-only file,
+    which the service must never read from."""
+    yield from private_redis()
+
+
+@pytest.fixture(scope="module")
+def service_on_faulty_redis(database_url: str, owner_url: str,
+                            faulty_redis: RedisServer) -> Iterator[ServiceProcess]:
+    yield from serve(database_url, owner_url, faulty_redis)
+
+
+@pytest.mark.parametrize("fault", ["kill", "pause"])
+def test_no_stale_read_and_no_failed_request_while_redis_crashes_or_hangs_throughout(
+        service_on_faulty_redis: ServiceProcess, faulty_redis: RedisServer, fault: str) -> None:
+    """SIGKILL (Redis then starts again, from its append-only file) or SIGSTOP for longer than
+    the command timeout and the heartbeat, every 2 s: no read returns what an acknowledged
+    write replaced, and every request is answered (BYPASS is an answer)."""
+    faulty_redis.client().bgrewriteaof()  # an append-only file to come back with
+    faults = Faults(fault, lambda: faulty_redis.process.pid, faulty_redis.start)
+    report = run_checker(service_on_faulty_redis.url, OPERATIONS, CLIENTS, seed=20261206,
+                         faults=faults)
+    assert report.faults >= 1, report.summary()
     assert report.reads_checked > OPERATIONS // 3
     assert report.ok, report.summary()
 

@@ -29,7 +29,7 @@ from .helpers import (
     settings_for,
     via_proxy,
 )
-from .servers import RedisServer, TcpProxy
+from .servers import RedisServer, TcpProxy, wait_until
 
 
 def calls_to(app: Flask) -> list[str]:
@@ -76,7 +76,16 @@ def test_reads_by_id_are_answered_without_flask_with_the_bytes_flask_sends(
     client = app.test_client()
     deleted = create(client, "bob", "bob@example.org")["id"]
     assert client.delete(f"/users/{deleted}").status_code == 204
-    flush = redis_up.client().flushall
+    near = users_of(app).cache.near
+
+    def flush() -> None:
+        """FLUSHALL, then wait until the near cache heard of it: Redis writes a flush's news
+        to the listeners after the flusher's reply (a write's, it writes before)."""
+        generation = near.generation
+        redis_up.client().flushall()
+        wait_until(lambda: near.get("0") is None and near.generation != generation, 1,
+                   "the near cache to hear of the flush")
+
     cases = [  # (path, what to do before each way, expected status and X-Cache)
         (f"/users/{user['id']}", nothing, "200 OK", "HIT"),  # near cache
         (f"/users/00{user['id']}", nothing, "200 OK", "HIT"),  # the same id, written otherwise

@@ -58,7 +58,12 @@ def threaded_service(database_url: str, redis_server: RedisServer) -> Iterator[S
     process.close()
 
 
-@pytest.mark.parametrize("state", ["cold", "just expired"])
+# How long Postgres holds every read of the stampede back: a moment, or longer than a reader
+# used to wait for another's fill before querying Postgres itself (1 s), as on a loaded machine.
+SLOW = {"cold": 0.3, "just expired": 0.3, "cold and slow": 1.5}
+
+
+@pytest.mark.parametrize("state", list(SLOW))
 def test_stampede_on_one_key_costs_at_most_two_queries(
         threaded_service: ServiceProcess, redis_server: RedisServer, database_url: str,
         owner_url: str, state: str) -> None:
@@ -66,7 +71,7 @@ def test_stampede_on_one_key_costs_at_most_two_queries(
     user = post_user(service.url, f"hot{uuid.uuid4().hex[:12]}")
     warm_up(service.url)
     key = keys_of(database_url, redis_server).user(user["id"])
-    if state == "cold":
+    if state.startswith("cold"):
         redis_server.client().delete(key)
     else:
         redis_server.client().pexpire(key, 1)
@@ -77,7 +82,7 @@ def test_stampede_on_one_key_costs_at_most_two_queries(
         cur.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
         with ThreadPoolExecutor(1) as pool:
             running = pool.submit(stampede, service.url, f"/users/{user['id']}")
-            time.sleep(0.3)
+            time.sleep(SLOW[state])
             conn.commit()
             responses = running.result()
     conn.close()
