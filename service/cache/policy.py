@@ -201,8 +201,8 @@ class UserCache:
         def ask() -> tuple[list, Epoch]:
             if lookup.field == "id":
                 return self.trust.call(READ, keys, [token, LEASE_MS])
-            return self.trust.call(FOLLOW, keys, [token, LEASE_MS, self.keys.ids,
-                                                  lookup.field, lookup.value])
+            return self.trust.call(FOLLOW, keys, lambda names: [
+                token, LEASE_MS, names.ids, lookup.field, lookup.value])
 
         answer = ask()
         pause, give_up = FILL_POLL_FIRST, time.monotonic() + FILL_WAIT

@@ -108,16 +108,19 @@ class Trust:
         """One plain command (PING, the auditor's GET and SCAN), behind the breaker."""
         return self._through_breaker(lambda: self.redis.command(*args))
 
-    def call(self, function: str, keys: Callable[[Keys], list[str]], argv: list[Any],
-             wait: bool = True, epoch: Epoch | None = None) -> tuple[Any, Epoch]:
-        """Call `function` on the keys `keys` names in the epoch in use; its reply and that
-        epoch. When the epoch has moved on, the call is made again in the new one. Given an
-        `epoch`, only in that one (a fill, in the epoch of its lease)."""
+    def call(self, function: str, keys: Callable[[Keys], list[str]],
+             argv: list[Any] | Callable[[Keys], list[Any]], wait: bool = True,
+             epoch: Epoch | None = None) -> tuple[Any, Epoch]:
+        """Call `function` on the keys `keys` names (and with the arguments `argv` gives, when
+        they name keys too) in the epoch in use; its reply and that epoch. When the epoch has
+        moved on, the call is made again in the new one. Given an `epoch`, only in that one (a
+        fill, in the epoch of its lease)."""
 
         def send() -> tuple[Any, Epoch]:
             used = epoch or self.epoch  # as it is once any recovery is done
+            args = argv(used.keys) if callable(argv) else argv
             return self.redis.call(function, [used.keys.epoch, *keys(used.keys)],
-                                   [used.name, *argv], wait), used
+                                   [used.name, *args], wait), used
 
         for _ in range(3):
             reply, used = self._through_breaker(send)

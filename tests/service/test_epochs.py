@@ -20,6 +20,7 @@ from service.process.config import Settings
 from service.web.routes import users_of
 
 from .helpers import (
+    Read,
     create,
     empty_database,
     finish,
@@ -128,3 +129,18 @@ def test_a_value_read_in_the_old_epoch_is_not_kept_by_a_near_cache_that_learns_l
     near.get(str(user["id"] + 1))  # thread 2 drains the news
     near.put(str(user["id"]), old, generation)  # thread 1, late
     assert read(b.test_client(), path).data == new
+
+
+def test_a_worker_that_learns_of_a_new_epoch_mid_call_looks_up_in_the_new_one(
+        workers: tuple[Flask, Flask], own_redis: RedisServer) -> None:
+    """b still uses the old epoch when it looks a user up by name; the function tells it of
+    the new one, and b asks again there, with every key name of the new epoch (the users'
+    entries the pointer leads to included)."""
+    a, b = workers
+    user = create(a.test_client())
+    assert read(b.test_client(), f"/users/{user['id']}").status == 200  # b settles the epoch
+    users_of(a).cache.trust.lost(users_of(a).cache.trust.epoch, "the test's gap")
+    time.sleep(0.3)  # past a's cool-down: its next use of Redis settles a new epoch
+    new = a.test_client().patch(f"/users/{user['id']}",
+                                json={"display_name": "v2"}).get_json()["data"]
+    assert read(b.test_client(), "/users?username=alice") == Read("HIT", [new])
