@@ -38,6 +38,7 @@ import requests
 FOREVER = 2**63  # the acknowledgement time of a write whose outcome is unknown
 POOL = 40  # usernames and emails in play: small, so that creates and renames collide
 RECENT = 80  # clients pick ids among the most recently created ones
+FIRST_UNBORN = 2**53  # far above any id a test's or a bench's database has handed out
 MIX = (("create", 0.10), ("update", 0.20), ("delete", 0.03), ("read_id", 0.30),
        ("read_username", 0.17), ("read_email", 0.18))
 
@@ -121,8 +122,10 @@ class History:
         with self.lock:
             recent = self.ids[-RECENT:]
             live = sorted(self.live) if rng.random() < 0.8 else []
-        if not recent or rng.random() < unborn:
-            return (max(recent) if recent else 0) + rng.randint(1, 3)
+        if not recent:  # nothing of ours yet: an id no one has, even in a shared database
+            return FIRST_UNBORN + rng.randint(1, 3)
+        if rng.random() < unborn:
+            return max(recent) + rng.randint(1, 3)
         return rng.choice(live or recent)
 
 
@@ -310,13 +313,15 @@ PAUSE_SECONDS = 1.5  # longer than the service's command timeout, and than its h
 class Faults:
     """What happens to Redis while the clients run: `kill` sends it SIGKILL (`restart` brings
     it back; None when something else does, as a container's restart policy), `pause` stops it
-    with SIGSTOP for PAUSE_SECONDS, then lets it go on. `pid()` is Redis's process id now."""
+    with SIGSTOP for `pause` seconds, then lets it go on. `pid()` is the process id of the
+    Redis to hit now (with Sentinels, the primary's)."""
 
     def __init__(self, mode: str, pid: Callable[[], int],
-                 restart: Callable[[], None] | None = None) -> None:
+                 restart: Callable[[], None] | None = None,
+                 pause: float = PAUSE_SECONDS) -> None:
         if mode not in FAULTS:
             raise ValueError(f"no such fault: {mode} (one of {', '.join(FAULTS)})")
-        self.mode, self._pid, self._restart = mode, pid, restart
+        self.mode, self._pid, self._restart, self._pause = mode, pid, restart, pause
         self.done = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="faults", daemon=True)
@@ -339,7 +344,7 @@ class Faults:
                     self._restart()
             else:
                 os.kill(pid, signal.SIGSTOP)
-                time.sleep(PAUSE_SECONDS)
+                time.sleep(self._pause)
                 os.kill(pid, signal.SIGCONT)
             self.done += 1
             wait = FAULT_EVERY

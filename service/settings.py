@@ -26,11 +26,15 @@ class PostgresSettings:
 
 @dataclass(frozen=True)
 class RedisSettings:
-    """How to reach Redis, and the longest a request waits for it."""
+    """How to reach Redis, and the longest a request waits for it. With `sentinels`
+    (host:port of each), the primary is the one they name `sentinel_master`, and the URL's
+    address is not used."""
 
     url: str = field(repr=False)
     password: SecretFile | None = None
     timeout: float = 0.1
+    sentinels: tuple[str, ...] = ()
+    sentinel_master: str = "cachestack"
 
 
 @dataclass(frozen=True)

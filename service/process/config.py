@@ -84,6 +84,18 @@ def _urls(env: Mapping[str, str]) -> tuple[str, str]:
     return database_url, redis_url
 
 
+def _sentinels(env: Mapping[str, str]) -> tuple[str, ...]:
+    """REDIS_SENTINELS: host:port of each Sentinel, comma-separated (none: REDIS_URL's Redis
+    is the primary)."""
+    sentinels = tuple(part.strip() for part in (read_setting(env, "REDIS_SENTINELS") or "")
+                      .split(",") if part.strip())
+    for sentinel in sentinels:
+        host, _, port = sentinel.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"REDIS_SENTINELS: {sentinel!r} is not host:port")
+    return sentinels
+
+
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     """NAME as 1/0 (also true/false, on/off, yes/no); `default` when unset or empty."""
     raw = (read_setting(env, name) or "").strip().lower()
@@ -155,6 +167,8 @@ class Settings:
                 url=redis_url,
                 password=SecretFile.of(env, "REDIS_PASSWORD"),
                 timeout=_number(env, "CACHE_TIMEOUT_MS", 100.0, minimum=1) / 1000,
+                sentinels=_sentinels(env),
+                sentinel_master=read_setting(env, "REDIS_SENTINEL_MASTER", "cachestack") or "",
             ),
             cache=CacheSettings(
                 ttl=_number(env, "CACHE_TTL_SECONDS", 300.0, minimum=1),

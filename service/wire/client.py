@@ -20,6 +20,7 @@ from typing import Any
 import redis
 from redis.connection import parse_url
 from redis.credentials import CredentialProvider
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from ..settings import RedisSettings
 from .listener import InvalidationListener
@@ -46,19 +47,37 @@ class _LoginNow(CredentialProvider):
         return (self._password(),)
 
 
-def _connection_pool(url: str, timeout: float,
-                     password: Callable[[], str] | None) -> redis.ConnectionPool:
-    """The pool that makes every connection: `url`'s address, TLS and user, and `password`'s
-    password at each login when given (instead of the URL's)."""
-    options = parse_url(url)
-    if password is not None:
+def _connection_pool(settings: RedisSettings) -> redis.ConnectionPool:
+    """The pool that makes every connection: the URL's address, TLS and user, and the password
+    file's password at each login when there is one (instead of the URL's). With Sentinels,
+    each connection goes to the primary they name when it connects; they are asked over TLS
+    when the URL says so, and as the same user."""
+    options = parse_url(settings.url)
+    if settings.password is not None:
         options.pop("password", None)
-        options["credential_provider"] = _LoginNow(options.pop("username", None), password)
+        options["credential_provider"] = _LoginNow(options.pop("username", None),
+                                                   settings.password.read)
     # Without a library name and version redis-py sends no CLIENT SETINFO on connecting:
     # a round trip per connection, and a command the service's Redis user may not run.
-    return redis.ConnectionPool(**{
-        "socket_timeout": timeout, "socket_connect_timeout": timeout,
-        "health_check_interval": 0, "lib_name": None, "lib_version": None, **options})
+    common = {"socket_timeout": settings.timeout, "socket_connect_timeout": settings.timeout,
+              "health_check_interval": 0, "lib_name": None, "lib_version": None}
+    if not settings.sentinels:
+        return redis.ConnectionPool(**common, **options)
+    ssl = options.pop("connection_class", None) is redis.SSLConnection
+    options.pop("host", None)
+    options.pop("port", None)
+    login = {name: options[name] for name in ("username", "password", "credential_provider")
+             if name in options}
+    tls = {name: value for name, value in options.items() if name.startswith("ssl_")}
+    sentinels = Sentinel([_address(sentinel) for sentinel in settings.sentinels],
+                         sentinel_kwargs={**common, **login, **tls, "ssl": ssl})
+    return SentinelConnectionPool(settings.sentinel_master, sentinels, ssl=ssl, **common,
+                                  **options)
+
+
+def _address(host_port: str) -> tuple[str, int]:
+    host, _, port = host_port.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 class _QueuingConnection:
@@ -113,8 +132,7 @@ class RedisClient:
 
     def __init__(self, settings: RedisSettings,
                  on_connect: Callable[[redis.Connection], None] | None = None) -> None:
-        password = settings.password.read if settings.password else None
-        self.pool = _connection_pool(settings.url, settings.timeout, password)
+        self.pool = _connection_pool(settings)
         self.on_connect = on_connect
         self._idle: list[_QueuingConnection] = []
         self._generation = 0  # moved on by close(): older connections are not pooled again
@@ -164,12 +182,13 @@ class RedisClient:
     def _connect(self) -> _QueuingConnection:
         generation = self._generation
         conn = self.pool.make_connection()
-        if self.on_connect is not None:
-            try:
+        try:
+            conn.connect()  # (a Sentinel-managed connection finds the primary here, and only here)
+            if self.on_connect is not None:
                 self.on_connect(conn)
-            except BaseException:
-                conn.disconnect()
-                raise
+        except BaseException:
+            conn.disconnect()
+            raise
         return _QueuingConnection(conn, generation)
 
     def _release(self, pooled: _QueuingConnection) -> None:

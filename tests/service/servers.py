@@ -28,7 +28,9 @@ from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ACL_TEMPLATE = ROOT / "docker" / "redis" / "users.acl"
-REDIS_USERS = ("service", "health", "admin")
+REPLICATION_ACL = ROOT / "docker" / "redis" / "replication.acl"
+SENTINEL_TEMPLATE = ROOT / "docker" / "redis" / "sentinel.conf"
+REDIS_USERS = ("service", "health", "admin", "replica", "sentinel")
 
 
 def wait_until(check, timeout: float, what: str, interval: float = 0.05) -> None:
@@ -43,14 +45,21 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.05) -> None
     raise TimeoutError(f"{what} did not come up within {timeout} s")
 
 
-def render_acl(passwords: dict[str, str]) -> str:
-    """The stack's ACL template as the Redis container renders it: comments dropped, each
-    @NAME@ replaced by the SHA-256 of that user's password."""
-    lines = [line for line in ACL_TEMPLATE.read_text().splitlines() if not line.startswith("#")]
+def render(template: Path, passwords: dict[str, str]) -> str:
+    """One of docker/redis's templates as the Redis container renders it: comments dropped,
+    each @NAME@ replaced by the SHA-256 of that user's password, each @NAME:clear@ by the
+    password."""
+    lines = [line for line in template.read_text().splitlines() if not line.startswith("#")]
     text = "\n".join(lines) + "\n"
     for user, password in passwords.items():
+        text = text.replace(f"@{user}:clear@", password)
         text = text.replace(f"@{user}@", hashlib.sha256(password.encode()).hexdigest())
     return text
+
+
+def render_acl(passwords: dict[str, str]) -> str:
+    """The Redis users, those of replication too (a lone Redis simply never sees them)."""
+    return render(ACL_TEMPLATE, passwords) + render(REPLICATION_ACL, passwords)
 
 
 @dataclass(frozen=True)
@@ -88,11 +97,15 @@ class RedisServer:
     port only. Unlike the stack's, it keeps an append-only file in a temp dir, so that a
     restart brings back what it held (the epochs must make that unreachable)."""
 
-    def __init__(self, tls: TlsFiles | None = None) -> None:
+    def __init__(self, tls: TlsFiles | None = None, passwords: dict[str, str] | None = None,
+                 replica_of: int | None = None) -> None:
+        """`passwords` of the users, shared with the other servers of a SentinelGroup;
+        `replica_of` the port of the primary a replica starts from."""
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="cachestack-redis-")
         self.tls = tls
-        self.passwords = {user: secrets.token_urlsafe(18) for user in REDIS_USERS}
+        self.passwords = passwords or {user: secrets.token_urlsafe(18) for user in REDIS_USERS}
+        self.replica_of = replica_of
         self.acl_file = Path(self.dir, "users.acl")
         self.acl_file.write_text(render_acl(self.passwords))
         self.url = self.url_for("service")
@@ -122,13 +135,17 @@ class RedisServer:
         """Start the server (again: after stop(), or after something killed it)."""
         if self.process is not None:
             self.process.wait(timeout=5)  # killed: reap it
+        replication = ["--masteruser", "replica", "--masterauth", self.passwords["replica"]]
+        if self.replica_of:
+            replication += ["--replicaof", "127.0.0.1", str(self.replica_of)]
         self.process = subprocess.Popen(
             ["redis-server", *self._listen(), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes", "--dir", self.dir, "--enable-debug-command", "local",
-             "--aclfile", str(self.acl_file)],
+             "--aclfile", str(self.acl_file), *replication],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self.client().ping, 10, "redis-server")
-        self.client().function_load(LIBRARY, replace=True)
+        if self.client().role()[0] == b"master":  # a replica has its primary's
+            self.client().function_load(LIBRARY, replace=True)
 
     def stop(self) -> None:
         """Stop like a crash would, after the append-only file has what was written so far."""
@@ -155,6 +172,66 @@ class RedisServer:
             self.process.kill()
             self.process.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SentinelGroup:
+    """A primary, a replica and three Sentinels of the tests' own, rendered from docker/redis's
+    templates as the --ha stack's are: `url` is the service's (any server's address: the
+    Sentinels name the primary), REDIS_SENTINELS `sentinels`."""
+
+    def __init__(self) -> None:
+        first = RedisServer()
+        self.nodes = [first, RedisServer(passwords=first.passwords, replica_of=first.port)]
+        self.passwords = first.passwords
+        self.url = first.url
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinels = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        self.sentinel_processes: list[subprocess.Popen | None] = [None] * 3
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        wait_until(lambda: self.nodes[1].client().info("replication")["master_link_status"]
+                   == "up", 10, "the replica to sync")
+        for number in range(3):
+            self.start_sentinel(number)
+        wait_until(lambda: len(self.sentinel().execute_command(
+            "SENTINEL", "SENTINELS", "cachestack")) == 2, 15, "the Sentinels to find each other")
+
+    def start_sentinel(self, number: int) -> None:
+        conf = Path(self.nodes[0].dir, f"sentinel-{number}.conf")
+        text = render(SENTINEL_TEMPLATE, self.passwords)
+        conf.write_text(text.replace("@PRIMARY@ 6379", f"127.0.0.1 {self.nodes[0].port}")
+                        + f"port {self.sentinel_ports[number]}\nbind 127.0.0.1\n")
+        self.sentinel_processes[number] = subprocess.Popen(
+            ["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+
+    def sentinel(self, number: int = 0) -> redis.Redis:
+        return redis.Redis(port=self.sentinel_ports[number], username="admin",
+                           password=self.passwords["admin"])
+
+    def primary(self) -> RedisServer:
+        """The server a Sentinel that runs names the primary now."""
+        for number, process in enumerate(self.sentinel_processes):
+            if process and process.poll() is None:
+                _, port = self.sentinel(number).execute_command(
+                    "SENTINEL", "GET-MASTER-ADDR-BY-NAME", "cachestack")
+                return next(node for node in self.nodes if node.port == int(port))
+        raise RuntimeError("no Sentinel runs")
+
+    def kill_sentinel(self, number: int) -> None:
+        process = self.sentinel_processes[number]
+        if process:
+            process.kill()
+            process.wait()
+            self.sentinel_processes[number] = None
+
+    def close(self) -> None:
+        for number in range(3):
+            self.kill_sentinel(number)
+        for node in self.nodes:
+            node.close()
 
 
 class TcpProxy:

@@ -69,21 +69,24 @@ def test_every_new_connection_is_handed_to_on_connect_before_its_first_command(
     assert seen == [b"first"]
 
 
-def test_a_closed_pool_drops_the_connections_that_were_in_use(
-        pool: RedisClient, redis_up: RedisServer) -> None:
+def test_a_closed_pool_drops_the_connections_that_were_in_use(redis_up: RedisServer) -> None:
     """close() in one thread while another's command is under way: that connection is not
     used again, so nothing sent after the close goes to the Redis of before it."""
+    pool = RedisClient(RedisSettings(url=redis_up.url, timeout=5))
     admin = redis_up.client()
     pool.command("PING")
     before = admin.info("stats")["total_connections_received"]
-    admin.execute_command("CLIENT", "PAUSE", "150")  # within the pool's timeout of 200 ms
-    in_use = threading.Thread(target=lambda: pool.command("PING"))
+    admin.execute_command("CLIENT", "PAUSE", "300")  # well within the pool's timeout
+    answers: list[bytes] = []
+    in_use = threading.Thread(target=lambda: answers.append(pool.command("PING")))
     in_use.start()
     time.sleep(0.05)  # under way, waiting for Redis
     pool.close()
     in_use.join()
+    assert answers == [b"PONG"]  # it was answered, and then not pooled again
     pool.command("PING")
     assert admin.info("stats")["total_connections_received"] - before == 1  # a new one
+    pool.close()
 
 
 def test_an_unawaited_error_does_not_break_the_connection(pool: RedisClient) -> None:
