@@ -14,6 +14,11 @@ Who may do what:
   user of their own (docker/redis/users.acl); it listens on a TLS port only.
 - HTTP: every /users route needs a bearer token from secrets/api_tokens.
 
+Networks: only what publishes a port on the host (the proxy, Prometheus) is on a network with
+a route out (`edge`); the replicas, which hold the database's and Redis's credentials, and the
+stores are on internal networks only (`frontend`: the proxy, the replicas and Prometheus;
+`backend`: the replicas, the stores and `migrate`).
+
 Resource names: containers `<project>-<service>`, networks and volumes `<project>_<name>`;
 every container, network and volume carries the label `org.cachestack.project=<project>`.
 """
@@ -415,7 +420,7 @@ def describe_stack(
         command=("haproxy", "-db", "-f", "/usr/local/etc/haproxy/haproxy.cfg"),
         environment=(),
         secrets=(),
-        networks=("frontend",),
+        networks=("frontend", "edge"),
         volumes=(),
         healthcheck=HealthCheck(("CMD-SHELL", PROXY_HEALTH)),
         hardening=Hardening(
@@ -433,7 +438,8 @@ def describe_stack(
     return Stack(
         project=project,
         services=services,
-        networks=(Network("backend", internal=True), Network("frontend", internal=False)),
+        networks=(Network("backend", internal=True), Network("frontend", internal=True),
+                  Network("edge", internal=False)),
         volumes=tuple(v for s in services for v, _ in s.volumes),
         secrets=tuple(mounted),
         certificates=(POSTGRES_CERT, REDIS_CERT),
@@ -443,7 +449,8 @@ def describe_stack(
 
 def prometheus_service(port: int) -> Service:
     """Prometheus (docker/prometheus): scrapes every replica and the proxy, which it reaches on
-    the frontend network; its UI and API are published on 127.0.0.1:`port`."""
+    the frontend network; its UI and API are published on 127.0.0.1:`port` (from the edge
+    network)."""
     return Service(
         name="prometheus",
         image="prometheus",
@@ -456,7 +463,7 @@ def prometheus_service(port: int) -> Service:
         ),
         environment=(),
         secrets=(),
-        networks=("frontend",),
+        networks=("frontend", "edge"),
         volumes=(("prometheusdata", "/prometheus"),),
         # promtool asks the query API, which only a running server answers.
         healthcheck=HealthCheck(

@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 from unittest import mock
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -465,6 +466,52 @@ def test_kubernetes_service_stands_where_the_proxy_does(k8s_objects: list[dict[s
     pod = container_of(k8s_objects, "service")
     assert [p["containerPort"] for p in pod["ports"] if p["name"] == "http"] == [
         p.container for p in proxy.ports]
+
+
+def egress(k8s_objects: list[dict[str, Any]], name: str) -> set[tuple[str, int]]:
+    """Where the NetworkPolicies let the pods of workload `name` open connections: (the app
+    name of the peer pods, or "dns" for the cluster's DNS, port)."""
+    labels = workload_of(k8s_objects, name)["spec"]["template"]["metadata"]["labels"]
+    allowed = set()
+    for policy in (o for o in k8s_objects if o["kind"] == "NetworkPolicy"):
+        selector = policy["spec"]["podSelector"].get("matchLabels", {})
+        if not all(labels.get(k) == v for k, v in selector.items()):
+            continue
+        for rule in policy["spec"].get("egress", []):
+            assert rule.get("to") and rule.get("ports"), f"{policy['metadata']['name']}: open"
+            for peer in rule["to"]:
+                kube_dns = peer.get("namespaceSelector", {}).get("matchLabels") == {
+                    "kubernetes.io/metadata.name": "kube-system"}
+                app = "dns" if kube_dns else peer["podSelector"]["matchLabels"][
+                    "app.kubernetes.io/name"]
+                allowed |= {(app, port["port"]) for port in rule["ports"]}
+    return allowed
+
+
+@pytest.mark.parametrize("name", K8S_SERVICES)
+def test_kubernetes_pods_reach_only_the_servers_their_settings_name(
+    k8s_objects: list[dict[str, Any]], name: str
+) -> None:
+    """As the replicas have no route out of a Docker host (internal networks only), their pods
+    may connect to the cluster's DNS and the servers their URLs name, and nowhere else."""
+    pod = workload_of(k8s_objects, name)
+    named = {
+        (url.hostname, url.port)
+        for container in containers_of(pod)
+        for setting in container.get("env", [])
+        if "://" in setting.get("value", "")
+        for url in [urlsplit(setting["value"])]
+    }
+    assert egress(k8s_objects, name) == {("dns", 53)} | named
+
+
+def test_only_what_publishes_a_port_has_a_route_out() -> None:
+    """The replicas hold the credentials of Postgres and Redis: they, the stores and the
+    task are on internal networks only; what publishes a port needs one that is not."""
+    for stack in (STACK, MONITORED):
+        outward = {n.name for n in stack.networks if not n.internal}
+        for service in stack.services:
+            assert bool(outward & set(service.networks)) == bool(service.ports), service.name
 
 
 def test_the_proxy_finds_the_replicas_by_the_service_name() -> None:
