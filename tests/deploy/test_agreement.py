@@ -35,6 +35,7 @@ from orchestrate.stack import (
     describe_stack,
 )
 from service import probe
+from service.app import MAX_BODY_BYTES
 
 from .helpers import REPO, run, tool
 
@@ -512,6 +513,15 @@ def test_only_what_publishes_a_port_has_a_route_out() -> None:
         outward = {n.name for n in stack.networks if not n.internal}
         for service in stack.services:
             assert bool(outward & set(service.networks)) == bool(service.ports), service.name
+
+
+def test_the_proxy_holds_the_largest_request_a_replica_accepts() -> None:
+    """docker/proxy/haproxy.cfg buffers a request whole before a replica sees it: its buffer
+    holds the largest body the service takes with room for the request's headers."""
+    config = (REPO / "docker" / "proxy" / "haproxy.cfg").read_text()
+    [bufsize] = re.findall(r"^\s*tune\.bufsize (\d+)$", config, re.MULTILINE)
+    assert int(bufsize) >= MAX_BODY_BYTES + 4096
+    assert "option http-buffer-request" in config
 
 
 def test_the_proxy_finds_the_replicas_by_the_service_name() -> None:
