@@ -21,13 +21,14 @@ from .stack import (
     DEFAULT_PROJECT,
     DEFAULT_REPLICAS,
     MAX_REPLICAS,
+    Stack,
     describe_stack,
 )
 
 
 def up(args: argparse.Namespace) -> None:
     stack = describe_stack(args.project, args.port, args.replicas,
-                           args.monitoring_port if args.monitoring else None)
+                           args.monitoring_port if args.monitoring else None, args.tls)
     started = time.monotonic()
     timings = engine.up(stack, args.images)
     summary = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items())
@@ -44,6 +45,12 @@ def down(args: argparse.Namespace) -> None:
     say(f"project {args.project}: " + ("down" if removed else "nothing to remove"))
 
 
+def running_stack(args: argparse.Namespace, replicas: int = DEFAULT_REPLICAS) -> Stack:
+    """The project as it runs: with TLS at the proxy if its proxy was brought up so."""
+    tls = engine.serves_tls(engine.connect(), args.project)
+    return describe_stack(args.project, args.port, replicas, tls=tls)
+
+
 def status(args: argparse.Namespace) -> None:
     rows = engine.status(describe_stack(args.project, args.port))
     if not rows:
@@ -53,7 +60,7 @@ def status(args: argparse.Namespace) -> None:
             "{service:<9} {container:<28} {id:<12} {state:<10} {health:<10} {ports:<16} "
             "{proxy:<6} {by:<11} {image}".format(**row)
         )
-    for warning in expiring_certificates(describe_stack(args.project, args.port)):
+    for warning in expiring_certificates(running_stack(args)):
         say(f"warning: {warning}")
 
 
@@ -63,14 +70,15 @@ def logs(args: argparse.Namespace) -> None:
 
 
 def smoke(args: argparse.Namespace) -> None:
-    engine.connect()
-    url = engine.service_url(describe_stack(args.project, args.port))
-    if not run_smoke(url, api_token()):
+    stack = running_stack(args)
+    if not run_smoke(engine.service_url(stack), api_token(),
+                     context=engine.service_context(stack)):
         raise OrchestrateError("smoke checks failed")
 
 
 def secrets(args: argparse.Namespace) -> None:
-    stack = describe_stack(args.project, args.port)
+    # What any format may mount, the proxy's TLS certificate (compose.tls.yml) included.
+    stack = describe_stack(args.project, args.port, tls=True)
     created = ensure_secrets(stack)
     say(f"generated {', '.join(created)}" if created else "all secrets present")
     for service in stack.services:
@@ -113,7 +121,7 @@ def backup_command(args: argparse.Namespace) -> None:
 
 def restore_command(args: argparse.Namespace) -> int:
     client = engine.connect()
-    stack = describe_stack(args.project, args.port, engine.replica_count(client, args.project))
+    stack = running_stack(args, engine.replica_count(client, args.project))
     dump = Path(args.file)
     manifest = backup.verify(stack, dump)
     if not args.yes:
@@ -125,7 +133,8 @@ def restore_command(args: argparse.Namespace) -> int:
     backup.restore(stack, dump)
     refs = images.resolve_images(client, stack, args.images)
     engine.realise(client, stack, refs, {})
-    if not run_smoke(engine.service_url(stack), api_token()):
+    if not run_smoke(engine.service_url(stack), api_token(),
+                     context=engine.service_context(stack)):
         raise OrchestrateError("restored, but the smoke checks failed")
     say(f"restored project {args.project} from {dump} in {time.monotonic() - started:.1f}s")
     return 0
@@ -133,7 +142,7 @@ def restore_command(args: argparse.Namespace) -> int:
 
 def rotate_command(args: argparse.Namespace) -> None:
     started = time.monotonic()
-    done = rotate.rotate(describe_stack(args.project, args.port), args.names)
+    done = rotate.rotate(running_stack(args), args.names)
     say(f"rotated {len(done)} secret(s) of project {args.project} in "
         f"{time.monotonic() - started:.1f}s; the old values are refused now")
 
@@ -188,6 +197,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                             help="also run Prometheus, scraping every replica and the proxy")
     up_command.add_argument("--monitoring-port", type=int, default=DEFAULT_MONITORING_PORT,
                             help="its UI on 127.0.0.1 (default %(default)s)")
+    up_command.add_argument("--tls", action="store_true",
+                            help="the proxy's port speaks TLS only, with secrets/proxy.crt (the "
+                            "project CA's, or your own) and secrets/proxy.key")
     command("down", down, "remove the project's resources").add_argument(
         "--volumes", action="store_true", help="also remove the named volumes"
     )

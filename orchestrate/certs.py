@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -113,3 +114,23 @@ def make_server_cert(ca: KeyPair, hosts: list[str], days: int = VALID_DAYS) -> K
 def expires(cert_pem: bytes) -> datetime.datetime:
     """When a PEM certificate stops being valid (UTC)."""
     return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
+
+
+def issuer(cert_pem: bytes) -> str:
+    """The common name of the CA that issued a PEM certificate (its first one)."""
+    names = x509.load_pem_x509_certificate(cert_pem).issuer.get_attributes_for_oid(
+        NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
+def pinned_context(cert_pem: bytes) -> ssl.SSLContext:
+    """A client context that trusts exactly the server certificate `cert_pem` (the first one
+    of the file, never the CAs after it), whichever names it was issued for: how the
+    orchestrator checks that its port is served by the stack's own proxy, whose certificate
+    may be the operator's, for a host name other than 127.0.0.1."""
+    leaf = x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.PEM)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # the certificate itself is what is trusted
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a server certificate as anchor
+    context.load_verify_locations(cadata=leaf.decode())
+    return context

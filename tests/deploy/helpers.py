@@ -16,7 +16,8 @@ from orchestrate.stack import describe_stack
 from tests.support import require
 
 REPO = Path(__file__).resolve().parents[2]
-SECRET_NAMES = describe_stack().secrets
+# Every secret a format may mount: k8s/ holds the proxy's TLS certificate of `up --tls`.
+SECRET_NAMES = describe_stack(tls=True).secrets
 READY_TIMEOUT_S = 180
 
 

@@ -1,6 +1,7 @@
 """The stack's one door, against a real stack: what reaches a replica through the proxy's
 published port (a normalised path, a whole request, never /metrics), what one client address
-can take of the proxy's connections, and that the replicas have no route out of the host.
+can take of the proxy's connections, that the replicas have no route out of the host, and TLS
+at the proxy (`up --tls`).
 
 Attacks run as an attacker would: from this host through the published port, or (where the
 proxy must tell the attacker's address from the host's) from a container of their own on the
@@ -9,11 +10,15 @@ edge network, where a remote client would arrive from."""
 from __future__ import annotations
 
 import http.client
+import json
 import select
 import socket
+import ssl
+import tempfile
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +28,8 @@ import requests
 from orchestrate_helpers import Project
 
 from orchestrate.proxy import Proxy
-from orchestrate.secretfiles import api_token
-from orchestrate.stack import PROJECT_LABEL, SERVICE_LABEL
+from orchestrate.secretfiles import api_token, secret_path
+from orchestrate.stack import CA_CERT, PROJECT_LABEL, PROXY_CERT, SERVICE_LABEL
 from tests.support import require
 
 pytestmark = pytest.mark.usefixtures("docker_client")
@@ -318,3 +323,43 @@ def test_replicas_have_no_route_out_while_the_proxy_answers(
         assert docker_client.networks.get(network).attrs["Internal"] is True, network
     assert requests.get(f"{stack.url}/readyz", timeout=10).status_code == 200
 
+
+def test_tls_at_the_proxy(docker_client: docker.DockerClient,
+                          new_project: Callable[[], Project]) -> None:
+    """`up --tls`: the published port speaks TLS 1.3 only, with a certificate of the project CA
+    for 127.0.0.1 and localhost; the orchestrator's later commands find it so; `rotate ca.crt`
+    renews the proxy's certificate while it serves."""
+    project = new_project()
+    result = project.run("up", "--tls")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"is up at https://127.0.0.1:{project.port}" in result.stdout
+    ca = str(secret_path(CA_CERT))
+    for host in ("127.0.0.1", "localhost"):
+        assert requests.get(f"https://{host}:{project.port}/readyz", verify=ca,
+                            timeout=10).status_code == 200
+    for path in DISGUISED_METRICS:
+        assert requests.get(f"https://127.0.0.1:{project.port}{path}", verify=ca,
+                            timeout=10).status_code == 404, path
+    with pytest.raises(requests.ConnectionError):  # plain HTTP gets no answer
+        requests.get(f"http://127.0.0.1:{project.port}/readyz", timeout=10)
+    old_tls = ssl.create_default_context(cafile=ca)
+    old_tls.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises(ssl.SSLError), socket.create_connection(
+            ("127.0.0.1", project.port), timeout=10) as raw:
+        old_tls.wrap_socket(raw, server_hostname="127.0.0.1")
+    smoke = project.run("smoke")
+    assert smoke.returncode == 0, smoke.stdout + smoke.stderr
+    proxy = container(docker_client, project, "proxy")
+    key = secret_path(PROXY_CERT.key).read_text().strip()
+    assert key not in json.dumps(proxy.attrs) + proxy.logs().decode(errors="replace")
+
+    old_ca = secret_path(CA_CERT).read_bytes()
+    rotated = project.run("rotate", CA_CERT)
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+    assert requests.get(f"https://127.0.0.1:{project.port}/readyz", verify=ca,
+                        timeout=10).status_code == 200
+    with tempfile.NamedTemporaryFile() as old:  # the old CA is trusted no more
+        old.write(old_ca)
+        old.flush()
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(f"https://127.0.0.1:{project.port}/readyz", verify=old.name, timeout=10)
