@@ -1,28 +1,30 @@
 # The cachestack service image, built in stages. The builder makes virtualenvs: one with the
-# service and its dependencies, one with the orchestrator's for compose's set-up step. The
-# images copy just their virtualenv, without pip, wheels or anything else the build used.
-#   WHEELS=pypi (the default): the builder installs from PyPI, as any build that reaches it.
-#   WHEELS=host: from wheels built on the host into build/wheels, for a build that cannot
-#   reach PyPI (`python -m orchestrate --images offline` makes them).
+# service and its dependencies, one with the orchestrator's for compose's set-up step. Each
+# installs exactly its lock (requirements/, `bash scripts/lock.sh`), every file checked against
+# the lock's sha256, then the package itself with the locked build backend, so nothing unpinned
+# is fetched. The images copy just their virtualenv, without pip or anything else the build used.
+#   WHEELS=pypi (the default): the locked files come from PyPI, as in any build that reaches it.
+#   WHEELS=host: from build/wheels, where the host downloaded them, for a build that cannot
+#   reach PyPI (`python -m orchestrate --images offline` does).
 #   BASE_IMAGE: python:<version>-slim-bookworm, or the offline Debian base (docker/offline).
 # Targets: `service` (the last stage, so the default), `setup` (docker-compose.yml's set-up).
 # checkov:skip=CKV_DOCKER_7: BASE_IMAGE is a pinned tag (orchestrate/stack.py) or a local image tagged by its recipe's hash
-ARG BASE_IMAGE=python:3.11.10-slim-bookworm
+ARG BASE_IMAGE=python:3.11.16-slim-bookworm
 
 FROM ${BASE_IMAGE} AS builder
 ARG WHEELS=pypi
 COPY . /src/
-# hadolint ignore=DL3013
-RUN if [ "$WHEELS" = host ]; then \
-        set -- --no-index --find-links /src/build/wheels; service=cachestack; \
-    else \
-        set --; service=/src; \
-    fi \
- && python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir "$@" "${service}" \
- && python3 -m venv /opt/setup \
- && /opt/setup/bin/pip install --no-cache-dir "$@" "${service}[orchestrate]" \
- && for venv in /opt/venv /opt/setup; do "$venv/bin/pip" uninstall --yes --quiet pip setuptools; done
+# pip check: every dependency of what is installed is there, for this image's Python.
+RUN if [ "$WHEELS" = host ]; then set -- --no-index --find-links /src/build/wheels; fi \
+ && for image in service setup; do \
+        venv="/opt/$image" lock="/src/requirements/$image.lock" \
+     && python3 -m venv "$venv" \
+     && "$venv/bin/pip" install --no-cache-dir --require-hashes --no-deps "$@" -r "$lock" \
+     && "$venv/bin/pip" install --no-cache-dir --no-deps --no-index --no-build-isolation /src \
+     && "$venv/bin/pip" check \
+     && "$venv/bin/pip" uninstall --yes --quiet pip setuptools \
+     || exit 1; \
+    done
 
 # Compose's set-up (`docker compose run --rm setup`): the secrets and certificates, and each
 # container's copy of them with its owner and mode, which compose outside swarm cannot set.
@@ -38,8 +40,8 @@ FROM ${BASE_IMAGE} AS service
 RUN groupadd --gid 10001 app \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin app
-COPY --from=builder /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH \
+COPY --from=builder /opt/service /opt/service
+ENV PATH=/opt/service/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     TMPDIR=/tmp

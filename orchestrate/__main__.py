@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import docker.errors
 
 from . import audit, backup, bench, engine, images, rotate
+from .containers import project_containers
 from .errors import OrchestrateError, reason
 from .output import error, say, step
 from .secretfiles import api_token, ensure_secrets, expiring_certificates, stage_secrets
@@ -26,7 +29,16 @@ from .stack import (
 )
 
 
+def existing(project: str) -> None:
+    """Refuse a command for a project with no containers (a typo, or a stack that is down)."""
+    if not project_containers(engine.connect(), project):
+        raise OrchestrateError(f"project {project} has no containers "
+                               f"(python -m orchestrate up --project {project})")
+
+
 def up(args: argparse.Namespace) -> None:
+    if args.monitoring and args.monitoring_port == args.port:
+        raise OrchestrateError(f"--port and --monitoring-port cannot both be {args.port}")
     stack = describe_stack(args.project, args.port, args.replicas,
                            args.monitoring_port if args.monitoring else None, args.tls)
     started = time.monotonic()
@@ -52,10 +64,8 @@ def running_stack(args: argparse.Namespace, replicas: int = DEFAULT_REPLICAS) ->
 
 
 def status(args: argparse.Namespace) -> None:
-    rows = engine.status(describe_stack(args.project, args.port))
-    if not rows:
-        say(f"project {args.project}: no containers")
-    for row in rows:
+    existing(args.project)
+    for row in engine.status(describe_stack(args.project, args.port)):
         say(
             "{service:<9} {container:<28} {id:<12} {state:<10} {health:<10} {ports:<16} "
             "{proxy:<6} {by:<11} {image}".format(**row)
@@ -70,6 +80,7 @@ def logs(args: argparse.Namespace) -> None:
 
 
 def smoke(args: argparse.Namespace) -> None:
+    existing(args.project)
     stack = running_stack(args)
     if not run_smoke(engine.service_url(stack), api_token(),
                      context=engine.service_context(stack)):
@@ -95,42 +106,73 @@ def build(args: argparse.Namespace) -> None:
             say(f"{key}: {ref}")
     if args.env_file:  # for compose: the images' references, and compose's set-up
         lines = [f"CACHESTACK_{key.upper()}_IMAGE={ref}\n" for key, ref in refs.items()]
-        Path(args.env_file).write_text("".join(lines))
+        try:
+            args.env_file.write_text("".join(lines))
+        except OSError as exc:
+            raise OrchestrateError(f"cannot write {args.env_file}: {exc.strerror}") from None
         say(f"wrote {args.env_file}")
         secrets(args)
 
 
-def replica_count(text: str) -> int:
-    """--replicas: a whole number from 1 to MAX_REPLICAS (the proxy's slots)."""
+def whole_number(text: str, low: int, high: int) -> int:
     try:
-        count = int(text)
+        number = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 1 <= count <= MAX_REPLICAS:
-        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_REPLICAS}, got {count}")
-    return count
+    if not low <= number <= high:
+        raise argparse.ArgumentTypeError(f"must be {low} to {high}, got {number}")
+    return number
+
+
+def replica_count(text: str) -> int:
+    """--replicas: a whole number from 1 to MAX_REPLICAS (the proxy's slots)."""
+    return whole_number(text, 1, MAX_REPLICAS)
+
+
+def port_number(text: str) -> int:
+    """--port, --monitoring-port: a TCP port (0, "any port", is not one to publish on)."""
+    return whole_number(text, 1, 65535)
+
+
+def project_name(text: str) -> str:
+    """--project: it names containers, networks, volumes and a folder of staged secrets, so
+    it is what compose allows as a project name (and never a path)."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a project name (lower-case letters, digits, '-' and '_', "
+            "starting with a letter or digit)")
+    return text
+
+
+def file_path(text: str) -> Path:
+    """--output, --env-file: a file to write, in a folder that exists."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no folder {path.parent}")
+    return path
 
 
 def backup_command(args: argparse.Namespace) -> None:
     started = time.monotonic()
-    path, manifest = backup.backup(describe_stack(args.project, args.port),
-                                   Path(args.output) if args.output else None)
+    path, manifest = backup.backup(describe_stack(args.project, args.port), args.output)
     say(f"backed up project {args.project} to {path} ({manifest.bytes / 2**20:.1f} MiB, "
         f"SHA-256 in {path.name}.sha256) in {time.monotonic() - started:.1f}s")
 
 
 def restore_command(args: argparse.Namespace) -> int:
+    dump = Path(args.file)
+    manifest = backup.verify(args.project, dump, args.trust_unsigned)
     client = engine.connect()
     stack = running_stack(args, engine.replica_count(client, args.project))
-    dump = Path(args.file)
-    manifest = backup.verify(stack, dump)
     if not args.yes:
         say(f"this would replace the database of project {args.project} with {dump} (taken "
             f"{manifest.taken_at}, {manifest.bytes / 2**20:.1f} MiB) and give the cache a new "
             "namespace; run it again with --yes")
         return 2
     started = time.monotonic()
-    backup.restore(stack, dump)
+    backup.restore(stack, dump, manifest)
     refs = images.resolve_images(client, stack, args.images)
     engine.realise(client, stack, refs, {})
     if not run_smoke(engine.service_url(stack), api_token(),
@@ -148,6 +190,7 @@ def rotate_command(args: argparse.Namespace) -> None:
 
 
 def bench_command(args: argparse.Namespace) -> None:
+    existing(args.project)
     written = bench.bench(describe_stack(args.project, args.port), args.seconds)
     say(f"wrote {written.html} and {written.png} (the figures in {written.json.name})")
 
@@ -158,16 +201,24 @@ def audit_command(args: argparse.Namespace) -> int:
     return 1 if sum(found.values()) else 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one `error:` line, as every other failure is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--project",
+        type=project_name,
         default=DEFAULT_PROJECT,
         help="project name; labels and names all resources (default %(default)s)",
     )
     common.add_argument(
         "--port",
-        type=int,
+        type=port_number,
         default=DEFAULT_PORT,
         help="host port on 127.0.0.1 for the service (default %(default)s)",
     )
@@ -178,7 +229,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="official: build on the pinned official images; offline: build everything from "
         "Debian packages; auto: official if a pull works (default)",
     )
-    parser = argparse.ArgumentParser(prog="orchestrate", description=__doc__)
+    parser = Parser(prog="orchestrate", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(
@@ -195,7 +246,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                             f" at most {MAX_REPLICAS})")
     up_command.add_argument("--monitoring", action="store_true",
                             help="also run Prometheus, scraping every replica and the proxy")
-    up_command.add_argument("--monitoring-port", type=int, default=DEFAULT_MONITORING_PORT,
+    up_command.add_argument("--monitoring-port", type=port_number, default=DEFAULT_MONITORING_PORT,
                             help="its UI on 127.0.0.1 (default %(default)s)")
     up_command.add_argument("--tls", action="store_true",
                             help="the proxy's port speaks TLS only, with secrets/proxy.crt (the "
@@ -218,16 +269,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "generate missing secret files and stage each container's copies (for compose)",
     )
     command("backup", backup_command, "pg_dump the database into backups/").add_argument(
-        "--output", help="the file to write (default backups/<project>-<UTC time>.dump)")
+        "--output", type=file_path,
+        help="the file to write (default backups/<project>-<UTC time>.dump)")
     restore = command("restore", restore_command,
                       "replace the database with a backup, with a new cache namespace")
     restore.add_argument("file", help="a file `backup` wrote (its .sha256 and .json beside it)")
     restore.add_argument("--yes", action="store_true", help="do it (without: say what it would do)")
+    restore.add_argument("--trust-unsigned", action="store_true",
+                         help="restore a file whose HMAC does not match secrets/backup_key (not "
+                         "made by this orchestrator, or with another key); still as the owner "
+                         "role only")
     command("rotate", rotate_command, "new values for secrets, applied while the stack serves"
             ).add_argument("names", nargs="*", metavar="NAME",
                            help=f"what to rotate (default all: {', '.join(rotate.ROTATABLE)})")
     command("build", build, "build the images only").add_argument(
-        "--env-file",
+        "--env-file", type=file_path,
         help="for compose: write CACHESTACK_<IMAGE>_IMAGE=<ref> lines here (compose's --env-file) "
         "and do compose's set-up (what `docker compose run --rm setup` does)",
     )

@@ -1,6 +1,6 @@
 """`python -m orchestrate audit`: one full consistency pass over a running stack's cache.
 
-The pass runs where the service runs: `python -m service audit --json` (service/audit.py)
+The pass runs where the service runs: `python -m service audit --json` (service/cache/audit.py)
 executed in one of the running replicas, with the replica's image, secrets, Redis user and
 network, so it needs nothing the stack does not already have and reaches nothing it could
 not. It checks every user entry and pointer Redis holds against Postgres in paced batches

@@ -11,9 +11,10 @@ it is built once and reused by every later `up`, test and CI step on the same en
   cachestack/postgres:<hash>          docker/postgres on postgres:<tag> or its stand-in
   cachestack/redis:<hash>             docker/redis on redis:<tag> or its stand-in
   cachestack/service:<hash>           the root Dockerfile on python:<tag> or the Debian base
-Offline, the service image's builder installs wheels made on the host (build/wheels), because
-pip inside a build cannot be relied on to reach PyPI there; with a registry it installs from
-PyPI, as any other build of the root Dockerfile does.
+The service image's builder installs the locked files (requirements/*.lock, hashes checked): with
+a registry from PyPI, as any other build of the root Dockerfile does; offline from wheels the
+host downloads into build/wheels first, because pip inside a build cannot be relied on to reach
+PyPI there.
 """
 
 from __future__ import annotations
@@ -42,9 +43,8 @@ IMAGE_LABEL = "org.cachestack.image"
 PULL_TIMEOUT_S = 60
 PULL_PROBE_TIMEOUT_S = 3
 OFFLINE_BASE_RECIPE = "docker/offline/base/mkrootfs.sh"
-# Debian's python3 is 3.11.2: redis-py then needs async-timeout, which pip on a newer host
-# Python leaves out.
-EXTRA_WHEELS = ("async-timeout",)
+# What the root Dockerfile's virtualenvs install (`bash scripts/lock.sh` makes them).
+LOCKS = ("requirements/service.lock", "requirements/setup.lock")
 
 
 def tree_hash(paths: list[Path], *extra: str) -> str:
@@ -167,18 +167,20 @@ def build_recipe(client: docker.DockerClient, repository: str, context: str, bas
     return tag
 
 
-def build_wheels() -> Path:
-    """`pip wheel` the package, with the orchestrator's extra for compose's set-up image, into
-    build/wheels on the host, for the image build's WHEELS=host (a build here cannot be relied
-    on to reach PyPI)."""
+def download_wheels() -> Path:
+    """`pip download` the locked wheels, their hashes checked, into build/wheels on the host, for
+    the image build's WHEELS=host (a build here cannot be relied on to reach PyPI). pip picks
+    the wheels for the Python it runs on, so this one must be CPython 3.11 on Linux x86_64, as
+    the image's is."""
     wheels = BUILD / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
     wheels.mkdir(parents=True)
-    say("building wheels on the host -> build/wheels")
+    say("downloading the locked wheels on the host -> build/wheels")
     run_streamed(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
-         "--wheel-dir", str(wheels), f"{ROOT}[orchestrate]", *EXTRA_WHEELS],
-        "pip wheel",
+        [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+         "--require-hashes", "--no-deps", "--only-binary", ":all:", "--dest", str(wheels),
+         *(arg for lock in LOCKS for arg in ("--requirement", str(ROOT / lock)))],
+        "pip download",
     )
     return wheels
 
@@ -187,9 +189,9 @@ def ensure_service_image(
     client: docker.DockerClient, spec: ImageSpec, base: str, offline: bool
 ) -> str:
     """Build the root Dockerfile's service stage on `base`, unless present: from PyPI, or
-    (offline) from wheels built on the host first."""
+    (offline) from wheels downloaded on the host first."""
     wheels = "host" if offline else "pypi"
-    sources = [*files_under("service"), *files_under("orchestrate"),
+    sources = [*files_under("service"), *files_under("orchestrate"), *files_under("requirements"),
                *(ROOT / name for name in (spec.dockerfile, "pyproject.toml", "README.md",
                                           ".dockerignore"))]
     tag = f"{spec.repository}:{tree_hash(sources, client.images.get(base).id, wheels)}"
@@ -197,7 +199,7 @@ def ensure_service_image(
         say(f"reusing {tag}")
         return tag
     if offline:
-        build_wheels()
+        download_wheels()
     stream_build(
         client,
         tag,

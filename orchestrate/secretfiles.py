@@ -2,7 +2,8 @@
 
 secrets/ holds one value per file, mode 0600: passwords (256 random bits each), the API
 tokens (one per line), the project CA (ca.key never leaves this folder) and the server
-certificates it signed.
+certificates it signed, and the key that signs backups (backup_key, read by the orchestrator
+only: no container gets it).
 
 Containers get each secret as a read-only bind mount of a per-container copy at
 /run/secrets/NAME, owned by the container's uid:gid with mode 0400, staged in
@@ -39,6 +40,7 @@ from .stack import (
 ROOT = Path(os.environ.get("CACHESTACK_ROOT") or Path(__file__).resolve().parents[1])
 STAGE_ROOT = ROOT / "build" / "secrets"
 CA_KEY = "ca.key"
+BACKUP_KEY = "backup_key"
 CA_NAME = "cachestack CA"
 EXPIRY_WARNING = datetime.timedelta(days=30)
 
@@ -119,7 +121,22 @@ def ensure_secrets(stack: Stack) -> list[str]:
             continue
         write_secret(name, new_token() + b"\n" if name == API_TOKENS else new_password())
         created.append(name)
+    if not _present(BACKUP_KEY):
+        backup_key()
+        created.append(BACKUP_KEY)
     return created
+
+
+def backup_key() -> bytes:
+    """The key backups are signed with (HMAC-SHA-256, orchestrate/backup.py), made when
+    missing. It stays in secrets/: a restore trusts only what this orchestrator signed."""
+    try:
+        if not _present(BACKUP_KEY):
+            write_secret(BACKUP_KEY, new_password())
+        return secret_path(BACKUP_KEY).read_bytes().strip()
+    except OSError as exc:
+        raise OrchestrateError(f"cannot read or make secrets/{BACKUP_KEY}: {exc.strerror}"
+                               ) from None
 
 
 def read_secret(name: str) -> str:

@@ -85,8 +85,8 @@ class ImageSpec:
     base: str
     offline_base: str | None
     dockerfile: str = "Dockerfile"
-    # The package's own image (the root Dockerfile): offline, its builder installs wheels made on
-    # the host, because pip inside a build cannot be relied on to reach PyPI there.
+    # The package's own image (the root Dockerfile): offline, its builder installs wheels the host
+    # downloaded, because pip inside a build cannot be relied on to reach PyPI there.
     host_wheels: bool = False
 
 
@@ -224,31 +224,31 @@ IMAGES: dict[str, ImageSpec] = {
     "postgres": ImageSpec(
         repository="cachestack/postgres",
         context="docker/postgres",
-        base="postgres:16.6-bookworm",
+        base="postgres:16.15-bookworm",
         offline_base="docker/offline/postgres",
     ),
     "redis": ImageSpec(
         repository="cachestack/redis",
         context="docker/redis",
-        base="redis:7.4.1-bookworm",
+        base="redis:7.4.11-bookworm",
         offline_base="docker/offline/redis",
     ),
     "proxy": ImageSpec(
         repository="cachestack/proxy",
         context="docker/proxy",
-        base="haproxy:3.0.5-bookworm",
+        base="haproxy:3.0.26-trixie",
         offline_base="docker/offline/proxy",
     ),
     "prometheus": ImageSpec(
         repository="cachestack/prometheus",
         context="docker/prometheus",
-        base="prom/prometheus:v2.53.2",
+        base="prom/prometheus:v2.53.5",
         offline_base="docker/offline/prometheus",
     ),
     "service": ImageSpec(
         repository="cachestack/service",
         context=".",
-        base="python:3.11.10-slim-bookworm",
+        base="python:3.11.16-slim-bookworm",
         offline_base=None,
         host_wheels=True,
     ),

@@ -7,9 +7,6 @@ up the counters of all workers, whichever worker answers the scrape.
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,15 +17,12 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
-
-CACHE_HITS = Counter("cache_hits", "Reads answered from Redis")
+CACHE_HITS = Counter("cache_hits", "Reads answered from the cache: Redis or a near cache")
 CACHE_MISSES = Counter("cache_misses", "Reads that went to Postgres and filled Redis")
 CACHE_ERRORS = Counter("cache_errors", "Redis calls that failed or timed out")
 CACHE_BYPASSES = Counter("cache_bypasses", "Reads served from Postgres while Redis was unavailable")
 DB_QUERIES = Counter("db_queries", "SQL statements sent to Postgres")
-# The consistency auditor's (audit.py); its own SQL is not in db_queries, which counts what
+# The consistency auditor's (cache/audit.py); its own SQL is not in db_queries, which counts what
 # requests cost.
 CACHE_AUDITS = Counter("cache_audits", "Cached entries the auditor compared with Postgres")
 CACHE_INCONSISTENCIES = Counter(
@@ -49,36 +43,6 @@ REQUEST_LATENCY = Histogram(
     ["method", "status"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
-
-
-# Label values come from the client, so they are kept to a known few: any other method
-# would add a time series per made-up method.
-METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-
-
-def timed(wsgi_app: WSGIApplication) -> WSGIApplication:
-    """WSGI middleware that observes each request's latency.
-
-    It wraps Flask's `wsgi_app` rather than using request hooks, which cost several times
-    more Python calls per request than this on the hottest paths.
-    """
-
-    def observed(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        started = time.perf_counter()
-        status = "500"
-
-        def remember_status(code: str, headers: list, *exc_info: object) -> object:
-            nonlocal status
-            status = code[:3]
-            return start_response(code, headers, *exc_info)
-
-        body = wsgi_app(environ, remember_status)
-        method = environ["REQUEST_METHOD"]
-        REQUEST_LATENCY.labels(method if method in METHODS else "other", status).observe(
-            time.perf_counter() - started)
-        return body
-
-    return observed
 
 
 def render() -> tuple[bytes, str]:

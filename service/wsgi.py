@@ -2,7 +2,7 @@
 
 import gc
 
-from .app import create_app
+from .process.factory import create_app
 
 app = create_app()
 # What exists now (modules, the app, its routes) lives as long as the worker: the collector

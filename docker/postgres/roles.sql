@@ -24,10 +24,13 @@ ALTER DATABASE :"database" OWNER TO :"owner";
 
 -- A volume made before these roles existed: its bootstrap superuser owned the tables and
 -- was the service's login. The tables go to the owner; that superuser may no longer log in.
+-- The owner controls this database, its default search_path included: what the superuser
+-- runs here must find nothing of the owner's, so pg_catalog alone is searched.
 \connect :"database"
-SELECT format('ALTER TABLE public.%I OWNER TO %I', tablename, :'owner')
-  FROM pg_tables
+SET search_path = pg_catalog, pg_temp;
+SELECT pg_catalog.format('ALTER TABLE public.%I OWNER TO %I', tablename, :'owner')
+  FROM pg_catalog.pg_tables
  WHERE schemaname = 'public' AND tableowner <> :'owner' \gexec
-SELECT format('ALTER ROLE %I NOLOGIN PASSWORD NULL', rolname)
-  FROM pg_roles
+SELECT pg_catalog.format('ALTER ROLE %I NOLOGIN PASSWORD NULL', rolname)
+  FROM pg_catalog.pg_roles
  WHERE oid = 10 AND rolname <> 'postgres' AND rolcanlogin \gexec

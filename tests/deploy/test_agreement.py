@@ -36,7 +36,7 @@ from orchestrate.stack import (
     describe_stack,
 )
 from service import probe
-from service.app import MAX_BODY_BYTES
+from service.process.factory import MAX_BODY_BYTES
 
 from .helpers import REPO, run, tool
 
@@ -249,6 +249,14 @@ def test_compose_builds_every_image_once_as_the_orchestrator_does(
     assert builds[0]["args"]["BASE_IMAGE"] == spec.base
     if spec.host_wheels:  # the root Dockerfile: its service stage, from PyPI by default
         assert (builds[0]["target"], builds[0]["args"]["WHEELS"]) == ("service", "pypi")
+
+
+@pytest.mark.parametrize("key", sorted(IMAGES))
+def test_each_recipe_defaults_to_the_pinned_base(key: str) -> None:
+    """`docker build` of a recipe alone (no build argument) uses the base `IMAGES` pins."""
+    spec = IMAGES[key]
+    recipe = (REPO / spec.context / spec.dockerfile).read_text()
+    assert re.findall(r"^ARG BASE_IMAGE=(\S+)$", recipe, re.MULTILINE) == [spec.base]
 
 
 def test_compose_sets_up_its_secrets_in_a_one_shot_of_its_own(compose: dict[str, Any]) -> None:

@@ -11,22 +11,29 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import docker
 import docker.errors
+import requests
+from docker.models.containers import Container
 
-from orchestrate.stack import PROJECT_LABEL
+from orchestrate.secretfiles import api_token
+from orchestrate.stack import PROJECT_LABEL, SERVICE_LABEL
+from tests.containers import psql
 
 REPO = Path(__file__).resolve().parents[2]
 UP_TIMEOUT_S = 1200  # a cold offline build of every image fits in this
 
 
 def orchestrate(
-    *args: str, env: dict[str, str] | None = None, timeout: float = UP_TIMEOUT_S
+    *args: str, env: dict[str, str] | None = None, timeout: float = UP_TIMEOUT_S,
+    under: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python -m orchestrate ARGS` from the repo root, capturing its output."""
+    """Run `python -m orchestrate ARGS` from the repo root (under a command that starts it, if
+    given), capturing its output."""
     return subprocess.run(
-        [sys.executable, "-m", "orchestrate", *args],
+        [*under, sys.executable, "-m", "orchestrate", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -78,3 +85,61 @@ class Project:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The one `error:` line a failed command printed on stderr (it must be one, and no
+    traceback)."""
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def container(client: docker.DockerClient, project: Project, service: str) -> Container:
+    """A running container of `service` (of a replicated one, any replica)."""
+    found = client.containers.list(ignore_removed=True, filters={"label": [
+        f"{PROJECT_LABEL}={project.name}", f"{SERVICE_LABEL}={service}"]})
+    assert found, f"a running {service} container"
+    return found[0]
+
+
+class Api:
+    """The stack's API, with its token."""
+
+    def __init__(self, project: Project) -> None:
+        self.url = project.url
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {api_token()}"
+
+    def create(self, name: str) -> dict[str, Any]:
+        reply = self.session.post(f"{self.url}/users", timeout=10,
+                                  json={"username": name, "email": f"{name}@example.org"})
+        assert reply.status_code == 201, reply.text
+        return reply.json()["data"]
+
+    def read(self, user: dict[str, Any], by: str) -> tuple[str, list[dict[str, Any]]]:
+        """(X-Cache, the users found) for a lookup of `user` by id, username or email."""
+        if by == "id":
+            reply = self.session.get(f"{self.url}/users/{user['id']}", timeout=10)
+            found = [reply.json()["data"]] if reply.status_code == 200 else []
+        else:
+            reply = self.session.get(f"{self.url}/users", params={by: user[by]}, timeout=10)
+            found = reply.json()["data"]
+        assert reply.status_code in (200, 404), reply.text
+        return reply.headers.get("X-Cache", ""), found
+
+
+def backed_up(project: Project) -> Path:
+    """The file a `backup` of the project wrote."""
+    result = project.run("backup")
+    assert result.returncode == 0, result.stderr
+    return Path(result.stdout.split(" to ", 1)[1].split(" (", 1)[0])
+
+
+def database_oid(postgres: Container) -> str:
+    """The identity of the stack's database: a restore that switched over changes it."""
+    [(oid,)] = psql(postgres, "SELECT oid FROM pg_catalog.pg_database "
+                              "WHERE datname = pg_catalog.current_database()")
+    return oid

@@ -5,22 +5,13 @@ pass exits 1 and the next one exits 0; without a stack it fails with one line.""
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import docker
 import requests
-from orchestrate_helpers import Project, orchestrate
+from orchestrate_helpers import Project, container, orchestrate
 
 from orchestrate.secretfiles import api_token
-from orchestrate.stack import SERVICE_LABEL
 from tests.containers import psql, redis_cli
-
-
-def container(client: docker.DockerClient, project: Project, service: str) -> Any:
-    found = client.containers.list(ignore_removed=True, filters={"label": [
-        f"org.cachestack.project={project.name}", f"{SERVICE_LABEL}={service}"]})
-    assert found, f"a running {service} container"
-    return found[0]
 
 
 def test_audit_finds_planted_lies_repairs_them_and_then_passes(

@@ -1,73 +1,59 @@
 """backup and restore against a running stack: a restore gives back exactly the backed-up
 state, with no answer from before it served by Redis or a near cache; a bad file, a foreign
-one, a full disk or an interrupted run each fail with one line and change nothing."""
+one, one the stack did not sign, a full disk or an interrupted run each fail with one line and
+change nothing; `backup --output` never writes through a link nor removes what it did not make."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
+import docker
 import pytest
-import requests
-from orchestrate_helpers import REPO, Project, orchestrate
+from orchestrate_helpers import (
+    REPO,
+    Api,
+    Project,
+    backed_up,
+    container,
+    database_oid,
+    one_line_error,
+    orchestrate,
+)
 
-from orchestrate.backup import BACKUPS
-from orchestrate.secretfiles import api_token
-from orchestrate.stack import SERVICE_LABEL
+from orchestrate.backup import BACKUPS, Manifest
 from tests.containers import psql
 
 LOOKUPS = ("id", "username", "email")
-
-
-class Api:
-    """The stack's API, with its token."""
-
-    def __init__(self, project: Project) -> None:
-        self.url = project.url
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Bearer {api_token()}"
-
-    def create(self, name: str) -> dict[str, Any]:
-        reply = self.session.post(f"{self.url}/users", timeout=10,
-                                  json={"username": name, "email": f"{name}@example.org"})
-        assert reply.status_code == 201, reply.text
-        return reply.json()["data"]
-
-    def read(self, user: dict[str, Any], by: str) -> tuple[str, list[dict[str, Any]]]:
-        """(X-Cache, the users found) for a lookup of `user` by id, username or email."""
-        if by == "id":
-            reply = self.session.get(f"{self.url}/users/{user['id']}", timeout=10)
-            found = [reply.json()["data"]] if reply.status_code == 200 else []
-        else:
-            reply = self.session.get(f"{self.url}/users", params={by: user[by]}, timeout=10)
-            found = reply.json()["data"]
-        assert reply.status_code in (200, 404), reply.text
-        return reply.headers.get("X-Cache", ""), found
-
-
-def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def made_files(before: set[Path]) -> set[Path]:
     return set(BACKUPS.glob("*")) - before if BACKUPS.exists() else set()
 
 
+def copy_backup(dump: Path, to: Path, data: bytes | None = None,
+                manifest: dict[str, object] | None = None) -> Path:
+    """A copy of a backup and its sidecars in `to`, with other content or another manifest."""
+    copy = to / dump.name
+    copy.write_bytes(dump.read_bytes() if data is None else data)
+    sidecar = dump.with_name(dump.name + ".json")
+    copy.with_name(copy.name + ".json").write_text(
+        sidecar.read_text() if manifest is None else json.dumps(manifest))
+    sha256 = json.loads(copy.with_name(copy.name + ".json").read_text())["sha256"]
+    copy.with_name(copy.name + ".sha256").write_text(f"{sha256}  {copy.name}\n")
+    return copy
+
+
 def test_a_restore_gives_back_exactly_what_was_backed_up(stack: Project) -> None:
     api = Api(stack)
     a, b = api.create("restore_a"), api.create("restore_b")
-    result = stack.run("backup")
-    assert result.returncode == 0, result.stderr
-    dump = Path(result.stdout.split(" to ", 1)[1].split(" (", 1)[0])
+    dump = backed_up(stack)
     assert dump.stat().st_mode & 0o777 == 0o600 and BACKUPS.stat().st_mode & 0o777 == 0o700
     assert api.session.patch(f"{stack.url}/users/{a['id']}", json={"display_name": "after"},
                              timeout=10).status_code == 200
@@ -94,29 +80,61 @@ def test_restore_without_yes_says_what_it_would_replace(stack: Project) -> None:
     assert f"replace the database of project {stack.name}" in result.stdout
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "truncated", "foreign", "missing"])
-def test_a_bad_backup_changes_nothing(stack: Project, damage: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "foreign", "missing", "unsigned",
+                                    "forged"])
+def test_a_bad_backup_changes_nothing(docker_client: docker.DockerClient, stack: Project,
+                                      damage: str, tmp_path: Path) -> None:
     api = Api(stack)
     keep = api.create(f"untouched_{damage}")
+    postgres = container(docker_client, stack, "postgres")
+    in_use = database_oid(postgres)
     [dump] = sorted(BACKUPS.glob(f"{stack.name}-*.dump"))[-1:]
-    bad = tmp_path / dump.name
     data = dump.read_bytes()
-    manifest = dump.with_name(dump.name + ".json").read_text()
+    fields = json.loads(dump.with_name(dump.name + ".json").read_text())
     if damage == "corrupt":
         data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
     elif damage == "truncated":
         data = data[: len(data) // 2]
-    elif damage == "foreign":
-        manifest = manifest.replace(f'"{stack.name}"', '"another"')
-    if damage != "missing":
-        bad.write_bytes(data)
-        bad.with_name(bad.name + ".json").write_text(manifest)
-        bad.with_name(bad.name + ".sha256").write_text(
-            dump.with_name(dump.name + ".sha256").read_text())
+    elif damage == "foreign":  # a backup of another project, signed with the same key
+        fields.pop("hmac", None)
+        fields = Manifest(**{**fields, "project": "another"}).signed().__dict__
+    elif damage == "unsigned":  # as a manifest without an HMAC says
+        fields.pop("hmac", None)
+    elif damage == "forged":  # other content, with checksums anyone can compute
+        data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
+        fields.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    bad = tmp_path / dump.name if damage == "missing" else copy_backup(dump, tmp_path, data,
+                                                                         fields)
     line = one_line_error(stack.run("restore", str(bad), "--yes"))
     assert {"corrupt": "SHA-256", "truncated": "SHA-256", "foreign": "project another",
-            "missing": "no such backup"}[damage] in line
+            "missing": "no such backup", "unsigned": "is not signed",
+            "forged": "HMAC that does not match"}[damage] in line
+    if damage in ("unsigned", "forged"):
+        assert "--trust-unsigned" in line
     assert api.read(keep, "id")[1] == [keep]
+    assert database_oid(postgres) == in_use
+
+
+def test_an_unsigned_backup_restores_only_when_the_operator_trusts_it(
+        docker_client: docker.DockerClient, stack: Project, tmp_path: Path) -> None:
+    api = Api(stack)
+    kept = api.create("unsigned_kept")
+    dump = backed_up(stack)
+    gone = api.create("unsigned_gone")
+    fields = json.loads(dump.with_name(dump.name + ".json").read_text())
+    fields.pop("hmac", None)
+    unsigned = copy_backup(dump, tmp_path, manifest=fields)
+    postgres = container(docker_client, stack, "postgres")
+    in_use = database_oid(postgres)
+    one_line_error(stack.run("restore", str(unsigned), "--yes"))
+    assert database_oid(postgres) == in_use
+
+    result = stack.run("restore", str(unsigned), "--yes", "--trust-unsigned")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "not signed" in result.stdout and "as the owner role" in result.stdout
+    assert database_oid(postgres) != in_use
+    assert api.read(kept, "id")[1] == [kept]
+    assert api.read(gone, "id")[1] == []
 
 
 def test_a_full_disk_or_an_unknown_project_leave_nothing(stack: Project) -> None:
@@ -139,19 +157,33 @@ def test_a_full_disk_or_an_unknown_project_leave_nothing(stack: Project) -> None
     assert made_files(before) == set()
 
 
+@pytest.mark.parametrize("there", ["manifest", "checksum", "link", "manifest link"])
+def test_backup_output_takes_no_place_that_is_taken_and_removes_only_what_it_made(
+        stack: Project, tmp_path: Path, there: str) -> None:
+    output = tmp_path / "x.dump"
+    theirs = {"manifest": tmp_path / "x.dump.json", "checksum": tmp_path / "x.dump.sha256",
+              "link": output, "manifest link": tmp_path / "x.dump.json"}[there]
+    if there.endswith("link"):  # dangling: following it would create its target
+        theirs.symlink_to(tmp_path / "target")
+    else:
+        theirs.write_text("not the backup's\n")
+    result = stack.run("backup", "--output", str(output))
+    assert list(tmp_path.iterdir()) == [theirs]
+    assert theirs.is_symlink() if there.endswith("link") else (
+        theirs.read_text() == "not the backup's\n")
+    assert f"{theirs} exists" in one_line_error(result)
+
+
 def test_150000_users_back_up_and_restore_and_an_interrupted_backup_leaves_nothing(
-    docker_client: Any, stack: Project
+    docker_client: docker.DockerClient, stack: Project
 ) -> None:
-    [postgres] = docker_client.containers.list(ignore_removed=True, filters={"label": [
-        f"org.cachestack.project={stack.name}", f"{SERVICE_LABEL}=postgres"]})
+    postgres = container(docker_client, stack, "postgres")
     psql(postgres, "INSERT INTO users (username, email) SELECT 'bulk' || g, 'bulk' || g || "
                    "'@example.org' FROM generate_series(1, 150000) g")
     before = set(BACKUPS.glob("*"))
     started = time.monotonic()
-    result = stack.run("backup")
+    dump = backed_up(stack)
     backup_s = time.monotonic() - started
-    assert result.returncode == 0, result.stderr
-    dump = Path(result.stdout.split(" to ", 1)[1].split(" (", 1)[0])
     started = time.monotonic()
     result = stack.run("restore", str(dump), "--yes")
     restore_s = time.monotonic() - started

@@ -30,8 +30,9 @@ WORKLOADS = ("id", "id-cache-on", "id-near-off", "id-cache-off", "email", "creat
 # Every query is a miss's or a bypass's, but for the proxy's /readyz checks (one a second per
 # replica) while the counters are read.
 READYZ_QUERIES = 50
-# Concurrent reads by id, or creates, of one worker share a statement (service/batching.py):
-# at most one per blocking thread (the service's default, 4) in each.
+# Concurrent reads by id, or creates, of one worker share a statement
+# (service/usecases/batching.py): at most one per blocking thread (the service's default, 4)
+# in each.
 MOST_PER_QUERY = 4
 BENCH_TIMEOUT_S = 600
 

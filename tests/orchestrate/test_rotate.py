@@ -5,16 +5,15 @@ the old Postgres, Redis and API credentials are refused and the new ones work.""
 from __future__ import annotations
 
 import stat
-from typing import Any
 
 import docker
 import requests
-from orchestrate_helpers import Project
+from orchestrate_helpers import Project, container
 
 from orchestrate.containers import exec_input
 from orchestrate.rotate import ROTATABLE
 from orchestrate.secretfiles import api_token, read_secret, secret_path
-from orchestrate.stack import DB_APP, DB_NAME, SERVICE_LABEL
+from orchestrate.stack import DB_APP, DB_NAME
 from tests.load import SteadyLoad
 
 # Inside the service container: log in to Postgres with the password on standard input.
@@ -31,11 +30,6 @@ except psycopg2.OperationalError as exc:
 # Inside the Redis container: AUTH as the service's user with the password on standard input.
 REDIS_LOGIN = ('read -r password; printf "AUTH service %s\\nPING\\n" "$password" | '
                "redis-cli --tls --cacert /run/secrets/ca.crt -h 127.0.0.1")
-
-
-def container(client: docker.DockerClient, project: Project, service: str) -> Any:
-    return client.containers.list(ignore_removed=True, filters={"label": [
-        f"org.cachestack.project={project.name}", f"{SERVICE_LABEL}={service}"]})[0]
 
 
 def logs_in(client: docker.DockerClient, project: Project, secret: str, value: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import docker
 import pytest
 from docker.types import Mount
-from orchestrate_helpers import Project
+from orchestrate_helpers import Project, container
 
 from orchestrate.secretfiles import api_token, expiring_certificates
 from orchestrate.smoke import run_smoke
@@ -24,21 +24,11 @@ from orchestrate.stack import (
     DB_NAME,
     DB_OWNER,
     REDIS_MAXMEMORY,
-    SERVICE_LABEL,
     describe_stack,
 )
 from tests.containers import psql, redis_cli
 
 pytestmark = pytest.mark.usefixtures("docker_client")
-
-
-def container(client: docker.DockerClient, project: Project, service: str) -> Any:
-    """A running container of `service` (of a replicated one, any replica)."""
-    found = client.containers.list(ignore_removed=True,
-        filters={"label": [f"org.cachestack.project={project.name}", f"{SERVICE_LABEL}={service}"]}
-    )
-    assert found, f"a running {service} container"
-    return found[0]
 
 
 def run_python(service: Any, code: str) -> Any:

@@ -20,11 +20,14 @@ import psycopg2
 import requests
 from flask import Flask
 from flask.testing import FlaskClient
+from werkzeug.test import EnvironBuilder
 
-from service import db, schema
-from service.app import create_app, users_of
-from service.config import Settings
-from service.keys import Keys, Lookup
+from service.cache.keys import Keys, Lookup
+from service.postgres import schema, statements
+from service.process.config import Settings
+from service.process.factory import create_app
+from service.settings import CacheSettings, PostgresSettings, RedisSettings
+from service.web.routes import users_of
 from tests.support import require
 
 from .servers import ROOT, RedisServer, ServiceProcess, TlsFiles
@@ -78,9 +81,16 @@ def via_proxy(database_url: str, proxy_port: int) -> str:
 # -- apps and servers ---------------------------------------------------------------
 
 
-def settings_for(database_url: str, redis_url: str, **overrides: object) -> Settings:
-    return Settings(database_url=database_url, redis_url=redis_url,
-                    **{"cache_cooldown": 0.2, **overrides})
+def settings_for(database_url: str, redis_url: str, *, postgres: dict | None = None,
+                 cache: dict | None = None, **overrides: object) -> Settings:
+    """Settings for an app of the tests: `postgres` and `cache` override fields of those
+    layers' records, the rest the process's own. The auditor is off unless asked for (the
+    tests make hundreds of apps), and Redis is tried again soon after a failure."""
+    return Settings(postgres=PostgresSettings(url=database_url, **(postgres or {})),
+                    redis=RedisSettings(url=redis_url),
+                    cache=CacheSettings(**{"cooldown": 0.2, "audit_per_second": 0,
+                                           **(cache or {})}),
+                    **overrides)
 
 
 def app_for(database_url: str, owner_url: str, redis_url: str,
@@ -128,6 +138,32 @@ class ApiTokens:
 
     def header(self, which: int = 0) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[which]}"}
+
+
+class Sent(NamedTuple):
+    """What a WSGI app sent: the status line, the headers (sorted) and the body."""
+
+    status: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+def environ(path: str, method: str = "GET", **options: object) -> dict:
+    """A WSGI environ for a request, made as Werkzeug's test client makes it."""
+    return EnvironBuilder(path=path, method=method, **options).get_environ()
+
+
+def call(wsgi_app: Callable, env: dict) -> Sent:
+    """Send `env` to a WSGI app; what it answered."""
+    started: list = []
+    body = b"".join(wsgi_app(env, lambda status, headers, *_: started.extend([status, headers])))
+    return Sent(started[0], sorted(started[1]), body)
+
+
+def flask_alone(app: Flask) -> Callable:
+    """Flask's own WSGI app, which the app factory wrapped with the hot path and the token
+    check."""
+    return lambda env, start: Flask.wsgi_app(app, env, start)
 
 
 def counter(base_url: str, name: str) -> float:
@@ -186,18 +222,34 @@ def send_fills(client: FlaskClient) -> None:
 # -- races: a reader parked between its Postgres read and its fill, a late writer ---------
 
 
+def after_each_load(app: Flask, then: Callable[[], None]) -> None:
+    """Call `then` in each reader of `app` that missed, between its Postgres read and its
+    fill: the cache's read is given a loader that calls it after loading."""
+    cache = users_of(app).cache
+    read = cache.read
+
+    def read_then(lookup: Lookup, load: Callable) -> object:
+        def load_then() -> object:
+            row = load()
+            then()
+            return row
+
+        return read(lookup, load_then)
+
+    cache.read = read_then  # an attribute of this one cache, for this one app
+
+
 def parked_reader(app: Flask, path: str) -> tuple[threading.Thread, threading.Event, list[Read]]:
     """Start a GET of `path` that stops after reading Postgres, before filling Redis; its
     Read lands in the list once `finish` let it go on."""
     reached, release, result = threading.Event(), threading.Event(), []
-    reader = threading.current_thread  # the hook runs in the reader's thread
 
-    def hold(_lookup: Lookup) -> None:
-        if reader().name == "parked-reader":
+    def hold() -> None:
+        if threading.current_thread().name == "parked-reader":
             reached.set()
             release.wait(5)
 
-    users_of(app).cache.before_fill = hold
+    after_each_load(app, hold)
     thread = threading.Thread(name="parked-reader",
                               target=lambda: result.append(read(app.test_client(), path)))
     thread.start()
@@ -219,7 +271,7 @@ def late_update(app: Flask, user_id: int, changes: dict) -> Callable[[], None]:
     """Commit an update now but hold back its write-through: returns the write-through."""
     users = users_of(app)
     token = users.cache.lease_for_write(user_id)
-    change = db.update_user(users.database, user_id, changes)
+    change = statements.update_user(users.database, user_id, changes)
     return lambda: users.cache.updated(change, token)
 
 

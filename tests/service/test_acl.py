@@ -12,8 +12,8 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service.keys import FORMAT
-from service.redis_io import CHANNEL
+from service.cache.keys import FORMAT
+from service.wire.listener import CHANNEL
 
 from .helpers import create, query, send_fills
 from .servers import ACL_TEMPLATE, RedisServer

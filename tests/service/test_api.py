@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
+from urllib.parse import quote
 
 import pytest
 from flask.testing import FlaskClient
 
-from .helpers import create
+from .helpers import create, query
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
 
@@ -117,6 +119,60 @@ def test_bad_create_is_400_naming_the_field_and_writes_nothing(
         client: FlaskClient, body: dict, field: str) -> None:
     assert_error(client.post("/users", json=body), 400, field)
     assert client.get("/users?username=alice").get_json()["data"] == []
+
+
+# What Postgres's text cannot store, as JSON sends it: a lone surrogate (either half) or NUL.
+UNSTORABLE = ["\ud800", "\udfff", "\udc80x", "\x00", "x\x00y"]
+
+
+@pytest.mark.parametrize("text", UNSTORABLE)
+@pytest.mark.parametrize("field", ["username", "email", "display_name"])
+def test_text_that_cannot_be_stored_is_400_naming_the_field_on_create_and_update(
+        client: FlaskClient, owner_url: str, field: str, text: str) -> None:
+    user = create(client, "bob", "bob@example.org")
+    value = {"username": f"al{text}ice", "email": f"al{text}ice@example.org",
+             "display_name": f"Al{text}"}[field]
+    body = json.dumps({"username": "alice", "email": "alice@example.org", field: value})
+    assert "\\u" in body  # sent escaped, as any JSON client sends them
+    assert_error(client.post("/users", data=body, content_type="application/json"), 400, field)
+    change = json.dumps({field: value})
+    assert_error(client.patch(f"/users/{user['id']}", data=change,
+                              content_type="application/json"), 400, field)
+    assert query(owner_url, "SELECT username, email, display_name FROM users") == [
+        ("bob", "bob@example.org", None)]
+
+
+def test_text_that_can_be_stored_is_stored_as_sent(client: FlaskClient) -> None:
+    """Noncharacters, unassigned code points, the last one, and a pair that makes one
+    character are all text Postgres keeps."""
+    odd = "\ufffe\uffff\ufdd0\u0378\U0010ffff\U0001f600"
+    body = json.dumps({"username": "odd", "email": f"{odd}@example.org", "display_name": odd})
+    response = client.post("/users", data=body, content_type="application/json")
+    assert response.status_code == 201, response.get_json()
+    user = response.get_json()["data"]
+    assert (user["email"], user["display_name"]) == (f"{odd}@example.org", odd)
+    found = client.get(f"/users?email={quote(odd)}@example.org").get_json()["data"]
+    assert found == [user]
+
+
+@pytest.mark.parametrize(("query_string", "status"), [
+    ("email=%ED%A0%80@example.org", 200),  # a surrogate as UTF-8 would spell it: invalid
+    ("email=%FF@example.org", 200),  # not UTF-8 at all: read as U+FFFD, which matches nobody
+    ("email=%C0%80@example.org", 200),  # an overlong NUL: invalid UTF-8 too
+    ("email=%00@example.org", 400),
+    ("email=a%00b@example.org", 400),
+    ("username=%ED%A0%80abc", 400),
+    ("username=%FF%FE%FD", 400),
+    ("username=ab%00c", 400),
+])
+def test_lookups_with_text_that_cannot_be_stored_are_never_a_500(
+        client: FlaskClient, query_string: str, status: int) -> None:
+    response = client.get(f"/users?{query_string}")
+    assert response.status_code == status, response.get_json()
+    if status == 200:
+        assert response.get_json()["data"] == []
+    else:
+        assert_error(response, 400, query_string.partition("=")[0])
 
 
 @pytest.mark.parametrize("body", ["[]", '"text"', "5", "null"])

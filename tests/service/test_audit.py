@@ -1,5 +1,5 @@
-"""The consistency auditor (service/audit.py) on real Postgres and Redis: each lie a cache can
-tell (a row or an email changed by plain SQL, a stale value, a stale pointer and a wrong
+"""The consistency auditor (service/cache/audit.py) on real Postgres and Redis: each lie a cache
+can tell (a row or an email changed by plain SQL, a stale value, a stale pointer and a wrong
 "nobody" planted in Redis by the admin) is found within 5 seconds at the default rate,
 counted, repaired in Redis and in every process's near cache (two apps, each with its own),
 and never served again; the full pass (`python -m service audit`) finds and repairs them too;
@@ -22,10 +22,11 @@ from flask.testing import FlaskClient
 from prometheus_client import REGISTRY
 
 from bench.consistency import run_checker
-from service import audit
-from service.app import AUDITOR, create_app, users_of
-from service.config import ConfigError, Settings
-from service.keys import Lookup
+from service.cache import audit
+from service.cache.keys import Lookup
+from service.process.config import ConfigError, Settings
+from service.process.factory import AUDITOR, create_app
+from service.web.routes import users_of
 
 from .helpers import (
     create,
@@ -63,7 +64,7 @@ def apps(database_url: str, owner_url: str, redis_up: RedisServer) -> Iterator[t
     """Two service processes' apps on one database and one Redis, each with its own near
     cache: the first audits at the default rate, the second does not."""
     empty_database(owner_url)
-    audited = create_app(settings_for(database_url, redis_up.url, cache_audit_per_second=1.0))
+    audited = create_app(settings_for(database_url, redis_up.url, cache={"audit_per_second": 1.0}))
     other = create_app(settings_for(database_url, redis_up.url))
     yield audited, other
     audited.extensions[AUDITOR].stop()
@@ -217,7 +218,7 @@ def test_the_auditor_skips_quietly_while_redis_is_down(
     sampler = apps[0].extensions[AUDITOR]
     redis_up.stop()
     try:
-        with caplog.at_level(logging.INFO, logger="service.audit"):
+        with caplog.at_level(logging.INFO, logger="service.cache.audit"):
             ends = time.monotonic() + 2.5
             while time.monotonic() < ends:
                 assert read(audited, path).status == 200
@@ -226,7 +227,7 @@ def test_the_auditor_skips_quietly_while_redis_is_down(
         redis_up.start()
     assert sampler._thread.is_alive()
     assert new_since(before) == {}
-    assert not [r for r in caplog.records if r.name == "service.audit"]
+    assert not [r for r in caplog.records if r.name == "service.cache.audit"]
 
 
 def test_the_auditor_skips_quietly_while_postgres_is_away_and_audits_again_after(
@@ -235,7 +236,7 @@ def test_the_auditor_skips_quietly_while_postgres_is_away_and_audits_again_after
     empty_database(owner_url)
     proxy = TcpProxy(urlsplit(database_url).port or 5432)
     app = create_app(settings_for(via_proxy(database_url, proxy.port), redis_up.url,
-                                  cache_audit_per_second=1.0))
+                                  cache={"audit_per_second": 1.0}))
     client = app.test_client()
     try:
         user = create(client)
@@ -243,12 +244,12 @@ def test_the_auditor_skips_quietly_while_postgres_is_away_and_audits_again_after
         warm(client, path)
         before = inconsistencies()
         proxy.cut()
-        with caplog.at_level(logging.INFO, logger="service.audit"):
+        with caplog.at_level(logging.INFO, logger="service.cache.audit"):
             ends = time.monotonic() + 2.5
             while time.monotonic() < ends:
                 assert read(client, path).cache == "HIT"  # the near cache needs no Postgres
                 time.sleep(0.05)
-        assert not [r for r in caplog.records if r.name == "service.audit"]
+        assert not [r for r in caplog.records if r.name == "service.cache.audit"]
         assert new_since(before) == {}
         proxy.restore()
         query(owner_url, "UPDATE users SET display_name = 'changed behind' WHERE id = %s",
@@ -262,8 +263,8 @@ def test_the_auditor_skips_quietly_while_postgres_is_away_and_audits_again_after
 
 def test_the_audit_rate_setting() -> None:
     env = {"DATABASE_URL": "postgresql://u@127.0.0.1/d"}
-    assert Settings.from_env(env).cache_audit_per_second == 1.0
-    assert Settings.from_env({**env, "CACHE_AUDIT_PER_SECOND": "0"}).cache_audit_per_second == 0
+    assert Settings.from_env(env).cache.audit_per_second == 1.0
+    assert Settings.from_env({**env, "CACHE_AUDIT_PER_SECOND": "0"}).cache.audit_per_second == 0
     for bad in ("often", "-1", "1000", "nan"):
         with pytest.raises(ConfigError, match="CACHE_AUDIT_PER_SECOND"):
             Settings.from_env({**env, "CACHE_AUDIT_PER_SECOND": bad})

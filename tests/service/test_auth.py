@@ -1,7 +1,9 @@
-"""API tokens (service/auth.py): /users needs one of API_TOKENS_FILE's, the rest stays open,
+"""API tokens (service/web/auth.py): every path but the probes' needs one of API_TOKENS_FILE's,
 refusals are counted, and no token is ever logged or echoed; a token added to the file is
-accepted, and one removed refused, within about a second, without a restart. How both doors
-refuse alike is in test_hotpath.py; bad token files at start in test_cli.py."""
+accepted, and one removed refused, within about a second, without a restart. It fails
+closed: a file that holds no token, or cannot be read, accepts none, and a line that is not
+a token is left out. How both doors refuse alike is in test_hotpath.py, every spelling of a
+path in test_paths.py; a token file that cannot be read at start in test_cli.py."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
-from .helpers import ApiTokens, app_for, counter, serve
+from .helpers import SECRET, ApiTokens, app_for, counter, serve
 from .servers import RedisServer, ServiceProcess, wait_until
 
 OPEN_NOTICE = "API_TOKENS_FILE is not set"
@@ -130,7 +132,7 @@ def test_a_token_removed_from_the_file_is_refused_within_about_a_second(
     client = watching_app.test_client()
     token_file.write_text(f"{NEW}\n{OLD}\n")
     takes_effect(lambda: accepts(client, NEW), "the added token")
-    with caplog.at_level(logging.INFO, logger="service.auth"):
+    with caplog.at_level(logging.INFO, logger="service.web.auth"):
         token_file.write_text(f"{NEW}\n")
         takes_effect(lambda: not accepts(client, OLD), "the refusal of the removed token")
         assert accepts(client, NEW)
@@ -160,32 +162,71 @@ def spoil(path: Path, how: str) -> None:
         path.mkdir()
     if how == "empty":
         path.write_text("")
-    if how == "not a token":
-        path.write_text(f"{NEW}\nnot {NEWER}\n")
+    if how == "comments only":
+        path.write_text(f"# {OLD} was revoked\n\n  # none yet\n")
     if how == "not UTF-8":
         path.write_bytes(b"\xff" + NEW.encode())
 
 
-@pytest.mark.parametrize("how", ["removed", "a directory", "empty", "not a token", "not UTF-8"])
-def test_a_file_that_cannot_be_used_keeps_the_tokens_read_before_and_says_so_once(
+@pytest.mark.parametrize("how", ["removed", "a directory", "empty", "comments only",
+                                 "not UTF-8"])
+def test_a_file_that_holds_no_readable_token_accepts_none_and_says_so_once(
         watching_app: Flask, token_file: Path, how: str,
         caplog: pytest.LogCaptureFixture) -> None:
     client = watching_app.test_client()
-    with caplog.at_level(logging.WARNING, logger="service.auth"):
+    assert accepts(client, OLD)
+    with caplog.at_level(logging.WARNING, logger="service.web.auth"):
         spoil(token_file, how)
-        # Requests come meanwhile (a check is made by one of them): the old token goes on.
-        takes_effect(lambda: accepts(client, OLD) and bool(caplog.records), "the warning")
-        until = time.monotonic() + 1.2  # another check or two: still one line
+        takes_effect(lambda: not accepts(client, OLD), "the refusal of every token")
+        until = time.monotonic() + 1.2  # another check or two: still one line, still closed
         while time.monotonic() < until:
-            assert accepts(client, OLD) and not accepts(client, NEW)
+            assert not accepts(client, OLD) and not accepts(client, NEW)
             time.sleep(0.05)
     lines = [record.getMessage() for record in caplog.records]
     assert len(lines) == 1 and lines[0].startswith("API_TOKENS_FILE"), lines
+    assert "no token" in lines[0]
     assert not [token for token in (OLD, NEW, NEWER) if token in caplog.text]
     if token_file.is_dir():
         token_file.rmdir()
     token_file.write_text(f"{NEWER}\n")  # good again: it takes effect as any change does
-    takes_effect(lambda: accepts(client, NEWER) and not accepts(client, OLD), "the new file")
+    takes_effect(lambda: accepts(client, NEWER), "the new file")
+    assert not accepts(client, OLD)
+
+
+def test_a_line_that_is_not_a_token_is_left_out_and_the_others_accepted(
+        watching_app: Flask, token_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """It cannot be presented as a token (not even what it says, spaces and all), and it
+    locks nobody else out; the warning names the line, never what it holds."""
+    client = watching_app.test_client()
+    with caplog.at_level(logging.WARNING, logger="service.web.auth"):
+        token_file.write_text(f"# rotated\n{NEW}\nnot {NEWER}\n{NEWER}#x\n")
+        takes_effect(lambda: accepts(client, NEW) and not accepts(client, OLD),
+                     "the new file")
+        for presented in (f"not {NEWER}", NEWER, f"{NEWER}#x", "# rotated", "rotated"):
+            assert not accepts(client, presented), presented
+    lines = [record.getMessage() for record in caplog.records]
+    assert [line.split(" of ")[0] for line in lines] == [
+        "API_TOKENS_FILE: line 3", "API_TOKENS_FILE: line 4"], lines
+    assert NEWER not in caplog.text and NEW not in caplog.text
+
+
+def test_tokens_that_are_not_from_a_file_are_checked_all_the_same(
+        database_url: str, owner_url: str, redis_up: RedisServer) -> None:
+    """API_TOKENS without a file: none given accepts none (the API is open only when no
+    token setting is given at all)."""
+    for tokens, token, status in (((), "", 401), ((), OLD, 401), ((OLD,), OLD, 404),
+                                  ((OLD,), NEW, 401)):
+        for app in app_for(database_url, owner_url, redis_up.url, api_tokens=tokens):
+            header = {"Authorization": f"Bearer {token}"} if token else {}
+            assert app.test_client().get("/users/999", headers=header).status_code == status
+
+
+def every_time(service: ServiceProcess, token: str | None, expected: int) -> bool:
+    """Whether 20 requests, each on a new connection (which any worker may take), all get
+    `expected`."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return all(requests.get(f"{service.url}/users/999", headers=headers, timeout=5).status_code
+               == expected for _ in range(20))
 
 
 @pytest.fixture
@@ -196,22 +237,59 @@ def watching_service(database_url: str, owner_url: str, redis_server: RedisServe
 
 def test_every_worker_of_the_real_server_takes_a_rotated_token_within_about_a_second(
         watching_service: ServiceProcess, token_file: Path) -> None:
-    """As `rotate` does it: old and new, then only the new. Each request comes on a new
-    connection, which any of the workers may take."""
-    def status(token: str) -> int:
-        return requests.get(f"{watching_service.url}/users/999", timeout=5,
-                            headers={"Authorization": f"Bearer {token}"}).status_code
-
-    def every_time(token: str, expected: int) -> bool:
-        return all(status(token) == expected for _ in range(20))
-
-    assert every_time(OLD, 404) and every_time(NEW, 401)
+    """As `rotate` does it: old and new, then only the new."""
+    service = watching_service
+    assert every_time(service, OLD, 404) and every_time(service, NEW, 401)
     token_file.write_text(f"{OLD}\n{NEW}\n")
-    added = takes_effect(lambda: every_time(NEW, 404), "the added token in every worker")
+    added = takes_effect(lambda: every_time(service, NEW, 404), "the added token in every worker")
     token_file.write_text(f"{NEW}\n")
-    removed = takes_effect(lambda: every_time(OLD, 401), "the removal in every worker")
-    assert every_time(NEW, 404)
+    removed = takes_effect(lambda: every_time(service, OLD, 401), "the removal in every worker")
+    assert every_time(service, NEW, 404)
     print(f"token added: accepted after {added:.2f} s; removed: refused after {removed:.2f} s")
-    output = watching_service.output()
+    output = service.output()
     assert output.count("API_TOKENS_FILE read again") >= 2
     assert OLD not in output and NEW not in output
+
+
+@pytest.mark.parametrize(("rewrite", "refused", "accepted"), [
+    (f"{NEW}\n", [OLD], [NEW]),  # one removed
+    ("", [OLD, NEW], []),  # emptied
+    (f"# {OLD} revoked\n{NEW}\n", [OLD], [NEW]),  # a comment in its place
+    (f"{NEW}\n{OLD} is revoked\n", [OLD], [NEW]),  # a line that is not a token
+    (None, [OLD, NEW], []),  # the file deleted
+], ids=["removed", "emptied", "commented out", "not a token", "deleted"])
+def test_every_worker_of_the_real_server_refuses_revoked_tokens_within_about_a_second(
+        watching_service: ServiceProcess, token_file: Path, rewrite: str | None,
+        refused: list[str], accepted: list[str]) -> None:
+    token_file.write_text(f"{OLD}\n{NEW}\n")
+    takes_effect(lambda: every_time(watching_service, NEW, 404), "both tokens in every worker")
+    if rewrite is None:
+        token_file.unlink()
+    else:
+        token_file.write_text(rewrite)
+    takes_effect(lambda: all(every_time(watching_service, token, 401) for token in refused),
+                 "the refusal in every worker")
+    assert all(every_time(watching_service, token, 404) for token in accepted)
+    assert all(every_time(watching_service, token, 401) for token in refused)
+    output = watching_service.output()
+    assert OLD not in output and NEW not in output
+
+
+def test_a_server_started_without_a_token_in_its_file_is_closed_until_one_is_added(
+        database_url: str, owner_url: str, redis_server: RedisServer, tmp_path: Path) -> None:
+    """Not open, as without API_TOKENS_FILE: closed to every token, the probes answering."""
+    token_file = tmp_path / "api_tokens"
+    token_file.write_text(f"# none yet\n\nbad {SECRET}\n")
+    for service in serve(database_url, owner_url, redis_server,
+                         API_TOKENS_FILE=str(token_file)):
+        for token in (None, NEW, f"bad {SECRET}", "bad", "# none yet"):
+            assert every_time(service, token, 401), token
+        for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+            assert requests.get(service.url + path, timeout=5).status_code == 200, path
+        token_file.write_text(f"{NEW}\n")
+        takes_effect(lambda service=service: every_time(service, NEW, 404),
+                     "the added token in every worker")
+        output = service.output()
+        assert OPEN_NOTICE not in output
+        assert "API_TOKENS_FILE: line 3 of" in output and "holds no token" in output
+        assert SECRET not in output and NEW not in output

@@ -4,22 +4,27 @@ gather behind it, so that they go as one batch when the lock is released."""
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import psycopg2
 import pytest
+import requests
 from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client import REGISTRY
 
-from service.app import users_of
-from service.batching import Combiner
-from service.config import ConfigError, Settings
+from service.process.config import ConfigError, Settings
+from service.usecases.batching import Combiner
+from service.web.routes import users_of
 
-from .helpers import Read, app_for, create, keys, query, read
-from .servers import RedisServer
+from .helpers import Read, app_for, create, empty_database, keys, query, read
+from .servers import RedisServer, ServiceProcess
 
 Answer = tuple[int, dict]
 
@@ -66,7 +71,8 @@ def wait_for(condition: Callable[[], bool]) -> None:
 def short_timeout_app(database_url: str, owner_url: str,
                       redis_up: RedisServer) -> Iterator[Flask]:
     """Statements that wait on a lock longer than 300 ms fail (Postgres cancels them)."""
-    yield from app_for(database_url, owner_url, redis_up.url, db_statement_timeout_ms=300)
+    yield from app_for(database_url, owner_url, redis_up.url,
+                       postgres={"statement_timeout_ms": 300})
 
 
 @pytest.fixture
@@ -164,3 +170,167 @@ def test_without_batching_concurrent_creates_go_one_by_one(unbatched_app: Flask)
                                 range(6)))
     assert sorted(status for status, _ in answers) == [201] * 3 + [409] * 3
     assert batches("create") == before  # no combiner ran
+
+
+# -- one item's error is its own --------------------------------------------------------
+
+
+class Poison(ValueError):
+    """What one item's bad value raises, as psycopg2 raises UnicodeEncodeError."""
+
+
+class Down(RuntimeError):
+    """What a failure of everyone's raises, as a Postgres that is down does."""
+
+
+def upper_unless(raising: dict[str, type[Exception]], ran: list[list[str]]) -> Callable:
+    """A batch's work: each item upper-cased, unless an item raises (what `raising` says)."""
+    def run(items: list[str]) -> list[str]:
+        ran.append(list(items))
+        for item in items:
+            if item in raising:
+                raise raising[item](item)
+        return [item.upper() for item in items]
+
+    return run
+
+
+def outcome(work: Callable[[], object]) -> object:
+    """What `work` returned, or the exception it raised."""
+    try:
+        return work()
+    except Exception as exc:  # noqa: BLE001 - the test compares it
+        return exc
+
+
+def gather_in(combiner: Combiner, first: str, rest: list[str]) -> list[object]:
+    """`first` leads a batch held until `rest` all wait behind it; they go as the next batch.
+    Each item's outcome, in order."""
+    held, release = threading.Event(), threading.Event()
+    work = combiner._run
+
+    def held_first(items: list[str]) -> list[str]:
+        if items == [first]:
+            held.set()
+            assert release.wait(5)
+        return work(items)
+
+    combiner._run = held_first
+    with ThreadPoolExecutor(len(rest) + 1) as pool:
+        futures = [pool.submit(outcome, lambda: combiner(first))]
+        assert held.wait(5)
+        for number, item in enumerate(rest, 1):
+            futures.append(pool.submit(outcome, lambda item=item: combiner(item)))
+            wait_for(lambda number=number: len(combiner._waiting) == number)
+        release.set()
+        return [future.result() for future in futures]
+
+
+def test_a_batch_that_one_item_fails_runs_each_alone_and_fails_only_that_one(
+        caplog: pytest.LogCaptureFixture) -> None:
+    ran: list[list[str]] = []
+    combiner = Combiner("test", upper_unless({"bad": Poison}, ran), shared=(Down,))
+    with caplog.at_level(logging.ERROR, logger="service.batching"):
+        answers = gather_in(combiner, "first", ["a", "bad", "b"])
+    assert answers[0] == "FIRST" and answers[1] == "A" and answers[3] == "B"
+    assert isinstance(answers[2], Poison) and str(answers[2]) == "bad"
+    assert ran == [["first"], ["a", "bad", "b"], ["a"], ["bad"], ["b"]]
+    assert [record.getMessage() for record in caplog.records] == [
+        "a batch of 3 (test) failed; each of them runs alone"]
+    assert combiner("after") == "AFTER"  # and the combiner goes on
+
+
+def test_a_shared_error_fails_every_item_of_the_batch_without_running_them_again() -> None:
+    ran: list[list[str]] = []
+    combiner = Combiner("test", upper_unless({"down": Down}, ran), shared=(Down,))
+    answers = gather_in(combiner, "first", ["a", "down", "b"])
+    assert answers[0] == "FIRST"
+    assert all(isinstance(answer, Down) and str(answer) == "down" for answer in answers[1:])
+    assert ran == [["first"], ["a", "down", "b"]]
+
+
+def test_a_create_postgres_cannot_be_sent_fails_alone_in_its_batch(
+        app: Flask, owner_url: str) -> None:
+    """Past validation (which refuses it: test_api.py), as a value it missed would be."""
+    users = users_of(app)
+
+    def create_raw(name: str, email: str) -> Callable[[], object]:
+        return lambda: outcome(lambda: users.create({"username": name, "email": email}))
+
+    before = batches("create")
+    leading, following = gathered(users._creates, owner_url, create_raw("first", "f@example.org"),
+                                  [create_raw("bob", "bob@example.org"),
+                                   create_raw("poison", "p\ud800@example.org"),
+                                   create_raw("carol", "carol@example.org")])
+    answers = [leading.result(), *(future.result() for future in following)]
+    assert [getattr(answer, "username", None) for answer in answers] == [
+        "first", "bob", None, "carol"]
+    assert isinstance(answers[2], UnicodeEncodeError)
+    after = batches("create")
+    # the first; the three together, which failed; each of them alone
+    assert (after[0] - before[0], after[1] - before[1]) == (5, 7)
+    rows = query(owner_url, "SELECT username FROM users ORDER BY id")
+    assert [name for (name,) in rows] == ["first", "bob", "carol"]
+
+
+@pytest.fixture
+def threaded_service(database_url: str, owner_url: str,
+                     redis_server: RedisServer) -> Iterator[ServiceProcess]:
+    """The real server with a few threads per worker (as deployed), so that concurrent
+    creates share batches."""
+    if redis_server.process is None:
+        redis_server.start()
+    empty_database(owner_url)
+    process = ServiceProcess({"DATABASE_URL": database_url, "REDIS_URL": redis_server.url},
+                             threads=4)
+    yield process
+    process.close()
+
+
+def create_batches(base_url: str) -> tuple[float, float]:
+    """How many batches of creates a real server's workers ran, and how many creates."""
+    text = requests.get(base_url + "/metrics", timeout=5).text
+    return tuple(float(re.search(rf'^batch_size_{kind}{{kind="create"}} (\S+)$', text, re.M)
+                       .group(1)) for kind in ("count", "sum"))
+
+
+POISONS = [{"email": "p\ud800{n}@example.org"}, {"display_name": "\udfff"},
+           {"display_name": "a\x00b"}, {"email": "p\x00{n}@example.org"}]
+VALID_CREATES = 600
+POISON_CREATES = 200
+
+
+def test_poisoned_creates_beside_valid_ones_fail_alone_on_the_real_server(
+        threaded_service: ServiceProcess, owner_url: str) -> None:
+    """Each valid create is 201 and each poisoned one 400, whichever batch they share."""
+    base = threaded_service.url
+
+    def post(n: int) -> tuple[bool, int, str]:
+        poisoned = n % 4 == 0
+        body = {"username": f"user{n}", "email": f"user{n}@example.org"}
+        if poisoned:
+            body.update({field: value.format(n=n)
+                         for field, value in POISONS[n // 4 % len(POISONS)].items()})
+        response = session().post(base + "/users", data=json.dumps(body),
+                                  headers={"Content-Type": "application/json"}, timeout=10)
+        return poisoned, response.status_code, response.text
+
+    local = threading.local()
+
+    def session() -> requests.Session:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        return local.session
+
+    before = create_batches(base)
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(post, range(VALID_CREATES + POISON_CREATES)))
+    wrong = [(poisoned, status, text) for poisoned, status, text in answers
+             if status != (400 if poisoned else 201)]
+    assert not wrong, (len(wrong), wrong[:3])
+    assert query(owner_url, "SELECT count(*) FROM users") == [(VALID_CREATES,)]
+    after = create_batches(base)
+    count, total = after[0] - before[0], after[1] - before[1]
+    assert total > count, "no two creates ever shared a batch: the test proves nothing"
+    output = threaded_service.output()
+    assert "Traceback" not in output and "unhandled error" not in output, output[-3000:]

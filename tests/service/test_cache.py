@@ -10,8 +10,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service.app import create_app
-from service.keys import Lookup
+from service.cache.keys import Lookup
+from service.process.factory import create_app
 
 from .helpers import (
     Read,
@@ -111,8 +111,7 @@ def test_every_key_has_a_jittered_ttl(client: FlaskClient, redis_up: RedisServer
 
 
 def test_ttls_are_configurable(database_url: str, redis_up: RedisServer) -> None:
-    app = create_app(settings_for(database_url, redis_up.url, cache_ttl=20,
-                                  cache_negative_ttl=5))
+    app = create_app(settings_for(database_url, redis_up.url, cache={"ttl": 20, "negative_ttl": 5}))
     client = app.test_client()
     create(client, "tina", "tina@example.org")
     client.get("/users?username=nobody")

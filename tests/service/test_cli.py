@@ -39,20 +39,6 @@ def test_unreadable_token_file() -> None:
     assert_one_line_error(result, "API_TOKENS_FILE", "/nonexistent/api_tokens")
 
 
-def test_token_file_without_a_token(tmp_path) -> None:
-    (tmp_path / "api_tokens").write_text("\n  \n\n")
-    result = run_service(DATABASE_URL="postgresql://u@127.0.0.1/db",
-                         API_TOKENS_FILE=str(tmp_path / "api_tokens"))
-    assert_one_line_error(result, "API_TOKENS_FILE", "no token")
-
-
-def test_token_file_with_a_line_that_cannot_be_a_token_names_the_line_only(tmp_path) -> None:
-    (tmp_path / "api_tokens").write_text(f"good-token\n\nbad {SECRET}\n")
-    result = run_service(DATABASE_URL="postgresql://u@127.0.0.1/db",
-                         API_TOKENS_FILE=str(tmp_path / "api_tokens"))
-    assert_one_line_error(result, "API_TOKENS_FILE", "line 3")
-
-
 def test_database_url_that_libpq_cannot_read() -> None:
     result = run_service(DATABASE_URL=f"postgresql://u:{SECRET}@127.0.0.1/db?ssl_mode=require")
     assert_one_line_error(result, "DATABASE_URL")

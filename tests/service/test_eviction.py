@@ -14,9 +14,9 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service import db
-from service.app import users_of
-from service.keys import Lookup
+from service.cache.keys import Lookup
+from service.postgres import statements
+from service.web.routes import users_of
 
 from .helpers import (
     Read,
@@ -34,7 +34,7 @@ from .servers import RedisServer
 
 @pytest.fixture
 def app(database_url: str, owner_url: str, redis_up: RedisServer) -> Iterator[Flask]:
-    yield from app_for(database_url, owner_url, redis_up.url, near_cache_size=0)
+    yield from app_for(database_url, owner_url, redis_up.url, cache={"near_size": 0})
 
 
 def test_a_writers_evicted_lease_taken_by_a_reader_cannot_fill_the_old_row(
@@ -45,7 +45,7 @@ def test_a_writers_evicted_lease_taken_by_a_reader_cannot_fill_the_old_row(
     token = users.cache.lease_for_write(user["id"])  # the writer, before its transaction
     evicted(redis_up, keys(app).lease(key), key)
     thread, release, result = parked_reader(app, f"/users/{user['id']}")  # takes the lease
-    change = db.update_user(users.database, user["id"], {"display_name": "new"})  # commits
+    change = statements.update_user(users.database, user["id"], {"display_name": "new"})  # commits
     users.cache.updated(change, token)  # its lease is gone: it deletes instead of writing
     finish(thread, release)  # the reader's lease went with it: its old row is refused
     assert result[0].data == user

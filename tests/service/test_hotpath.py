@@ -1,4 +1,4 @@
-"""The hot routes answered in front of Flask (service/hotpath.py): the same bytes Flask
+"""The hot routes answered in front of Flask (service/web/hotpath.py): the same bytes Flask
 sends, for answers and errors alike, and every request they cannot take reaches Flask.
 With API tokens, both doors refuse alike a request without a valid one."""
 
@@ -8,27 +8,28 @@ import io
 import json
 import logging
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
 
 import pytest
 from flask import Blueprint, Flask, request, request_started
 from prometheus_client import REGISTRY
-from werkzeug.test import EnvironBuilder
 
-from service.app import create_app, users_of
-from service.hotpath import serve_hot_routes
-from service.keys import Lookup
+from service.process.factory import create_app
+from service.web.hotpath import serve_hot_routes
+from service.web.routes import users_of
 
-from .helpers import ApiTokens, create, empty_database, settings_for, via_proxy
+from .helpers import (
+    ApiTokens,
+    Sent,
+    after_each_load,
+    call,
+    create,
+    empty_database,
+    environ,
+    flask_alone,
+    settings_for,
+    via_proxy,
+)
 from .servers import RedisServer, TcpProxy
-
-
-class Sent(NamedTuple):
-    """What a WSGI app sent: the status line, the headers (sorted) and the body."""
-
-    status: str
-    headers: list[tuple[str, str]]
-    body: bytes
 
 
 def calls_to(app: Flask) -> list[str]:
@@ -48,23 +49,8 @@ def guarded_calls(guarded_app: Flask) -> list[str]:
     return calls_to(guarded_app)
 
 
-def environ(path: str, method: str = "GET", **options: object) -> dict:
-    return EnvironBuilder(path=path, method=method, **options).get_environ()
-
-
-def call(wsgi_app: Callable, env: dict) -> Sent:
-    started: list = []
-    body = b"".join(wsgi_app(env, lambda status, headers, *_: started.extend([status, headers])))
-    return Sent(started[0], sorted(started[1]), body)
-
-
 def nothing() -> None:
     pass
-
-
-def flask_alone(app: Flask) -> Callable:
-    """Flask's own WSGI app, which the app factory wrapped with the hot path."""
-    return lambda env, start: Flask.wsgi_app(app, env, start)
 
 
 def both_ways(app: Flask, path: str, method: str = "GET", before: Callable[[], object] = nothing,
@@ -215,21 +201,28 @@ def test_postgres_down_is_flasks_503_on_the_hot_routes(
         assert hot.status == "503 SERVICE UNAVAILABLE" and ("Retry-After", "1") in hot.headers
 
 
-def test_an_unexpected_error_on_a_hot_route_is_flasks_500_and_logged(
-        app: Flask, caplog: pytest.LogCaptureFixture) -> None:
+def test_an_unexpected_error_is_a_500_with_a_json_body_and_its_traceback_only_logged(
+        app: Flask, redis_up: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """On either door, the hot path's and Flask's: the client learns that it failed, and
+    nothing of why."""
     user = create(app.test_client())
 
-    def fail(lookup: Lookup) -> None:
+    def fail() -> None:
         raise RuntimeError("boom between the read and the fill")
 
-    users_of(app).cache.before_fill = fail
-    with caplog.at_level(logging.ERROR):
-        status, headers, body = call(app.wsgi_app, environ(f"/users/{user['id'] + 1}"))
-    assert status == "500 INTERNAL SERVER ERROR"
-    assert json.loads(body) == {"error": {"code": "internal_error",
-                                          "message": "an unexpected error occurred"}}
-    assert "boom between the read and the fill" in caplog.text  # with its traceback
-    assert "Traceback" in caplog.text
+    after_each_load(app, fail)
+    expected = b'{"error": {"code": "internal_error", "message": "an unexpected error occurred"}}'
+    for path in (f"/users/{user['id'] + 1}", f"/users?id={user['id'] + 1}"):
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            # each way afresh: the lease a failed read left would make the next one wait it out
+            hot, flask = both_ways(app, path, before=redis_up.client().flushall)
+        assert hot == flask, path
+        assert hot == Sent("500 INTERNAL SERVER ERROR", [
+            ("Content-Length", str(len(expected))), ("Content-Type", "application/json")],
+            expected), path
+        assert "boom between the read and the fill" in caplog.text  # with its traceback
+        assert "Traceback" in caplog.text
 
 
 def test_hot_requests_are_counted_like_any_other(app: Flask) -> None:
@@ -246,7 +239,7 @@ def test_hot_requests_are_counted_like_any_other(app: Flask) -> None:
     assert counted() == (hits + 3, requests + 3)
 
 
-# With API_TOKENS_FILE, one check in front of both doors (service/auth.py): every /users
+# With API_TOKENS_FILE, one check in front of both doors (service/web/auth.py): every /users
 # route and method, whichever door would have answered, is refused alike without a token.
 USERS_ROUTES = [  # (method, path, request options)
     ("GET", "/users/1", {}),  # the hot path's

@@ -14,7 +14,8 @@ import requests
 from flask import Flask
 
 from bench.stack import PG_URL, drop_database, recreate_database
-from service.app import create_app, users_of
+from service.process.factory import create_app
+from service.web.routes import users_of
 from tests.support import free_port
 
 from .helpers import (
@@ -27,7 +28,8 @@ from .helpers import (
 )
 from .servers import ROOT, RedisServer, ServiceProcess, wait_until
 
-PACKAGED = sorted(path.name for path in (ROOT / "service" / "migrations").glob("*.sql"))
+MIGRATIONS = ROOT / "service" / "postgres" / "migrations"
+PACKAGED = sorted(path.name for path in MIGRATIONS.glob("*.sql"))
 TABLES = ("users", "cache_repairs", "cache_namespace", "schema_migrations")
 # What the service's statements need, and nothing else (the contract of issue 10).
 EXPECTED_GRANTS = {
@@ -94,7 +96,7 @@ def test_the_service_role_inserts_users_without_a_right_on_their_sequence(
 def test_a_database_made_before_migrations_were_recorded_is_migrated_in_place(
         owner_url: str, bare: str) -> None:
     for name in PACKAGED:  # what the service used to run at start, without recording it
-        query(owner_url, (ROOT / "service" / "migrations" / name).read_text())
+        query(owner_url, (MIGRATIONS / name).read_text())
     query(owner_url, "INSERT INTO users (username, email) VALUES ('kept', 'kept@example.org')")
     (namespace,) = query(owner_url, "SELECT value FROM cache_namespace")
     result = run_migrate(owner_url, bare)
@@ -149,7 +151,7 @@ def test_a_missing_migration_is_one_log_line_and_503_until_migrate_runs(
         caplog: pytest.LogCaptureFixture) -> None:
     app: Flask = create_app(settings_for(database_url, redis_up.url))
     client = app.test_client()
-    with caplog.at_level(logging.INFO, logger="service.db"):
+    with caplog.at_level(logging.INFO, logger="service.postgres.pool"):
         for _ in range(5):
             assert client.get("/readyz").status_code == 503
             assert client.get("/users?username=anyone").status_code == 503

@@ -10,7 +10,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service.app import create_app, users_of
+from service.process.factory import create_app
+from service.web.routes import users_of
 
 from .helpers import (
     Read,
@@ -177,3 +178,24 @@ def test_the_near_cache_works_over_a_unix_socket(database_url: str, owner_url: s
     new = over_socket[1].patch(f"/users/{user['id']}",
                                json={"display_name": "changed"}).get_json()["data"]
     assert read(over_socket[0], f"/users/{user['id']}").data == new
+
+
+def test_the_least_recently_read_user_is_the_one_that_goes(
+        database_url: str, owner_url: str, redis_up: RedisServer) -> None:
+    """A near cache of two: reading the first user again keeps it, the second one goes."""
+    empty_database(owner_url)
+    client = create_app(settings_for(database_url, redis_up.url,
+                                     cache={"near_size": 2})).test_client()
+    first, second, third = (create(client, name, f"{name}@example.org")
+                            for name in ("ann", "ben", "cid"))
+    for user in (first, second, first):  # into the near cache; the first read last
+        read(client, f"/users/{user['id']}")
+        read(client, f"/users/{user['id']}")
+    read(client, f"/users/{third['id']}")  # in, and the least recently read goes out
+    send_fills(client)
+    before = commands(redis_up)
+    assert read(client, f"/users/{first['id']}") == Read("HIT", first)
+    assert commands(redis_up) - before == 1  # from memory: only the INFO call above
+    before = commands(redis_up)
+    assert read(client, f"/users/{second['id']}") == Read("HIT", second)
+    assert commands(redis_up) - before > 1  # the INFO call, and a READ from Redis

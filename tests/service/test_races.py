@@ -1,7 +1,7 @@
 """The cache-aside races, forced to happen in the worst order, must not leave stale data.
 
-`UserCache.before_fill` runs between a reader's database read and its cache fill; the
-tests park a reader there while a writer commits, then let it fill. Some run again with a
+A reader is parked between its database read and its cache fill (helpers.parked_reader);
+the tests park it there while a writer commits, then let it fill. Some run again with a
 key evicted at the worst moment, as a Redis out of memory may do (test_eviction.py has more).
 """
 
@@ -11,7 +11,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service.keys import Lookup
+from service.cache.keys import Lookup
 
 from .helpers import Read, create, evicted, finish, keys, late_update, parked_reader, read
 from .servers import RedisServer

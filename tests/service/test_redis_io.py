@@ -1,4 +1,4 @@
-"""The cache's pool of Redis connections (service/redis_io.py, RedisClient), against the
+"""The cache's pool of Redis connections (service/wire/client.py, RedisClient), against the
 tests' private redis-server, logged in as the service's Redis user (so on keys under cs:
 only). The invalidation listener is tested with the near cache (test_nearcache.py)."""
 
@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from service.redis_io import RedisClient, Script
+from service.settings import RedisSettings
+from service.wire.client import RedisClient, Script
 
 from .servers import RedisServer, wait_until
 
@@ -22,7 +23,7 @@ FAILING = Script("return redis.error_reply('NOPE on purpose')")
 
 @pytest.fixture
 def pool(redis_up: RedisServer) -> Iterator[RedisClient]:
-    pool = RedisClient(redis_up.url, timeout=0.2)
+    pool = RedisClient(RedisSettings(url=redis_up.url, timeout=0.2))
     yield pool
     pool.close()
 

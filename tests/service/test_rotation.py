@@ -20,8 +20,9 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service.app import create_app, users_of
-from service.config import Settings, with_password
+from service.process.config import Settings, with_password
+from service.process.factory import create_app
+from service.web.routes import users_of
 
 from .helpers import Read, create, empty_database, private_redis, query, read, running_and_empty
 from .servers import RedisServer, wait_until
@@ -132,7 +133,7 @@ def test_when_neither_password_logs_in_it_is_a_503_and_one_line_until_the_file_i
     create(new_login(app), "before", "before@example.org")
     role_password.change(new)
     password_file.write_text("a-wrong-one\n")
-    with caplog.at_level(logging.INFO, logger="service.db"):
+    with caplog.at_level(logging.INFO, logger="service.postgres.pool"):
         for _ in range(3):
             refused = new_login(app).post("/users", json={"username": "nobody",
                                                           "email": "nobody@example.org"})
@@ -150,7 +151,7 @@ def test_a_password_file_that_goes_missing_or_empty_keeps_the_value_it_held(
         app_with_password_file: Flask, password_file: Path, spoil: str,
         caplog: pytest.LogCaptureFixture) -> None:
     app = app_with_password_file
-    with caplog.at_level(logging.WARNING, logger="service.config"):
+    with caplog.at_level(logging.WARNING, logger="service.process.config"):
         if spoil == "remove":
             password_file.unlink()
         else:

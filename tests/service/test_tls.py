@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from service.app import create_app, users_of
+from service.process.factory import create_app
+from service.web.routes import users_of
 
 from .helpers import create, empty_database, settings_for
 from .servers import RedisServer, TcpProxy, TlsFiles
@@ -96,8 +97,8 @@ def test_a_redis_certificate_from_another_ca_is_one_line_and_no_hang(
     user = create(app.test_client())  # acknowledged: Postgres has it, Redis was skipped
     assert app.test_client().get(f"/users/{user['id']}").headers["X-Cache"] == "BYPASS"
     assert app.test_client().get("/readyz").get_json() == {"database": "ok", "cache": "degraded"}
-    assert_one_clear_line_and_no_hang(app, caplog, "service.cache", "certificate verify failed",
-                                      f"/users/{user['id']}")
+    assert_one_clear_line_and_no_hang(app, caplog, "service.cache.policy",
+                                      "certificate verify failed", f"/users/{user['id']}")
 
 
 def test_a_redis_certificate_for_another_host_is_one_line_and_no_hang(
@@ -109,7 +110,8 @@ def test_a_redis_certificate_for_another_host_is_one_line_and_no_hang(
         elsewhere.start()
         app = create_app(settings_for(database_url, elsewhere.url))
         misconfigured.append(app)
-        assert_one_clear_line_and_no_hang(app, caplog, "service.cache", "mismatch", "/users/1")
+        assert_one_clear_line_and_no_hang(app, caplog, "service.cache.policy", "mismatch",
+                                          "/users/1")
     finally:
         elsewhere.close()
 
@@ -122,8 +124,8 @@ def test_a_postgres_certificate_from_another_ca_is_one_line_and_503(
     app = create_app(settings_for(url, redis_up.url))
     misconfigured.append(app)
     assert app.test_client().get("/readyz").status_code == 503
-    assert_one_clear_line_and_no_hang(app, caplog, "service.db", "certificate verify failed",
-                                      "/readyz")
+    assert_one_clear_line_and_no_hang(app, caplog, "service.postgres.pool",
+                                      "certificate verify failed", "/readyz")
 
 
 def test_postgres_over_tls_as_the_url_asks(database_url: str, redis_up: RedisServer,
