@@ -14,6 +14,7 @@ import ssl
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -114,6 +115,16 @@ def make_server_cert(ca: KeyPair, hosts: list[str], days: int = VALID_DAYS) -> K
 def expires(cert_pem: bytes) -> datetime.datetime:
     """When a PEM certificate stops being valid (UTC)."""
     return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
+
+
+def signed_by(cert_pem: bytes, ca_cert_pem: bytes) -> bool:
+    """Whether the CA of `ca_cert_pem` (the first certificate in it) signed `cert_pem`."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_cert_pem))
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def issuer(cert_pem: bytes) -> str:

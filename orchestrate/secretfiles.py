@@ -90,8 +90,9 @@ def _ensure_certificates(stack: Stack) -> list[str]:
     for server in stack.certificates:
         if operators_own(server):
             continue
-        if fresh_ca or not (_present(server.key) and _present(server.cert)):
-            created += issue_certificate(ca, server)
+        if fresh_ca or not (_present(server.key) and _present(server.cert)) or not certs.signed_by(
+                secret_path(server.cert).read_bytes(), ca.cert):
+            created += issue_certificate(ca, server)  # missing, or left from an earlier CA
     return created
 
 
