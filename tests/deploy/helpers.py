@@ -59,13 +59,15 @@ def image_env(refs: dict[str, str]) -> dict[str, str]:
     return {f"CACHESTACK_{key.upper()}_IMAGE": ref for key, ref in refs.items()}
 
 
-def wait_ready(base_url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
-    """Poll GET /readyz through a published 127.0.0.1 port until it answers 200."""
+def wait_ready(base_url: str, timeout_s: float = READY_TIMEOUT_S, verify: str | bool = True
+               ) -> None:
+    """Poll GET /readyz through a published 127.0.0.1 port until it answers 200 (an https
+    one verified with the CA file `verify`)."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < deadline:
         try:
-            reply = requests.get(f"{base_url}/readyz", timeout=3)
+            reply = requests.get(f"{base_url}/readyz", timeout=3, verify=verify)
             if reply.status_code == 200:
                 return
             last = f"HTTP {reply.status_code} {reply.text[:200]}"
