@@ -287,13 +287,14 @@ def test_dev_override_reloads_changed_code(
         extra = {"CACHESTACK_DEV_SOURCE": str(source / "service")}
         with compose_up(docker_client, stack_images, (*FILES, DEV_FILE), extra) as running:
             url = f"{running.url}/__dev_reload_check"
-            assert requests.get(url, timeout=5).status_code == 404
+            auth = {"Authorization": f"Bearer {api_token()}"}  # every path but the probes'
+            assert requests.get(url, headers=auth, timeout=5).status_code == 404
             with open(source / "service" / "wsgi.py", "a") as wsgi:
                 wsgi.write('\napp.add_url_rule("/__dev_reload_check", "dev", lambda: "reloaded")\n')
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 try:
-                    if requests.get(url, timeout=2).text == "reloaded":
+                    if requests.get(url, headers=auth, timeout=2).text == "reloaded":
                         return
                 except requests.RequestException:
                     pass  # the server is restarting
