@@ -24,6 +24,7 @@ from .stack import (
     DEFAULT_PROJECT,
     DEFAULT_REPLICAS,
     MAX_REPLICAS,
+    Stack,
     describe_stack,
 )
 
@@ -39,7 +40,7 @@ def up(args: argparse.Namespace) -> None:
     if args.monitoring and args.monitoring_port == args.port:
         raise OrchestrateError(f"--port and --monitoring-port cannot both be {args.port}")
     stack = describe_stack(args.project, args.port, args.replicas,
-                           args.monitoring_port if args.monitoring else None)
+                           args.monitoring_port if args.monitoring else None, args.tls)
     started = time.monotonic()
     timings = engine.up(stack, args.images)
     summary = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items())
@@ -56,6 +57,12 @@ def down(args: argparse.Namespace) -> None:
     say(f"project {args.project}: " + ("down" if removed else "nothing to remove"))
 
 
+def running_stack(args: argparse.Namespace, replicas: int = DEFAULT_REPLICAS) -> Stack:
+    """The project as it runs: with TLS at the proxy if its proxy was brought up so."""
+    tls = engine.serves_tls(engine.connect(), args.project)
+    return describe_stack(args.project, args.port, replicas, tls=tls)
+
+
 def status(args: argparse.Namespace) -> None:
     existing(args.project)
     for row in engine.status(describe_stack(args.project, args.port)):
@@ -63,7 +70,7 @@ def status(args: argparse.Namespace) -> None:
             "{service:<9} {container:<28} {id:<12} {state:<10} {health:<10} {ports:<16} "
             "{proxy:<6} {by:<11} {image}".format(**row)
         )
-    for warning in expiring_certificates(describe_stack(args.project, args.port)):
+    for warning in expiring_certificates(running_stack(args)):
         say(f"warning: {warning}")
 
 
@@ -74,13 +81,15 @@ def logs(args: argparse.Namespace) -> None:
 
 def smoke(args: argparse.Namespace) -> None:
     existing(args.project)
-    url = engine.service_url(describe_stack(args.project, args.port))
-    if not run_smoke(url, api_token()):
+    stack = running_stack(args)
+    if not run_smoke(engine.service_url(stack), api_token(),
+                     context=engine.service_context(stack)):
         raise OrchestrateError("smoke checks failed")
 
 
 def secrets(args: argparse.Namespace) -> None:
-    stack = describe_stack(args.project, args.port)
+    # What any format may mount, the proxy's TLS certificate (compose.tls.yml) included.
+    stack = describe_stack(args.project, args.port, tls=True)
     created = ensure_secrets(stack)
     say(f"generated {', '.join(created)}" if created else "all secrets present")
     for service in stack.services:
@@ -156,7 +165,7 @@ def restore_command(args: argparse.Namespace) -> int:
     dump = Path(args.file)
     manifest = backup.verify(args.project, dump, args.trust_unsigned)
     client = engine.connect()
-    stack = describe_stack(args.project, args.port, engine.replica_count(client, args.project))
+    stack = running_stack(args, engine.replica_count(client, args.project))
     if not args.yes:
         say(f"this would replace the database of project {args.project} with {dump} (taken "
             f"{manifest.taken_at}, {manifest.bytes / 2**20:.1f} MiB) and give the cache a new "
@@ -166,7 +175,8 @@ def restore_command(args: argparse.Namespace) -> int:
     backup.restore(stack, dump, manifest)
     refs = images.resolve_images(client, stack, args.images)
     engine.realise(client, stack, refs, {})
-    if not run_smoke(engine.service_url(stack), api_token()):
+    if not run_smoke(engine.service_url(stack), api_token(),
+                     context=engine.service_context(stack)):
         raise OrchestrateError("restored, but the smoke checks failed")
     say(f"restored project {args.project} from {dump} in {time.monotonic() - started:.1f}s")
     return 0
@@ -174,7 +184,7 @@ def restore_command(args: argparse.Namespace) -> int:
 
 def rotate_command(args: argparse.Namespace) -> None:
     started = time.monotonic()
-    done = rotate.rotate(describe_stack(args.project, args.port), args.names)
+    done = rotate.rotate(running_stack(args), args.names)
     say(f"rotated {len(done)} secret(s) of project {args.project} in "
         f"{time.monotonic() - started:.1f}s; the old values are refused now")
 
@@ -238,6 +248,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                             help="also run Prometheus, scraping every replica and the proxy")
     up_command.add_argument("--monitoring-port", type=port_number, default=DEFAULT_MONITORING_PORT,
                             help="its UI on 127.0.0.1 (default %(default)s)")
+    up_command.add_argument("--tls", action="store_true",
+                            help="the proxy's port speaks TLS only, with secrets/proxy.crt (the "
+                            "project CA's, or your own) and secrets/proxy.key")
     command("down", down, "remove the project's resources").add_argument(
         "--volumes", action="store_true", help="also remove the named volumes"
     )

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -113,3 +115,33 @@ def make_server_cert(ca: KeyPair, hosts: list[str], days: int = VALID_DAYS) -> K
 def expires(cert_pem: bytes) -> datetime.datetime:
     """When a PEM certificate stops being valid (UTC)."""
     return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
+
+
+def signed_by(cert_pem: bytes, ca_cert_pem: bytes) -> bool:
+    """Whether the CA of `ca_cert_pem` (the first certificate in it) signed `cert_pem`."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_cert_pem))
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def issuer(cert_pem: bytes) -> str:
+    """The common name of the CA that issued a PEM certificate (its first one)."""
+    names = x509.load_pem_x509_certificate(cert_pem).issuer.get_attributes_for_oid(
+        NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
+def pinned_context(cert_pem: bytes) -> ssl.SSLContext:
+    """A client context that trusts exactly the server certificate `cert_pem` (the first one
+    of the file, never the CAs after it), whichever names it was issued for: how the
+    orchestrator checks that its port is served by the stack's own proxy, whose certificate
+    may be the operator's, for a host name other than 127.0.0.1."""
+    leaf = x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.PEM)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # the certificate itself is what is trusted
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a server certificate as anchor
+    context.load_verify_locations(cadata=leaf.decode())
+    return context

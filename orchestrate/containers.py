@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -203,14 +204,16 @@ def wait_healthy(container: Container, deadline_s: float = HEALTH_DEADLINE_S) ->
         time.sleep(0.25)
 
 
-def wait_ready(container: Container, url: str, deadline_s: float = READY_DEADLINE_S) -> None:
-    """Wait until `url` answers 200, checking on the container between attempts."""
+def wait_ready(container: Container, url: str, deadline_s: float = READY_DEADLINE_S,
+               context: ssl.SSLContext | None = None) -> None:
+    """Wait until `url` answers 200 (an https one trusted with `context`), checking on the
+    container between attempts."""
     deadline = time.monotonic() + deadline_s
     last = "no answer"
     while True:
         fail_if_broken(container)
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=2, context=context) as response:
                 if response.status == 200:
                     return
                 last = f"HTTP {response.status}"

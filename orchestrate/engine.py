@@ -9,6 +9,7 @@ cleanup by the label org.cachestack.project=<project>.
 from __future__ import annotations
 
 import socket
+import ssl
 from typing import Any
 
 import docker
@@ -31,20 +32,29 @@ from .containers import (
 from .errors import OrchestrateError
 from .output import say, step
 from .proxy import Proxy
-from .secretfiles import api_token, changed_since_staged, ensure_secrets, remove_staged
+from .secretfiles import (
+    api_token,
+    changed_since_staged,
+    ensure_secrets,
+    port_context,
+    remove_staged,
+)
 from .stack import (
     CONFIG_HASH_LABEL,
     DEFAULT_REPLICAS,
     PROJECT_LABEL,
+    PROXY_TLS_SETTING,
     REPLICA_LABEL,
     SERVICE_LABEL,
+    Port,
     Service,
     Stack,
 )
 
 TASK_DEADLINE_S = 180.0
 
-__all__ = ["connect", "down", "logs", "realise", "service_url", "status", "up"]
+__all__ = ["connect", "down", "logs", "realise", "serves_tls", "service_context", "service_url",
+           "status", "up"]
 
 
 def ensure_network(client: docker.DockerClient, stack: Stack, name: str, internal: bool) -> str:
@@ -176,7 +186,7 @@ def wait_running(container: Container, service: Service) -> None:
     then check its secrets."""
     if service.ready_path and service.ports:  # readiness is stronger than health
         port = service.ports[0]
-        wait_ready(container, f"http://{port.host_ip}:{port.host}{service.ready_path}")
+        wait_ready(container, port.url + service.ready_path, context=port_context(port))
     else:
         wait_healthy(container)
     verify_secrets(container, service)
@@ -191,6 +201,16 @@ def replica_count(client: docker.DockerClient, project: str) -> int:
     found = [c for c in project_containers(client, project, "service")
              if c.labels.get(REPLICA_LABEL)]
     return len(found) or DEFAULT_REPLICAS
+
+
+def serves_tls(client: docker.DockerClient, project: str) -> bool:
+    """Whether the project's running proxy serves TLS (it was brought up with `--tls`), so
+    that a later command describes the stack as it runs."""
+    return any(
+        any(setting.startswith(f"{PROXY_TLS_SETTING}=")
+            for setting in container.attrs["Config"].get("Env") or [])
+        for container in project_containers(client, project, "proxy")
+        if container.status == "running")
 
 
 def running_proxy(client: docker.DockerClient, stack: Stack) -> Proxy | None:
@@ -245,9 +265,18 @@ def remove_orphans(client: docker.DockerClient, stack: Stack) -> None:
             say(f"{container.name}: removed (not in the stack any more)")
 
 
+def _api_port(stack: Stack) -> Port:
+    return stack.service("proxy").ports[0]
+
+
 def service_url(stack: Stack) -> str:
-    port = next(p for s in stack.services for p in s.ports)
-    return f"http://{port.host_ip}:{port.host}"
+    """Where the stack serves its API: the proxy's published port."""
+    return _api_port(stack).url
+
+
+def service_context(stack: Stack) -> ssl.SSLContext | None:
+    """How the orchestrator's own requests to service_url trust it (None: plain HTTP)."""
+    return port_context(_api_port(stack))
 
 
 def up(stack: Stack, mode: str) -> dict[str, float]:
@@ -268,7 +297,7 @@ def up(stack: Stack, mode: str) -> dict[str, float]:
         refs = images.resolve_images(client, stack, mode)
     realise(client, stack, refs, timings)
     with step("smoke checks", timings):
-        if not smoke.run_smoke(service_url(stack), api_token()):
+        if not smoke.run_smoke(service_url(stack), api_token(), context=service_context(stack)):
             raise OrchestrateError("smoke checks failed")
     return timings
 

@@ -16,12 +16,15 @@ files at every new connection and its token file when it changes, so nothing res
   then secrets/api_tokens, which clients read, leads with it; after a grace period for them
   the old one goes.
 - the certificates: a new CA joins the old in ca.crt, the servers get certificates of the new
-  CA and reload them (pg_reload_conf, CONFIG SET tls-cert-file), then the old CA goes.
+  CA and reload them (pg_reload_conf, CONFIG SET tls-cert-file, and with `up --tls` the
+  proxy's runtime API), then the old CA goes. An operator's own proxy certificate stays.
 """
 
 from __future__ import annotations
 
 import hashlib
+import socket
+import ssl
 import time
 from collections.abc import Callable
 
@@ -31,12 +34,14 @@ from . import certs
 from .containers import connect, exec_input, project_containers
 from .errors import OrchestrateError
 from .output import say
+from .proxy import SOCKET, Proxy
 from .secretfiles import (
     CA_KEY,
     CA_NAME,
     issue_certificate,
     new_password,
     new_token,
+    operators_own,
     secret_path,
     stage_secrets,
     write_secret,
@@ -46,9 +51,11 @@ from .stack import (
     CA_CERT,
     DB_APP,
     DB_OWNER,
+    PROXY_CERT,
     REDIS_HEALTH_USER,
     REDIS_SERVICE_USER,
     Stack,
+    secret_target,
 )
 
 ROLES = {"postgres_password": "postgres", "postgres_owner_password": DB_OWNER,
@@ -186,6 +193,40 @@ def reload_servers(running: Running) -> None:
                         "tls-key-file /run/secrets/redis.key")
 
 
+def renewed_at_proxy(running: Running) -> bool:
+    """Whether the proxy serves a certificate that rotation renews (`up --tls`, with the
+    project CA's)."""
+    return PROXY_CERT in running.stack.certificates and not operators_own(PROXY_CERT)
+
+
+def reload_proxy(running: Running) -> None:
+    """The proxy takes its new certificate and key through its runtime API, on standard input
+    (never a command line); the connections it accepts from then on get them."""
+    proxy = running.one("proxy")
+    target = secret_target(PROXY_CERT.cert)
+    pem = secret_path(PROXY_CERT.cert).read_bytes() + secret_path(PROXY_CERT.key).read_bytes()
+    answer = exec_input(proxy, ["socat", "stdio", f"unix-connect:{SOCKET}"],
+                        proxy.attrs["Config"]["User"],
+                        [f"set ssl cert {target} <<\n".encode(), pem, b"\n"]).decode()
+    committed = Proxy(proxy).ask(f"commit ssl cert {target}")
+    if "Success" not in committed:
+        raise OrchestrateError(f"the proxy refused its new certificate: {answer.strip()} "
+                               f"{committed.strip()}")
+
+
+def proxy_presents_certificate_of(running: Running, ca_cert: bytes) -> bool:
+    """Whether the proxy's published port presents a certificate of `ca_cert`'s CA for its
+    host name, as a client on this host verifies it."""
+    port = running.stack.service("proxy").ports[0]
+    context = ssl.create_default_context(cadata=ca_cert.decode())
+    with socket.create_connection((port.host_ip, port.host), timeout=5) as raw:
+        try:
+            context.wrap_socket(raw, server_hostname=port.host_ip).close()
+        except ssl.SSLCertVerificationError:
+            return False
+    return True
+
+
 def present_certificates_of(running: Running, ca_cert: bytes) -> bool:
     """Whether Postgres and Redis both present a certificate of `ca_cert`'s CA, as a replica
     sees them. pg_reload_conf only signals the postmaster, so until this holds a new login
@@ -203,11 +244,16 @@ def rotate_certificates(running: Running) -> None:
     running.stage(CA_CERT)
     write_secret(CA_KEY, ca.key)
     for server in running.stack.certificates:
-        issue_certificate(ca, server)
-        running.stage(server.cert)
+        if not operators_own(server):
+            issue_certificate(ca, server)
+            running.stage(server.cert)
     reload_servers(running)
-    wait_for(lambda: present_certificates_of(running, ca.cert),
-             "the servers did not present the new certificates")
+    proxy = renewed_at_proxy(running)
+    if proxy:
+        reload_proxy(running)
+    wait_for(lambda: present_certificates_of(running, ca.cert) and (
+        not proxy or proxy_presents_certificate_of(running, ca.cert)),
+        "the servers did not present the new certificates")
     write_secret(CA_CERT, ca.cert)
     running.stage(CA_CERT)
 

@@ -19,11 +19,21 @@ import hashlib
 import os
 import secrets as stdlib_secrets
 import shutil
+import ssl
 from pathlib import Path
 
 from . import certs
 from .errors import OrchestrateError
-from .stack import API_TOKENS, CA_CERT, SECRETS_DIR, Certificate, Service, Stack
+from .stack import (
+    API_TOKENS,
+    CA_CERT,
+    PROXY_CERT,
+    SECRETS_DIR,
+    Certificate,
+    Port,
+    Service,
+    Stack,
+)
 
 # The repository: secrets/ and build/secrets/ are under it. CACHESTACK_ROOT names it where this
 # package runs installed (compose's set-up container, which mounts those folders).
@@ -78,9 +88,18 @@ def _ensure_certificates(stack: Stack) -> list[str]:
     else:
         ca = certs.KeyPair(secret_path(CA_KEY).read_bytes(), secret_path(CA_CERT).read_bytes())
     for server in stack.certificates:
-        if fresh_ca or not (_present(server.key) and _present(server.cert)):
-            created += issue_certificate(ca, server)
+        if operators_own(server):
+            continue
+        if fresh_ca or not (_present(server.key) and _present(server.cert)) or not certs.signed_by(
+                secret_path(server.cert).read_bytes(), ca.cert):
+            created += issue_certificate(ca, server)  # missing, or left from an earlier CA
     return created
+
+
+def operators_own(server: Certificate) -> bool:
+    """Whether the server certificate in secrets/ was issued by another CA than the project's:
+    the operator's own (the proxy's, for a public name), used as it is and never replaced."""
+    return _present(server.cert) and certs.issuer(secret_path(server.cert).read_bytes()) != CA_NAME
 
 
 def issue_certificate(ca: certs.KeyPair, server: Certificate) -> list[str]:
@@ -134,18 +153,28 @@ def api_token() -> str:
     return read_secret(API_TOKENS).splitlines()[0].strip()
 
 
+def port_context(port: Port) -> ssl.SSLContext | None:
+    """How the orchestrator's own requests trust a published port: with TLS, exactly the
+    proxy's certificate in secrets/ (certs.pinned_context); None for plain HTTP."""
+    if not port.tls:
+        return None
+    return certs.pinned_context(secret_path(PROXY_CERT.cert).read_bytes())
+
+
 def expiring_certificates(stack: Stack, now: datetime.datetime | None = None) -> list[str]:
     """One line for each certificate that expires within EXPIRY_WARNING (or already has)."""
     now = now or datetime.datetime.now(datetime.UTC)
     warnings = []
+    own = {c.cert for c in stack.certificates if operators_own(c)}
     for name in [CA_CERT, *(c.cert for c in stack.certificates)]:
         if not _present(name):
             continue
         left = certs.expires(secret_path(name).read_bytes()) - now
         if left < EXPIRY_WARNING:
             state = f"expires in {left.days} days" if left.total_seconds() > 0 else "has expired"
-            warnings.append(f"certificate secrets/{name} {state}: renew it with "
-                            f"`python -m orchestrate rotate {CA_CERT}`")
+            renew = ("replace it (it is your own)" if name in own
+                     else f"renew it with `python -m orchestrate rotate {CA_CERT}`")
+            warnings.append(f"certificate secrets/{name} {state}: {renew}")
     return warnings
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -39,9 +40,11 @@ class CheckFailed(Exception):
 
 
 def call(
-    base_url: str, method: str, path: str, payload: Any = None, token: str | None = None
+    base_url: str, method: str, path: str, payload: Any = None, token: str | None = None,
+    context: ssl.SSLContext | None = None,
 ) -> Reply:
-    """One HTTP request; any status is a Reply, only transport errors raise."""
+    """One HTTP request (an https one trusted with `context`); any status is a Reply, only
+    transport errors raise."""
     data = None if payload is None else json.dumps(payload).encode()
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if token:
@@ -50,7 +53,7 @@ def call(
         base_url.rstrip("/") + path, data=data, method=method, headers=headers
     )
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S, context=context) as response:
             status, headers, raw = response.status, response.headers, response.read()
     except urllib.error.HTTPError as exc:
         status, headers, raw = exc.code, exc.headers, exc.read()
@@ -75,11 +78,12 @@ class Smoke:
 
     base_url: str
     token: str | None = None
+    context: ssl.SSLContext | None = None
     tag: str = field(default_factory=lambda: secrets.token_hex(4))
     user: dict[str, Any] = field(default_factory=dict)
 
     def call(self, method: str, path: str, payload: Any = None) -> Reply:
-        return call(self.base_url, method, path, payload, self.token)
+        return call(self.base_url, method, path, payload, self.token, self.context)
 
     def get(self, path: str) -> Reply:
         return self.call("GET", path)
@@ -168,7 +172,7 @@ class Smoke:
         )
 
     def no_token(self) -> None:
-        reply = call(self.base_url, "GET", f"/users/{self.user['id']}")
+        reply = call(self.base_url, "GET", f"/users/{self.user['id']}", context=self.context)
         expect(
             reply.status == 401 and "error" in (reply.body or {})
             and reply.headers.get("www-authenticate", "").startswith("Bearer"),
@@ -193,11 +197,13 @@ class Smoke:
 
 
 def run_smoke(
-    base_url: str, token: str | None = None, out: Callable[[str], None] = say
+    base_url: str, token: str | None = None, out: Callable[[str], None] = say,
+    context: ssl.SSLContext | None = None,
 ) -> bool:
-    """Run every check against `base_url`; print one line each; True when all pass."""
+    """Run every check against `base_url` (an https one trusted with `context`); print one
+    line each; True when all pass."""
     passed = True
-    for name, check in Smoke(base_url, token).checks():
+    for name, check in Smoke(base_url, token, context).checks():
         if not passed:
             out(f"smoke skip {name}")
             continue

@@ -14,6 +14,11 @@ Who may do what:
   user of their own (docker/redis/users.acl); it listens on a TLS port only.
 - HTTP: every /users route needs a bearer token from secrets/api_tokens.
 
+Networks: only what publishes a port on the host (the proxy, Prometheus) is on a network with
+a route out (`edge`); the replicas, which hold the database's and Redis's credentials, and the
+stores are on internal networks only (`frontend`: the proxy, the replicas and Prometheus;
+`backend`: the replicas, the stores and `migrate`).
+
 Resource names: containers `<project>-<service>`, networks and volumes `<project>_<name>`;
 every container, network and volume carries the label `org.cachestack.project=<project>`.
 """
@@ -144,11 +149,16 @@ class Hardening:
 
 @dataclass(frozen=True)
 class Port:
-    """A published port: host_ip:host -> container."""
+    """A published port: host_ip:host -> container, speaking TLS when `tls`."""
 
     container: int
     host: int
     host_ip: str = "127.0.0.1"
+    tls: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host_ip}:{self.host}"
 
 
 @dataclass(frozen=True)
@@ -252,6 +262,11 @@ IMAGES: dict[str, ImageSpec] = {
 
 POSTGRES_CERT = Certificate("postgres", ("postgres", "localhost", "127.0.0.1"))
 REDIS_CERT = Certificate("redis", ("redis", "localhost", "127.0.0.1"))
+# The proxy's, with `up --tls`: for clients on this host. A file the project CA did not sign is
+# the operator's own (secrets/README.md) and is used as it is.
+PROXY_CERT = Certificate("proxy", ("localhost", "127.0.0.1"))
+# HAProxy serves TLS on its port when this names its certificate (docker/proxy/haproxy.cfg).
+PROXY_TLS_SETTING = "PROXY_TLS_CERT"
 # Clients verify the server's certificate and its name (verify-full, redis-py's default).
 DATABASE_TLS = f"sslmode=verify-full&sslrootcert={secret_target(CA_CERT)}"
 REDIS_TLS = f"ssl_ca_certs={secret_target(CA_CERT)}"
@@ -280,10 +295,11 @@ def _private_tmp(uid: int, size: str) -> tuple[str, str]:
 
 def describe_stack(
     project: str = DEFAULT_PROJECT, port: int = DEFAULT_PORT, replicas: int = DEFAULT_REPLICAS,
-    monitoring_port: int | None = None,
+    monitoring_port: int | None = None, tls: bool = False,
 ) -> Stack:
     """Return the stack for `project`: `replicas` service containers behind the proxy, which
-    is published on 127.0.0.1:`port`, and with a `monitoring_port`, Prometheus published there."""
+    is published on 127.0.0.1:`port` (with `tls`, speaking TLS only, with PROXY_CERT), and
+    with a `monitoring_port`, Prometheus published there."""
     postgres = Service(
         name="postgres",
         image="postgres",
@@ -426,9 +442,9 @@ def describe_stack(
         image="proxy",
         user=f"{PROXY_UID}:{PROXY_UID}",
         command=("haproxy", "-db", "-f", "/usr/local/etc/haproxy/haproxy.cfg"),
-        environment=(),
-        secrets=(),
-        networks=("frontend",),
+        environment=((PROXY_TLS_SETTING, secret_target(PROXY_CERT.cert)),) if tls else (),
+        secrets=_mounts(PROXY_UID, PROXY_CERT.cert, PROXY_CERT.key) if tls else (),
+        networks=("frontend", "edge"),
         volumes=(),
         healthcheck=HealthCheck(("CMD-SHELL", PROXY_HEALTH)),
         hardening=Hardening(
@@ -436,7 +452,7 @@ def describe_stack(
             mem_limit="128m",
             pids_limit=64,
         ),
-        ports=(Port(container=8000, host=port),),
+        ports=(Port(container=8000, host=port, tls=tls),),
         ready_path="/readyz",
     )
     services: tuple[Service, ...] = (postgres, redis, migrate, service, proxy)
@@ -446,17 +462,19 @@ def describe_stack(
     return Stack(
         project=project,
         services=services,
-        networks=(Network("backend", internal=True), Network("frontend", internal=False)),
+        networks=(Network("backend", internal=True), Network("frontend", internal=True),
+                  Network("edge", internal=False)),
         volumes=tuple(v for s in services for v, _ in s.volumes),
         secrets=tuple(mounted),
-        certificates=(POSTGRES_CERT, REDIS_CERT),
+        certificates=(POSTGRES_CERT, REDIS_CERT) + ((PROXY_CERT,) if tls else ()),
         images={key: IMAGES[key] for key in dict.fromkeys(s.image for s in services)},
     )
 
 
 def prometheus_service(port: int) -> Service:
     """Prometheus (docker/prometheus): scrapes every replica and the proxy, which it reaches on
-    the frontend network; its UI and API are published on 127.0.0.1:`port`."""
+    the frontend network; its UI and API are published on 127.0.0.1:`port` (from the edge
+    network)."""
     return Service(
         name="prometheus",
         image="prometheus",
@@ -469,7 +487,7 @@ def prometheus_service(port: int) -> Service:
         ),
         environment=(),
         secrets=(),
-        networks=("frontend",),
+        networks=("frontend", "edge"),
         volumes=(("prometheusdata", "/prometheus"),),
         # promtool asks the query API, which only a running server answers.
         healthcheck=HealthCheck(

@@ -186,12 +186,14 @@ def resources(server: Server) -> Resources:
 def _variant_service(stack: Stack, variant: Variant, port: int) -> Service:
     """The replicas' description with the variant's settings: the same image, secrets and
     hardening, but a name of its own (the proxy finds replicas by the name `service`, so it
-    never sends this one a request) and a port on 127.0.0.1 for the load."""
+    never sends this one a request) and a port on 127.0.0.1 for the load, which Docker
+    publishes only from a network that is not internal (the edge network, the proxy's)."""
     replica = stack.service(SERVICE)
     environment = {**dict(replica.environment), **variant.environment}
     return dataclasses.replace(
         replica, name=VARIANT_PREFIX + variant.name, environment=tuple(environment.items()),
-        ports=(Port(container=SERVICE_PORT, host=port),), replicas=1, update_order="stop-first")
+        networks=("backend", "edge"), ports=(Port(container=SERVICE_PORT, host=port),),
+        replicas=1, update_order="stop-first")
 
 
 @contextmanager

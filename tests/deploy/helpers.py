@@ -16,7 +16,8 @@ from orchestrate.stack import describe_stack
 from tests.support import require
 
 REPO = Path(__file__).resolve().parents[2]
-SECRET_NAMES = describe_stack().secrets
+# Every secret a format may mount: k8s/ holds the proxy's TLS certificate of `up --tls`.
+SECRET_NAMES = describe_stack(tls=True).secrets
 READY_TIMEOUT_S = 180
 
 
@@ -58,13 +59,15 @@ def image_env(refs: dict[str, str]) -> dict[str, str]:
     return {f"CACHESTACK_{key.upper()}_IMAGE": ref for key, ref in refs.items()}
 
 
-def wait_ready(base_url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
-    """Poll GET /readyz through a published 127.0.0.1 port until it answers 200."""
+def wait_ready(base_url: str, timeout_s: float = READY_TIMEOUT_S, verify: str | bool = True
+               ) -> None:
+    """Poll GET /readyz through a published 127.0.0.1 port until it answers 200 (an https
+    one verified with the CA file `verify`)."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < deadline:
         try:
-            reply = requests.get(f"{base_url}/readyz", timeout=3)
+            reply = requests.get(f"{base_url}/readyz", timeout=3, verify=verify)
             if reply.status_code == 200:
                 return
             last = f"HTTP {reply.status_code} {reply.text[:200]}"

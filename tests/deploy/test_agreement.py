@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 from unittest import mock
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -26,6 +27,7 @@ from orchestrate.stack import (
     IMAGES,
     MAX_REPLICAS,
     PROJECT_LABEL,
+    PROXY_TLS_SETTING,
     SECRETS_DIR,
     SECRETS_TARGET_DIR,
     SERVICE_LABEL,
@@ -34,12 +36,14 @@ from orchestrate.stack import (
     describe_stack,
 )
 from service import probe
+from service.process.factory import MAX_BODY_BYTES
 
 from .helpers import REPO, run, tool
 
 STACK = describe_stack()
 SERVICES = [s.name for s in STACK.services]
 MONITORED = describe_stack(monitoring_port=DEFAULT_MONITORING_PORT)  # `up --monitoring`
+TLS = describe_stack(tls=True)  # `up --tls`
 # Kubernetes has its own proxy: the Service object balances over the pods that are ready.
 K8S_SERVICES = [name for name in SERVICES if name != "proxy"]
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
@@ -197,14 +201,39 @@ def test_compose_agrees(compose: dict[str, Any], name: str) -> None:
     assert svc["labels"] == {**STACK.labels(), SERVICE_LABEL: name}
     for port in service.ports:
         assert f"{port.host_ip}:{port.host}:{port.container}/tcp" in svc["ports"]
-    # Outside swarm, compose bind-mounts each container's staged copy (owner uid, mode 0400).
-    for mount in service.secrets:
-        source = next(s["source"] for s in svc["secrets"] if s["target"] == Path(mount.target).name)
-        staged = STAGE_ROOT / DEFAULT_PROJECT / name / mount.secret
-        assert Path(compose["secrets"][source]["file"]) == staged
+    assert_staged(compose, service)
     waits = {dep: how["condition"] for dep, how in svc.get("depends_on", {}).items()}
     assert waits == start_order()[name]
     assert svc.get("scale", 1) == service.replicas
+
+
+def assert_staged(compose: dict[str, Any], service: Service) -> None:
+    """Outside swarm, compose bind-mounts each container's staged copy (owner uid, mode 0400)."""
+    svc = compose["services"][service.name]
+    for mount in service.secrets:
+        source = next(s["source"] for s in svc["secrets"] if s["target"] == Path(mount.target).name)
+        staged = STAGE_ROOT / DEFAULT_PROJECT / service.name / mount.secret
+        assert Path(compose["secrets"][source]["file"]) == staged
+
+
+@pytest.fixture(scope="module")
+def compose_tls() -> dict[str, Any]:
+    return render(tool("docker-compose"), "-f", "docker-compose.yml", "-f", "compose.tls.yml",
+                  "config")
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_compose_tls_override_is_up_tls(
+    compose: dict[str, Any], compose_tls: dict[str, Any], name: str
+) -> None:
+    """-f compose.tls.yml makes the proxy what `up --tls` makes it, and changes nothing else."""
+    if name == "proxy":
+        assert compose_view(compose_tls, name) == expected(TLS.service(name))
+        assert_staged(compose_tls, TLS.service(name))
+    else:
+        assert compose_view(compose_tls, name) == compose_view(compose, name)
+    assert sorted(compose_tls["services"][name]["networks"]) == sorted(
+        compose["services"][name]["networks"])
 
 
 @pytest.mark.parametrize("key", sorted(IMAGES))
@@ -320,18 +349,38 @@ def test_swarm_agrees(swarm: dict[str, Any], name: str) -> None:
     assert svc["deploy"]["labels"] == STACK.labels()
     for port in service.ports:
         assert {"target": port.container, "published": port.host}.items() <= svc["ports"][0].items()
-    # Swarm delivers secrets itself, owned by the container's uid with the same mode.
-    delivered = {
-        (
-            s["source"],
-            f"{SECRETS_TARGET_DIR}/{s['target']}",
-            int(s["uid"]),
-            int(s["gid"]),
-            s["mode"],
-        )
+    assert swarm_secrets(svc) == {(m.secret, m.target, m.uid, m.gid, m.mode)
+                                  for m in service.secrets}
+
+
+def swarm_secrets(svc: dict[str, Any]) -> set[tuple[str, str, int, int, int]]:
+    """Swarm delivers secrets itself: (source, target, owner uid, gid, mode) of each."""
+    return {
+        (s["source"], f"{SECRETS_TARGET_DIR}/{s['target']}", int(s["uid"]), int(s["gid"]),
+         s["mode"])
         for s in svc.get("secrets", [])
     }
-    assert delivered == {(m.secret, m.target, m.uid, m.gid, m.mode) for m in service.secrets}
+
+
+@pytest.fixture(scope="module")
+def swarm_tls() -> dict[str, Any]:
+    return render(tool("docker"), "stack", "config", "-c", "stack.yml", "-c", "stack.tls.yml")
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_swarm_tls_override_is_up_tls(
+    swarm: dict[str, Any], swarm_tls: dict[str, Any], name: str
+) -> None:
+    """-c stack.tls.yml makes the proxy what `up --tls` makes it, and changes nothing else."""
+    if name == "proxy":
+        proxy = TLS.service(name)
+        assert swarm_view(swarm_tls, name) == expected(proxy)
+        assert swarm_secrets(swarm_tls["services"][name]) == {
+            (m.secret, m.target, m.uid, m.gid, m.mode) for m in proxy.secrets}
+        assert {name: Path(s["file"]) for name, s in swarm_tls["secrets"].items()} == {
+            name: REPO / SECRETS_DIR / name for name in TLS.secrets}
+    else:
+        assert swarm_tls["services"][name] == swarm["services"][name]
 
 
 def test_swarm_networks_volumes_and_secret_files_agree(swarm: dict[str, Any]) -> None:
@@ -475,6 +524,86 @@ def test_kubernetes_service_stands_where_the_proxy_does(k8s_objects: list[dict[s
         p.container for p in proxy.ports]
 
 
+def egress(k8s_objects: list[dict[str, Any]], name: str) -> set[tuple[str, int]]:
+    """Where the NetworkPolicies let the pods of workload `name` open connections: (the app
+    name of the peer pods, or "dns" for the cluster's DNS, port)."""
+    labels = workload_of(k8s_objects, name)["spec"]["template"]["metadata"]["labels"]
+    allowed = set()
+    for policy in (o for o in k8s_objects if o["kind"] == "NetworkPolicy"):
+        selector = policy["spec"]["podSelector"].get("matchLabels", {})
+        if not all(labels.get(k) == v for k, v in selector.items()):
+            continue
+        for rule in policy["spec"].get("egress", []):
+            assert rule.get("to") and rule.get("ports"), f"{policy['metadata']['name']}: open"
+            for peer in rule["to"]:
+                kube_dns = peer.get("namespaceSelector", {}).get("matchLabels") == {
+                    "kubernetes.io/metadata.name": "kube-system"}
+                app = "dns" if kube_dns else peer["podSelector"]["matchLabels"][
+                    "app.kubernetes.io/name"]
+                allowed |= {(app, port["port"]) for port in rule["ports"]}
+    return allowed
+
+
+@pytest.mark.parametrize("name", K8S_SERVICES)
+def test_kubernetes_pods_reach_only_the_servers_their_settings_name(
+    k8s_objects: list[dict[str, Any]], name: str
+) -> None:
+    """As the replicas have no route out of a Docker host (internal networks only), their pods
+    may connect to the cluster's DNS and the servers their URLs name, and nowhere else."""
+    pod = workload_of(k8s_objects, name)
+    named = {
+        (url.hostname, url.port)
+        for container in containers_of(pod)
+        for setting in container.get("env", [])
+        if "://" in setting.get("value", "")
+        for url in [urlsplit(setting["value"])]
+    }
+    assert egress(k8s_objects, name) == {("dns", 53)} | named
+
+
+def test_kubernetes_ingress_serves_tls_with_the_proxys_certificate(
+    k8s_objects: list[dict[str, Any]],
+) -> None:
+    """The Ingress stands where the proxy of `up --tls` does: TLS with its certificate and
+    key, in front of the service's port, and /metrics is not among the paths it forwards."""
+    [ingress] = [o for o in k8s_objects if o["kind"] == "Ingress"]
+    [tls] = ingress["spec"]["tls"]
+    [secret] = [o for o in k8s_objects if o["kind"] == "Secret"
+                and o["metadata"]["name"] == tls["secretName"]]
+    assert secret["type"] == "kubernetes.io/tls"
+    kustomization = yaml.safe_load((REPO / "k8s" / "kustomization.yaml").read_text())
+    [files] = [g["files"] for g in kustomization["secretGenerator"]
+               if secret["metadata"]["name"].startswith(g["name"] + "-")]
+    assert sorted(f.split("=")[1] for f in files) == sorted(
+        f"{SECRETS_DIR}/{m.secret}" for m in TLS.service("proxy").secrets)
+    [rule] = ingress["spec"]["rules"]
+    paths = rule["http"]["paths"]
+    assert {p["backend"]["service"]["name"] for p in paths} == {"service"}
+    assert not [p for p in paths if "/metrics".startswith(p["path"].rstrip("/") or "/")]
+
+
+def test_only_what_publishes_a_port_has_a_route_out() -> None:
+    """The replicas hold the credentials of Postgres and Redis: they, the stores and the
+    task are on internal networks only; what publishes a port needs one that is not."""
+    for stack in (STACK, MONITORED, TLS):
+        outward = {n.name for n in stack.networks if not n.internal}
+        for service in stack.services:
+            assert bool(outward & set(service.networks)) == bool(service.ports), service.name
+
+
+def test_the_proxy_holds_the_largest_request_a_replica_accepts() -> None:
+    """docker/proxy/haproxy.cfg buffers a request whole before a replica sees it: its buffer
+    holds the largest body the service takes with room for the request's headers, and it turns
+    TLS on by the setting the description gives the proxy."""
+    config = (REPO / "docker" / "proxy" / "haproxy.cfg").read_text()
+    [bufsize] = re.findall(r"^\s*tune\.bufsize (\d+)$", config, re.MULTILINE)
+    assert int(bufsize) >= MAX_BODY_BYTES + 4096
+    assert "option http-buffer-request" in config
+    assert f".if defined({PROXY_TLS_SETTING})" in config
+    assert dict(TLS.service("proxy").environment) == {
+        PROXY_TLS_SETTING: TLS.service("proxy").secrets[0].target}
+
+
 def test_the_proxy_finds_the_replicas_by_the_service_name() -> None:
     """docker/proxy/haproxy.cfg's server template names the replicated service and its port,
     and has a slot for as many replicas as `up --replicas` allows."""
@@ -502,7 +631,11 @@ def test_every_format_uses_the_same_images(
 
 
 def test_secrets_in_k8s_are_generated_from_the_same_files() -> None:
+    """Those of `up --tls`: the Ingress's certificate is the proxy's (its Secret's keys are
+    the ones kubernetes.io/tls requires)."""
     kustomization = yaml.safe_load((REPO / "k8s" / "kustomization.yaml").read_text())
-    files = sorted(f for g in kustomization["secretGenerator"] for f in g["files"])
-    assert files == sorted(f"{name}=secrets/{name}" for name in STACK.secrets)
+    files = dict(f.split("=") for g in kustomization["secretGenerator"] for f in g["files"])
+    assert sorted(files.values()) == sorted(f"{SECRETS_DIR}/{name}" for name in TLS.secrets)
+    assert all(key == Path(path).name for key, path in files.items()
+               if key not in ("tls.crt", "tls.key"))
     assert run("git", "check-ignore", "-q", "k8s/secrets/x", check=False).returncode == 0

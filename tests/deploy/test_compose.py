@@ -24,9 +24,17 @@ import requests
 import yaml
 
 from orchestrate.proxy import Proxy
-from orchestrate.secretfiles import api_token, read_secret, remove_staged, stage_secrets
+from orchestrate.secretfiles import (
+    api_token,
+    ensure_secrets,
+    port_context,
+    read_secret,
+    remove_staged,
+    secret_path,
+    stage_secrets,
+)
 from orchestrate.smoke import run_smoke
-from orchestrate.stack import IMAGES, Service, Stack, describe_stack
+from orchestrate.stack import CA_CERT, IMAGES, Service, Stack, describe_stack
 from tests.containers import redis_cli
 from tests.support import free_port
 
@@ -34,6 +42,7 @@ from .helpers import REPO, image_env, run, tool, unique_name, wait_ready
 
 FILES = ("docker-compose.yml", "compose.offline.yml")
 DEV_FILE = "compose.dev.yml"
+TLS_FILE = "compose.tls.yml"
 # `config` only renders: any reference will do, but every image of the stack needs one.
 PLACEHOLDER_IMAGES = image_env({key: f"{key}:1" for key in IMAGES})
 COMPOSE_LABEL = "com.docker.compose.project"
@@ -52,7 +61,7 @@ class ComposeRun:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.stack.service('proxy').ports[0].host}"
+        return self.stack.service("proxy").ports[0].url
 
     def container(self, client: docker.DockerClient, service: str) -> Any:
         [container] = self.containers(client, service)
@@ -99,9 +108,12 @@ def compose_up(
     files: tuple[str, ...],
     extra_env: dict[str, str] | None = None,
     binary: str = "v1",
+    tls: bool = False,
 ) -> Iterator[ComposeRun]:
-    """`up -d` a fresh project, wait until /readyz answers; `down -v` and check nothing is left."""
-    stack = describe_stack(unique_name("csdc"), free_port())
+    """`up -d` a fresh project (with `tls`, as `up --tls` describes it), wait until /readyz
+    answers; `down -v` and check nothing is left."""
+    stack = describe_stack(unique_name("csdc"), free_port(), tls=tls)
+    ensure_secrets(stack)  # the proxy's certificate, with tls
     env = {
         **image_env(images),
         "COMPOSE_PROJECT_NAME": stack.project,
@@ -113,7 +125,7 @@ def compose_up(
         for service in stack.services:
             stage_secrets(stack, service)
         run(*running.command, "up", "-d", "--no-build", env=env)
-        wait_ready(running.url)
+        wait_ready(running.url, verify=str(secret_path(CA_CERT)))
         # Ready means one replica answers; the tests want the proxy to send to every one.
         proxy = Proxy(running.container(client, "proxy"))
         replicas = stack.service("service").replicas
@@ -241,6 +253,28 @@ def test_redis_saves_nothing_and_has_the_cache_functions(
     assert "cachestack_read" in redis_cli(redis, "admin", "FUNCTION", "LIST")[1]
 
 
+@pytest.mark.parametrize("binary", sorted(COMPOSES))
+def test_tls_override_serves_tls_only(
+    docker_client: docker.DockerClient, stack_images: dict[str, str], secret_files: Stack,
+    binary: str,
+) -> None:
+    """-f compose.tls.yml: the port answers TLS with the project CA's certificate for
+    127.0.0.1 and localhost (wait_ready verified the first), plain HTTP gets no answer, and
+    /metrics is not served."""
+    with compose_up(docker_client, stack_images, (*FILES, TLS_FILE), binary=binary,
+                    tls=True) as running:
+        port = running.stack.service("proxy").ports[0]
+        ca = str(secret_path(CA_CERT))
+        assert requests.get(f"https://localhost:{port.host}/readyz", verify=ca,
+                            timeout=10).status_code == 200
+        assert requests.get(f"{port.url}/metrics", verify=ca, timeout=10).status_code == 404
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port.host}/readyz", timeout=10)
+        lines: list[str] = []
+        assert run_smoke(port.url, api_token(), out=lines.append,
+                         context=port_context(port)), "\n".join(lines)
+
+
 def test_dev_override_reloads_changed_code(
     docker_client: docker.DockerClient, stack_images: dict[str, str], secret_files: Stack
 ) -> None:
@@ -256,13 +290,14 @@ def test_dev_override_reloads_changed_code(
         extra = {"CACHESTACK_DEV_SOURCE": str(source / "service")}
         with compose_up(docker_client, stack_images, (*FILES, DEV_FILE), extra) as running:
             url = f"{running.url}/__dev_reload_check"
-            assert requests.get(url, timeout=5).status_code == 404
+            auth = {"Authorization": f"Bearer {api_token()}"}  # every path but the probes'
+            assert requests.get(url, headers=auth, timeout=5).status_code == 404
             with open(source / "service" / "wsgi.py", "a") as wsgi:
                 wsgi.write('\napp.add_url_rule("/__dev_reload_check", "dev", lambda: "reloaded")\n')
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 try:
-                    if requests.get(url, timeout=2).text == "reloaded":
+                    if requests.get(url, headers=auth, timeout=2).text == "reloaded":
                         return
                 except requests.RequestException:
                     pass  # the server is restarting

@@ -36,7 +36,7 @@ def test_stack_description_is_plain_data() -> None:
     names = [s["name"] for s in described["services"]]
     assert names == ["postgres", "redis", "migrate", "service", "proxy"]
     assert described["services"][4]["ports"] == [
-        {"container": 8000, "host": 8123, "host_ip": "127.0.0.1"}
+        {"container": 8000, "host": 8123, "host_ip": "127.0.0.1", "tls": False}
     ]
 
 

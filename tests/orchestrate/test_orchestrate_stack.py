@@ -113,8 +113,9 @@ def test_containers_are_hardened(docker_client: docker.DockerClient, stack: Proj
             assert bindings == {"8000/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(stack.port)}]}
         else:
             assert not bindings, name
-    backend = docker_client.networks.get(f"{stack.name}_backend")
-    assert backend.attrs["Internal"] is True
+    for network in describe_stack(stack.name).networks:
+        made = docker_client.networks.get(f"{stack.name}_{network.name}")
+        assert made.attrs["Internal"] is network.internal, network.name
 
 
 def test_secrets_are_files_for_the_container_user_only(
