@@ -24,8 +24,8 @@ fi
 # PostgreSQL: the Debian cluster with TLS on (Debian's self-signed "snakeoil" certificate),
 # and the roles of the stack: cachestack_owner owns the test database and runs the
 # migrations; cachestack_app is the least-privileged role the service runs as
-# (TEST_DATABASE_URL, TEST_OWNER_DATABASE_URL). The role cachestack may create databases,
-# which bench/ does.
+# (TEST_DATABASE_URL, TEST_OWNER_DATABASE_URL); cachestack_stream reads the change stream
+# (REPLICATION). The role cachestack may create databases, which bench/ does.
 as_postgres() { if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 sql() { as_postgres psql -qtAc "$1"; }
 if [[ ! -e /etc/ssl/certs/ssl-cert-snakeoil.pem && $(id -u) -eq 0 ]]; then
@@ -41,6 +41,14 @@ if [[ $(sql "SHOW ssl") != on ]]; then
   sql "ALTER SYSTEM SET ssl = on" >/dev/null
   sql "SELECT pg_reload_conf()" >/dev/null
 fi
+# The change stream's tests read logical replication, which takes a restart to turn on.
+if [[ $(sql "SHOW wal_level") != logical ]]; then
+  sql "ALTER SYSTEM SET wal_level = logical" >/dev/null
+  cluster=$(pg_lsclusters --no-header | awk 'NR==1 {print $1" "$2}')
+  # shellcheck disable=SC2086
+  pg_ctlcluster --skip-systemctl-redirect $cluster restart
+  for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 && break; sleep 0.2; done
+fi
 ensure_role() {  # NAME ATTRIBUTES...: created if missing, its attributes and password set again
   local name=$1; shift
   sql "SELECT 1 FROM pg_roles WHERE rolname = '$name'" | grep -q 1 ||
@@ -50,6 +58,7 @@ ensure_role() {  # NAME ATTRIBUTES...: created if missing, its attributes and pa
 ensure_role cachestack CREATEDB
 ensure_role cachestack_owner NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
 ensure_role cachestack_app NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
+ensure_role cachestack_stream REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS
 test_db_owner=$(sql "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'cachestack_test'")
 if [[ -n $test_db_owner && $test_db_owner != cachestack_owner ]]; then  # test data only
   sql "DROP DATABASE cachestack_test WITH (FORCE)" >/dev/null

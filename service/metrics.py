@@ -35,6 +35,18 @@ CACHE_INCONSISTENCIES = Counter(
     "Cached entries that disagreed with Postgres past the grace period (then deleted)",
     ["layer", "kind"],
 )
+# The change stream's (usecases/stream.py): what it applied, how late, how often it began anew.
+STREAM_CHANGES = Counter("stream_changes", "Row changes of users applied to the cache")
+STREAM_LAG = Histogram(
+    "stream_lag_seconds",
+    "From a transaction's commit to the cache's invalidation of its changes",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+STREAM_NEW_EPOCHS = Counter(
+    "stream_new_epochs",
+    "Times the change stream could not tell what changed (a slot made anew, a TRUNCATE) "
+    "and began a new cache epoch",
+)
 # A batch of one is a request that found nothing to go with (batching.py).
 BATCH_SIZE = Histogram(
     "batch_size",

@@ -34,4 +34,5 @@ class Breaker:
         """Trust Redis again; True when that is news (it had failed)."""
         news = self.failing
         self.tripped = self.failing = False
+        self._open_until = 0.0  # trusted again before its cool-down ran out (trust.py)
         return news

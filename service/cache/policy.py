@@ -292,6 +292,20 @@ class UserCache:
                     for field in ("username", "email")]
         self._write_through([tombstone, *pointers], token)
 
+    def invalidate(self, users: Sequence[tuple[int | str, Sequence[Lookup]]]) -> None:
+        """Forget what changes made by anyone (the change stream) made invalid, as the write
+        path forgets it: each user's entry and the pointers under `lookups` (values the user
+        had before and has after), with their leases, and every near cache is told. When
+        Redis fails, it is trusted again only in a new epoch; CacheUnavailable is raised."""
+        puts = [Put(key, Mode.DELETE, 0, "") for user_id, lookups in users
+                for key in (_user_key(user_id), *map(_lookup_key, lookups))]
+        epoch = self.trust.epoch
+        try:
+            self._write(puts, "")
+        except CacheUnavailable:
+            self.trust.lost(epoch, "an invalidation of the change stream failed")
+            raise
+
     def _write_through(self, puts: list[Put], token: str) -> None:
         """Write `puts`; when that fails, the write is acknowledged only once no read can
         find what it should have changed (Trust.write_lost)."""

@@ -164,6 +164,16 @@ class Trust:
         self.redis.close()
         self.watch.stop()
 
+    def begin_new_epoch(self, why: str) -> None:
+        """Make every entry Redis holds now unreachable, at once: an epoch past the current one
+        is settled before this returns. Raises CacheUnavailable while Redis does not answer."""
+        self._through_breaker(lambda: None)  # the current epoch, settled
+        self.lost(self.epoch, why)
+        try:
+            self._recover()
+        except (redis.RedisError, OSError) as exc:
+            raise CacheUnavailable(str(exc)) from None
+
     def write_lost(self, epoch: Epoch) -> None:
         """A write-through of `epoch` failed: wait until Redis moved on from that epoch, or
         until every worker stopped trusting it (a worker that did not hear Redis for

@@ -43,6 +43,14 @@ GRANTS = {
     "cache_namespace": ("SELECT",),
     "schema_migrations": ("SELECT",),
 }
+# What the change stream's reader may do besides reading its slot (its role has REPLICATION):
+# see users, and the two one-row tables that say how the cache names keys and that the schema
+# is current.
+STREAM_GRANTS = {
+    "users": ("SELECT",),
+    "cache_namespace": ("SELECT",),
+    "schema_migrations": ("SELECT",),
+}
 
 
 class MigrationError(RuntimeError):
@@ -60,9 +68,11 @@ def lag(cur: Any) -> str | None:
     return f"{', '.join(missing)} not applied" if missing else None
 
 
-def migrate(conn: psycopg2.extensions.connection, app_role: str) -> list[str]:
+def migrate(conn: psycopg2.extensions.connection, app_role: str,
+            stream_role: str | None = None) -> list[str]:
     """Apply and record the migrations this database lacks, then give `app_role` exactly
-    GRANTS; in one transaction, under the advisory lock. Returns the migrations applied."""
+    GRANTS, and `stream_role`, when it exists, exactly STREAM_GRANTS; in one transaction, under
+    the advisory lock. Returns the migrations applied."""
     with conn, conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
         _check_roles(cur, app_role)
@@ -73,8 +83,15 @@ def migrate(conn: psycopg2.extensions.connection, app_role: str) -> list[str]:
         for name in todo:
             cur.execute(MIGRATIONS[name])
             cur.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (name,))
-        _grant(cur, app_role)
+        _grant(cur, app_role, GRANTS)
+        if stream_role and _exists(cur, stream_role):
+            _grant(cur, stream_role, STREAM_GRANTS)
     return todo
+
+
+def _exists(cur: Any, role: str) -> bool:
+    cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+    return cur.fetchone() is not None
 
 
 def _check_roles(cur: Any, app_role: str) -> None:
@@ -104,20 +121,20 @@ def _check_roles(cur: Any, app_role: str) -> None:
                              f"or migrate as {owner}")
 
 
-def _grant(cur: Any, app_role: str) -> None:
-    """Set `app_role`'s rights to exactly GRANTS: everything else is revoked first, so a
-    second run changes nothing and a right given by hand does not survive it."""
-    role = sql.Identifier(app_role)
+def _grant(cur: Any, name: str, grants: dict[str, tuple[str, ...]]) -> None:
+    """Set the rights of the role `name` to exactly `grants`: everything else is revoked
+    first, so a second run changes nothing and a right given by hand does not survive it."""
+    role = sql.Identifier(name)
     cur.execute("SELECT current_database()")
     database = sql.Identifier(cur.fetchone()[0])
     cur.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}; "
                         "REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}")
                 .format(role=role))
-    for table, privileges in GRANTS.items():
+    for table, privileges in grants.items():
         cur.execute(sql.SQL("GRANT {privileges} ON {table} TO {role}").format(
             privileges=sql.SQL(", ").join(map(sql.SQL, privileges)),
             table=sql.Identifier(table), role=role))
-    # Only the service's role may connect (PUBLIC may by default, and create temporary
+    # Only the service's roles may connect (PUBLIC may by default, and create temporary
     # tables), and nobody but the owner may create anything in the schema.
     cur.execute(sql.SQL("REVOKE ALL ON DATABASE {database} FROM PUBLIC, {role}; "
                         "GRANT CONNECT ON DATABASE {database} TO {role}; "

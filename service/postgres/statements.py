@@ -97,11 +97,12 @@ def insert_users(db: Database, users: Sequence[NewUser]) -> list[UserRow | None]
 
 
 def update_user(db: Database, user_id: int, changes: dict[str, str | None]) -> Update | None:
-    """Apply `changes` (column -> value; keys come from the validator, never from the client)."""
+    """Apply `changes` (column -> value; keys come from the validator, never from the client).
+    The table's trigger bumps the version and updated_at (migration 004)."""
     assignments = ", ".join(f"{column} = %s" for column in changes)
     sql = (
         "WITH old AS (SELECT id, username, email FROM users WHERE id = %s FOR UPDATE) "
-        f"UPDATE users SET {assignments}, version = users.version + 1, updated_at = now() "
+        f"UPDATE users SET {assignments} "
         f"FROM old WHERE users.id = old.id RETURNING {USER_COLUMNS}, "
         "old.username, old.email"
     )

@@ -135,8 +135,12 @@ class Settings:
     batching: bool = True
     # Blocking threads per worker process (`python -m service --threads`).
     threads: int = 4
-    # The role the service runs as, which `python -m service migrate` grants to.
+    # The roles the service and its change stream run as, which `python -m service migrate`
+    # grants to (the stream's only when it exists).
     app_role: str = "cachestack_app"
+    stream_role: str = "cachestack_stream"
+    # The replication slot the change stream reads (one per database: slots are the cluster's).
+    stream_slot: str = "cachestack_invalidation"
     # None: the API is open to anyone who reaches it; empty: it accepts no token.
     api_tokens: tuple[str, ...] | None = field(default=None, repr=False)
     # Where the tokens came from, read again when it changes (auth.py); None: they are fixed.
@@ -181,6 +185,8 @@ class Settings:
             batching=_flag(env, "BATCHING", True),
             threads=threads,
             app_role=app_role,
+            stream_role=read_setting(env, "DATABASE_STREAM_ROLE", "cachestack_stream") or "",
+            stream_slot=read_setting(env, "STREAM_SLOT", "cachestack_invalidation") or "",
             api_tokens=_api_tokens(env),
             api_tokens_file=env.get("API_TOKENS_FILE") or None,
         )

@@ -56,7 +56,7 @@ def run(settings: Settings, wait: float) -> str:
     """Migrate and grant; returns the summary line."""
     conn = connect(settings, wait)
     try:
-        applied = schema.migrate(conn, settings.app_role)
+        applied = schema.migrate(conn, settings.app_role, settings.stream_role)
     finally:
         conn.close()
     done = f"applied {', '.join(applied)}" if applied else "nothing to apply"

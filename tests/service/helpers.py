@@ -51,10 +51,11 @@ def query(url: str, sql: str, args: tuple | dict = ()) -> list[tuple]:
 
 
 def migrate(owner_url: str, app_role: str) -> list[str]:
-    """What `python -m service migrate` does, in this process; returns what it applied."""
+    """What `python -m service migrate` does, in this process (for the change stream's role
+    too, which scripts/test-services.sh makes); returns what it applied."""
     conn = psycopg2.connect(owner_url)
     try:
-        return schema.migrate(conn, app_role)
+        return schema.migrate(conn, app_role, "cachestack_stream")
     finally:
         conn.close()
 

@@ -1,0 +1,110 @@
+"""The users table's committed changes, whoever made them: PostgreSQL's own change stream
+(logical replication, the built-in pgoutput plugin, protocol version 1), read through a
+replication slot with psycopg2's LogicalReplicationConnection (psycopg 3 has none).
+
+The slot keeps the changes nobody confirmed yet: a reader that stops and starts again gets
+them again from the last position it confirmed. Postgres lets one reader at a time read a
+slot, which is how the stream's readers take turns (SlotBusy). A slot that is missing, or
+that lost the WAL it kept (max_slot_wal_keep_size), is made anew at the current position, and
+the changes from before then are lost to it (start() says so).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extras
+
+from ..settings import PostgresSettings
+from .pool import DatabaseUnavailable, first_line
+
+PUBLICATION = "cachestack_users"  # made by migration 004, as the table's owner
+# A reader that stops answering is let go after this, so that another can take the slot.
+SENDER_TIMEOUT = "10s"
+STATUS_INTERVAL = 1.0  # seconds between the reader's reports of its position
+
+
+class SlotBusy(Exception):
+    """Another reader has the slot."""
+
+
+class ChangeStream:
+    """One reader's session on the slot."""
+
+    def __init__(self, settings: PostgresSettings, slot: str,
+                 publication: str = PUBLICATION) -> None:
+        self._settings = settings
+        self._slot, self._publication = slot, publication
+        self._conn: Any = None
+        self._cursor: Any = None
+
+    def start(self) -> bool:
+        """Take the slot and start reading it; True when it had to be made anew (a gap: the
+        changes before now are lost to it). Raises SlotBusy or DatabaseUnavailable."""
+        self.close()
+        try:
+            self._conn = psycopg2.connect(
+                self._settings.url, connection_factory=psycopg2.extras.LogicalReplicationConnection,
+                connect_timeout=self._settings.connect_timeout,
+                options=f"-c wal_sender_timeout={SENDER_TIMEOUT}",
+                application_name=f"cachestack-stream {os.getpid()}",
+                **({"password": self._settings.password.read()} if self._settings.password
+                   else {}))
+            self._cursor = self._conn.cursor()
+            return self._start_or_remake()
+        except psycopg2.errors.ObjectInUse:
+            self.close()
+            raise SlotBusy(f"replication slot {self._slot} is read by another") from None
+        except psycopg2.Error as exc:
+            self.close()
+            raise DatabaseUnavailable(f"change stream: {first_line(exc)}") from None
+
+    def _start_or_remake(self) -> bool:
+        try:
+            self._start()
+            return False
+        except psycopg2.errors.UndefinedObject:  # no such slot
+            pass
+        except psycopg2.errors.ObjectNotInPrerequisiteState:  # it lost the WAL it kept
+            self._cursor.drop_replication_slot(self._slot)
+        self._cursor.create_replication_slot(self._slot, output_plugin="pgoutput")
+        self._start()
+        return True
+
+    def _start(self) -> None:
+        self._cursor.start_replication(
+            slot_name=self._slot, decode=False, status_interval=STATUS_INTERVAL,
+            options={"proto_version": "1", "publication_names": self._publication})
+
+    def messages(self, timeout: float) -> Iterator[bytes]:
+        """The messages that arrive within `timeout` seconds, then those already waiting.
+        Raises DatabaseUnavailable when the session breaks."""
+        try:
+            message = self._cursor.read_message()
+            if message is None:
+                select.select([self._cursor], [], [], timeout)
+                message = self._cursor.read_message()
+            while message is not None:
+                yield message.payload
+                message = self._cursor.read_message()
+        except psycopg2.Error as exc:
+            raise DatabaseUnavailable(f"change stream: {first_line(exc)}") from None
+
+    def confirm(self, lsn: int | None = None) -> None:
+        """Tell Postgres that everything up to `lsn` (by default, all it sent so far, when
+        nothing read is left to apply) was applied: it need not be kept or sent again."""
+        try:
+            self._cursor.send_feedback(flush_lsn=lsn if lsn is not None else
+                                       self._cursor.wal_end, reply=lsn is None)
+        except psycopg2.Error as exc:
+            raise DatabaseUnavailable(f"change stream: {first_line(exc)}") from None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = self._cursor = None

@@ -1,0 +1,306 @@
+"""The cache is right whoever writes: changes made by plain SQL (as the database's owner, never
+through the service) reach the cache through Postgres's change stream (service/usecases/
+stream.py), on the test database (wal_level=logical) and a Redis of these tests' own. A
+reader runs in this process (a thread), or as `python -m service stream` when it is killed."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import psycopg2
+import pytest
+from flask import Flask
+
+from service.cache.policy import UserCache
+from service.postgres import statements
+from service.postgres.changes import ChangeStream
+from service.postgres.pool import Database
+from service.process.config import Settings
+from service.settings import PostgresSettings, RedisSettings
+from service.usecases.stream import StreamReader
+from service.web.routes import users_of
+from service.wire.client import RedisClient
+
+from .helpers import (
+    Read,
+    create,
+    empty_database,
+    keys,
+    private_redis,
+    query,
+    read,
+    running_and_empty,
+    settings_for,
+)
+from .servers import ROOT, RedisServer, wait_until
+
+SEEN_WITHIN = 3.0  # seconds: far more than the stream's lag, which bench/ measures
+
+
+@pytest.fixture(scope="module")
+def stream_url(database_url: str) -> str:
+    """The stream's role on the test database."""
+    return os.environ.get("TEST_STREAM_DATABASE_URL") or re.sub(
+        r"//[^@]+@", "//cachestack_stream:cachestack_stream@", database_url)
+
+
+@pytest.fixture(scope="module")
+def stream_redis() -> Iterator[RedisServer]:
+    yield from private_redis()
+
+
+@pytest.fixture
+def slot(stream_url: str) -> Iterator[str]:
+    """A replication slot of this test's own (slots belong to the whole cluster), dropped after."""
+    name = f"cachestack_test_{uuid.uuid4().hex[:8]}"
+    yield name
+    wait_until(lambda: drop_slot(stream_url, name), 10, f"slot {name} to be dropped")
+
+
+def drop_slot(url: str, name: str) -> bool:
+    """Drop the slot unless a reader has it; True once it is gone."""
+    rows = query(url, "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (name,))
+    if rows and not rows[0][0]:
+        query(url, "SELECT pg_drop_replication_slot(%s)", (name,))
+    return not query(url, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (name,))
+
+
+class Reader:
+    """A StreamReader in a thread of this process, with a cache of its own."""
+
+    def __init__(self, url: str, redis_url: str, slot: str) -> None:
+        postgres = PostgresSettings(url=url)
+        self.database = Database(postgres, statements.PREPARED, size=1)
+        self.cache = UserCache(Settings(postgres=postgres,
+                                        redis=RedisSettings(url=redis_url)).cache,
+                               RedisClient(RedisSettings(url=redis_url)), self.database)
+        self.reader = StreamReader(ChangeStream(postgres, slot), self.cache)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.reader.run, args=(self.stop,), daemon=True)
+
+    def start(self) -> Reader:
+        self.thread.start()
+        wait_until(lambda: self.reader.reading, 10, "the reader to take the slot")
+        return self
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.cache.close()
+        self.database.close()
+
+
+@pytest.fixture
+def app(database_url: str, owner_url: str, stream_redis: RedisServer,
+        new_app: Callable[[Settings], Flask]) -> Flask:
+    empty_database(owner_url)
+    running_and_empty(stream_redis)
+    return new_app(settings_for(database_url, stream_redis.url))
+
+
+@pytest.fixture
+def reader(app: Flask, stream_url: str, stream_redis: RedisServer,
+           slot: str) -> Iterator[Reader]:
+    started = Reader(stream_url, stream_redis.url, slot).start()
+    yield started
+    started.close()
+
+
+def sql(owner_url: str, statement: str, *args: object) -> None:
+    query(owner_url, statement, args)
+
+
+def seen(check: Callable[[], bool], what: str) -> float:
+    """Seconds until `check()` held (within SEEN_WITHIN)."""
+    started = time.monotonic()
+    wait_until(check, SEEN_WITHIN, what, interval=0.005)
+    return time.monotonic() - started
+
+
+def warm(app: Flask, *paths: str) -> None:
+    """Read each path until Redis and the app's near cache hold it."""
+    client = app.test_client()
+    for path in paths:
+        for _ in range(3):
+            read(client, path)
+    users_of(app).cache.redis.flush()
+
+
+def test_a_change_made_by_plain_sql_is_seen(app: Flask, reader: Reader, owner_url: str) -> None:
+    user = create(app.test_client())
+    path = f"/users/{user['id']}"
+    warm(app, path, "/users?username=alice")
+    sql(owner_url, "UPDATE users SET display_name = 'changed behind' WHERE id = %s", user["id"])
+    seen(lambda: read(app.test_client(), path).data["display_name"] == "changed behind",
+         "the changed row")
+    assert read(app.test_client(), "/users?username=alice").data[0]["display_name"] == \
+        "changed behind"
+
+
+def test_a_rename_and_an_email_change_leave_no_stale_pointer(
+        app: Flask, reader: Reader, owner_url: str) -> None:
+    user = create(app.test_client())
+    warm(app, f"/users/{user['id']}", "/users?username=alice", "/users?email=alice@example.org",
+         "/users?username=alicia")  # "alicia": nobody, cached as such
+    sql(owner_url, "UPDATE users SET username = 'alicia', email = 'new@example.org' "
+        "WHERE id = %s", user["id"])
+    client = app.test_client()
+    seen(lambda: read(client, "/users?username=alice").data == [], "the old username forgotten")
+    assert read(client, "/users?email=alice@example.org").data == []
+    assert read(client, "/users?username=alicia").data[0]["id"] == user["id"]
+    assert read(client, "/users?email=new@example.org").data[0]["id"] == user["id"]
+    assert read(client, f"/users/{user['id']}").data["username"] == "alicia"
+
+
+def test_a_delete_and_an_insert_under_a_name_cached_as_nobody_are_seen(
+        app: Flask, reader: Reader, owner_url: str) -> None:
+    user = create(app.test_client())
+    warm(app, f"/users/{user['id']}", "/users?username=bob")
+    sql(owner_url, "DELETE FROM users WHERE id = %s", user["id"])
+    sql(owner_url, "INSERT INTO users (username, email) VALUES ('bob', 'bob@example.org')")
+    client = app.test_client()
+    seen(lambda: read(client, f"/users/{user['id']}").status == 404, "the delete")
+    seen(lambda: len(read(client, "/users?username=bob").data) == 1, "the insert")
+
+
+def test_a_burst_of_updates_to_one_row_ends_at_its_last(
+        app: Flask, reader: Reader, owner_url: str) -> None:
+    user = create(app.test_client())
+    path = f"/users/{user['id']}"
+    warm(app, path)
+    for number in range(10):
+        sql(owner_url, "UPDATE users SET display_name = %s WHERE id = %s", f"v{number}",
+            user["id"])
+    seen(lambda: read(app.test_client(), path).data["display_name"] == "v9", "the last update")
+    assert query(owner_url, "SELECT version FROM users WHERE id = %s", (user["id"],)) == [(11,)]
+
+
+def caught_up(stream_url: str, slot: str) -> None:
+    """Wait until the reader confirmed everything committed so far."""
+    ((now,),) = query(stream_url, "SELECT pg_current_wal_lsn()::text")
+    wait_until(lambda: query(stream_url, "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM "
+                             "pg_replication_slots WHERE slot_name = %s", (now, slot))[0][0],
+               SEEN_WITHIN * 3, "the reader to confirm what was committed")
+
+
+def test_one_statement_changing_10000_rows_is_applied_in_bounded_batches(
+        app: Flask, reader: Reader, owner_url: str, stream_redis: RedisServer,
+        stream_url: str, slot: str) -> None:
+    sql(owner_url, "INSERT INTO users (username, email) SELECT 'bulk' || n, "
+        "'bulk' || n || '@example.org' FROM generate_series(1, 10000) n")
+    some = query(owner_url, "SELECT id FROM users ORDER BY id LIMIT 1 OFFSET 5000")[0][0]
+    warm(app, f"/users/{some}")
+    calls = stream_redis.client().info("commandstats")["cmdstat_fcall"]["calls"]
+    sql(owner_url, "UPDATE users SET display_name = 'bulk'")
+    caught_up(stream_url, slot)
+    writes = stream_redis.client().info("commandstats")["cmdstat_fcall"]["calls"] - calls
+    assert read(app.test_client(), f"/users/{some}").data["display_name"] == "bulk"
+    assert 10000 / 256 <= writes < 10000 / 10  # batches of at most 256 rows, not one each
+
+
+def test_a_transaction_rolled_back_invalidates_nothing(
+        app: Flask, reader: Reader, owner_url: str, stream_redis: RedisServer) -> None:
+    user = create(app.test_client())
+    warm(app, f"/users/{user['id']}")
+    key = keys(app).user(user["id"])
+    with psycopg2.connect(owner_url) as conn, conn.cursor() as cur:
+        cur.execute("UPDATE users SET display_name = 'never' WHERE id = %s", (user["id"],))
+        conn.rollback()
+    sql(owner_url, "UPDATE users SET display_name = display_name WHERE id = -1")  # a marker
+    time.sleep(0.5)
+    assert stream_redis.client().exists(key)
+    assert read(app.test_client(), f"/users/{user['id']}") == Read("HIT", user)
+
+
+def test_a_truncate_begins_a_new_epoch(app: Flask, reader: Reader, owner_url: str) -> None:
+    user = create(app.test_client())
+    warm(app, f"/users/{user['id']}")
+    epoch = users_of(app).cache.trust.epoch.name
+    sql(owner_url, "TRUNCATE users")
+    seen(lambda: read(app.test_client(), f"/users/{user['id']}").status == 404, "the truncate")
+    assert users_of(app).cache.trust.epoch.name != epoch
+
+
+def test_a_slot_made_anew_begins_a_new_epoch_before_anything_is_read(
+        app: Flask, stream_url: str, stream_redis: RedisServer, owner_url: str,
+        slot: str) -> None:
+    """The slot is dropped behind the reader's back, and a change commits while no slot keeps
+    it: the reader makes the slot anew, which cannot give it that change, so nothing cached
+    before it may be read."""
+    user = create(app.test_client())
+    path = f"/users/{user['id']}"
+    warm(app, path)
+    first = Reader(stream_url, stream_redis.url, slot).start()
+    first.close()
+    drop_slot(stream_url, slot)
+    sql(owner_url, "UPDATE users SET display_name = 'while no slot' WHERE id = %s", user["id"])
+    second = Reader(stream_url, stream_redis.url, slot).start()
+    try:
+        assert read(app.test_client(), path).data["display_name"] == "while no slot"
+    finally:
+        second.close()
+
+
+def test_a_change_committed_while_redis_is_down_is_applied_when_it_is_back(
+        app: Flask, reader: Reader, owner_url: str, stream_redis: RedisServer,
+        stream_url: str, slot: str) -> None:
+    user = create(app.test_client())
+    path = f"/users/{user['id']}"
+    warm(app, path)
+    stream_redis.stop()
+    sql(owner_url, "UPDATE users SET display_name = 'while away' WHERE id = %s", user["id"])
+    stream_redis.start()
+    seen(lambda: read(app.test_client(), path).data["display_name"] == "while away",
+         "the change, once Redis is back")
+    caught_up(stream_url, slot)
+
+
+def stream_process(stream_url: str, redis_url: str, slot: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "service", "stream", "--port", "0"],
+        env={**os.environ, "DATABASE_URL": stream_url, "REDIS_URL": redis_url,
+             "STREAM_SLOT": slot}, cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+
+
+def reading(stream_url: str, slot: str) -> int | None:
+    """The process id of the reader that has the slot (its application_name says it)."""
+    rows = query(stream_url, "SELECT application_name FROM pg_replication_slots JOIN "
+                 "pg_stat_replication ON pid = active_pid WHERE slot_name = %s", (slot,))
+    return int(rows[0][0].split()[-1]) if rows else None
+
+
+def test_a_reader_killed_mid_stream_is_taken_over_and_nothing_is_missed(
+        app: Flask, stream_url: str, stream_redis: RedisServer, owner_url: str,
+        slot: str) -> None:
+    """Two readers as processes; the one that has the slot is killed (SIGKILL) while a bulk
+    update streams; the other takes the slot over and every change reaches the cache."""
+    sql(owner_url, "INSERT INTO users (username, email) SELECT 'many' || n, "
+        "'many' || n || '@example.org' FROM generate_series(1, 2000) n")
+    ids = [row[0] for row in query(owner_url, "SELECT id FROM users ORDER BY id")]
+    warm(app, *(f"/users/{user_id}" for user_id in ids[::200]))
+    readers = [stream_process(stream_url, stream_redis.url, slot) for _ in range(2)]
+    try:
+        wait_until(lambda: reading(stream_url, slot) is not None, 10, "a reader")
+        sql(owner_url, "UPDATE users SET display_name = 'taken over'")
+        holder = reading(stream_url, slot)
+        os.kill(holder, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_until(lambda: reading(stream_url, slot) not in (None, holder), 10,
+                   "the other reader to take the slot")
+        print(f"taken over {time.monotonic() - killed:.2f} s after the kill")
+        for user_id in ids[::200]:
+            seen(lambda user_id=user_id: read(app.test_client(), f"/users/{user_id}")
+                 .data["display_name"] == "taken over", f"user {user_id}")
+    finally:
+        for process in readers:
+            process.kill()
+            process.wait()
