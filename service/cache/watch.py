@@ -5,10 +5,10 @@ heartbeat on it that says Redis is serving (docs/design.md, "Epochs").
 The near cache drains it before each answer, so that no read that starts after an
 acknowledged write sees the old value; a thread of its own drains it when no request does
 (an idle worker, one that only writes or looks users up by name), or Redis would keep what it
-could not send until it dropped the subscriber at its limit; and the same thread PINGs Redis
-every HEARTBEAT / 5. Redis is `heard` while a PING sent within the last HEARTBEAT seconds was
-answered: a Redis that hangs, or this worker cut off from it, stops being heard within
-HEARTBEAT, whatever the worker is doing.
+could not send until it dropped the subscriber at its limit. Every PING_EVERY it PINGs Redis
+on that connection (requests do, when they drain it). Redis is `heard` while no PING went
+unanswered, or unsent, for HEARTBEAT since the subscription: a Redis that hangs, or this worker
+cut off from it, or not running, is not heard within HEARTBEAT, whatever the worker does.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import redis
 from ..wire.listener import InvalidationListener
 from .keys import Keys
 
-HEARTBEAT = 1.0
+HEARTBEAT = 2.0
 PING_EVERY = HEARTBEAT / 5
 RETRY_SECONDS = 1.0  # between attempts to subscribe again
 # A listener that no request drained for this long is drained by the watch's thread.
@@ -57,22 +57,17 @@ class Watch:
         self._closed = False
 
     def heard(self) -> bool:
-        """Whether Redis answered a PING sent within the last HEARTBEAT seconds, and every PING
-        since the subscription within HEARTBEAT."""
+        """Whether Redis has been heard all along since the subscription: no PING went
+        unanswered, or unsent, for HEARTBEAT."""
         listener = self._listener
-        return listener is not None and not self._silent(listener)
+        return listener is not None and listener.silence() < HEARTBEAT
 
     def lapsed(self) -> bool:
-        """Whether a subscribed listener shows that Redis went unheard for HEARTBEAT: a PING
-        not answered within it, now or at any time since the subscription (a hang that is
-        over by now still lost or delayed what was sent during it)."""
+        """Whether a subscribed listener shows that Redis went unheard for HEARTBEAT, now or at
+        any time since the subscription: a hang that is over by now still lost or delayed what
+        was sent during it, and a worker that was not running for that long cannot tell."""
         listener = self._listener
-        return listener is not None and self._silent(listener)
-
-    @staticmethod
-    def _silent(listener: InvalidationListener) -> bool:
-        return (time.monotonic() - listener.answered >= HEARTBEAT
-                or listener.slowest >= HEARTBEAT)
+        return listener is not None and listener.silence() >= HEARTBEAT
 
     def forget_all(self) -> None:
         """Every change Redis might have told of is assumed (a new epoch is in use)."""
@@ -95,6 +90,8 @@ class Watch:
         self._drained_at = time.monotonic()
         if changed is None or changed:
             self._apply(changed)
+        if time.monotonic() >= self._pinged_at + PING_EVERY:  # requests keep it alive too
+            self._ping(self._listener)
         return self.heard()
 
     def _apply(self, changed: list[str] | None) -> None:

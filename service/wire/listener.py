@@ -46,9 +46,12 @@ class InvalidationListener:
     def __init__(self, connection: redis.connection.AbstractConnection,
                  prefixes: Iterable[str]) -> None:
         self._reader = hiredis.Reader()
-        self._pings: deque[float] = deque()  # when each unanswered PING was sent
-        self.answered = -math.inf  # when the newest answered PING was sent (monotonic)
-        self.slowest = 0.0  # the longest any PING waited for its answer, in seconds
+        self._pings: deque[float] = deque()  # when each unanswered PING was sent (monotonic)
+        self.sent = -math.inf  # when the last PING was sent
+        # The longest Redis went unheard since the subscription, as far as the PINGs tell: the
+        # longest any PING waited for its answer, or went unsent after the one before it
+        # (then this process itself was not running, and cannot tell what Redis did).
+        self.longest_silence = 0.0
         connection.connect()  # and logs in; nothing is left unread after that
         self._connection = connection
         self._sock: socket.socket = connection._sock  # redis-py has no public accessor
@@ -60,7 +63,7 @@ class InvalidationListener:
         except BaseException:
             connection.disconnect()
             raise
-        self.answered = time.monotonic()  # it answered all of that just now
+        self.sent = time.monotonic()  # it answered all of that just now
         self._sock.setblocking(False)
         # Asking whether anything waits costs far less than a recv that finds nothing (which
         # raises), and a drain usually finds nothing. With TLS, bytes already decrypted
@@ -86,7 +89,16 @@ class InvalidationListener:
         """Ask Redis for a sign of life; its answer comes with a later drain. Raises OSError
         when even that cannot be sent (the socket's buffer is full of unanswered PINGs)."""
         self._sock.sendall(PING)
-        self._pings.append(time.monotonic())
+        now = time.monotonic()
+        self.longest_silence = max(self.longest_silence, now - self.sent)
+        self.sent = now
+        self._pings.append(now)
+
+    def silence(self) -> float:
+        """The longest Redis went unheard since the subscription, until now."""
+        now = time.monotonic()
+        unanswered = now - self._pings[0] if self._pings else 0.0
+        return max(self.longest_silence, unanswered, now - self.sent)
 
     def drain(self) -> list[str] | None:
         """The keys that changed since the last call; None means "everything" (a flush, or
@@ -104,8 +116,8 @@ class InvalidationListener:
         changed: list[str] | None = []
         while (message := self._reader.gets()) is not False:
             if message == PONG and self._pings:
-                self.answered = self._pings.popleft()
-                self.slowest = max(self.slowest, time.monotonic() - self.answered)
+                waited = time.monotonic() - self._pings.popleft()
+                self.longest_silence = max(self.longest_silence, waited)
             elif isinstance(message, list) and len(message) == 3 and message[1] == CHANNEL:
                 if message[2] is None:
                     changed = None

@@ -144,3 +144,23 @@ def test_a_worker_that_learns_of_a_new_epoch_mid_call_looks_up_in_the_new_one(
     new = a.test_client().patch(f"/users/{user['id']}",
                                 json={"display_name": "v2"}).get_json()["data"]
     assert read(b.test_client(), "/users?username=alice") == Read("HIT", [new])
+
+
+def test_a_worker_that_could_not_listen_for_a_heartbeat_trusts_nothing_it_held(
+        workers: tuple[Flask, Flask]) -> None:
+    """b's watch sends no PING for a heartbeat (here its lock is held; a worker that is not
+    running at all is the same to it): it cannot tell whether Redis went silent meanwhile, so
+    its next read is not answered from what it held, and it moves on to a new epoch."""
+    a, b = workers
+    user = create(a.test_client())
+    path = f"/users/{user['id']}"
+    for _ in range(3):
+        read(b.test_client(), path)  # in b's near cache
+    cache = users_of(b).cache
+    epoch = cache.trust.epoch.name
+    with cache.watch.lock:
+        time.sleep(HEARTBEAT + 0.2)
+    assert read(b.test_client(), path) == Read("BYPASS", user)
+    time.sleep(0.3)  # past b's cool-down
+    assert read(b.test_client(), path).status == 200
+    assert cache.trust.epoch.name != epoch
