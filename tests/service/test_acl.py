@@ -3,7 +3,6 @@ user may run only what the service sends, on its own keys, and the service sends
 
 from __future__ import annotations
 
-import fnmatch
 import socket
 import time
 
@@ -12,11 +11,8 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service.cache.keys import FORMAT
-from service.wire.listener import CHANNEL
-
 from .helpers import create, send_fills
-from .servers import ACL_TEMPLATE, RedisServer
+from .servers import RedisServer
 
 
 def as_user(server: RedisServer, user: str) -> redis.Redis:
@@ -86,21 +82,6 @@ def test_the_health_user_may_only_ping(redis_up: RedisServer) -> None:
     assert health.ping()
     with pytest.raises(redis.exceptions.NoPermissionError):
         health.get("cs:1:ns:id:1")
-
-
-def service_user_rules() -> list[str]:
-    (line,) = [line for line in ACL_TEMPLATE.read_text().splitlines()
-               if line.startswith("user service ")]
-    return line.split()
-
-
-def test_the_services_keys_and_channel_fall_under_its_user_rules() -> None:
-    rules = service_user_rules()
-    key_patterns = [rule[1:] for rule in rules if rule.startswith("~")]
-    channels = [rule[1:] for rule in rules if rule.startswith("&")]
-    some_key = f"{FORMAT}0123456789ab:lease:username:alice"
-    assert any(fnmatch.fnmatchcase(some_key, pattern) for pattern in key_patterns), key_patterns
-    assert channels == [CHANNEL.decode()]
 
 
 def test_the_service_sends_only_what_its_user_may_run(

@@ -1,9 +1,9 @@
-"""API tokens (service/web/auth.py): every path but the probes' needs one of API_TOKENS_FILE's,
-refusals are counted, and no token is ever logged or echoed; a token added to the file is
-accepted, and one removed refused, within about a second, without a restart. It fails
-closed: a file that holds no token, or cannot be read, accepts none, and a line that is not
-a token is left out. How both doors refuse alike is in test_hotpath.py, every spelling of a
-path in test_paths.py; a token file that cannot be read at start in test_cli.py."""
+"""API tokens (service/web/auth.py) in the app and the real server: every path but the probes'
+needs one of API_TOKENS_FILE's, refusals are counted, and no token is ever logged or echoed; a
+token added to the file is accepted, and one removed refused, within about a second, without a
+restart, in every worker. What the check accepts, what a refusal says and what a token file
+that holds no token or cannot be read does are in tests/unit/test_auth.py; how both doors
+refuse alike is in test_hotpath.py, every spelling of a path in test_paths.py."""
 
 from __future__ import annotations
 
@@ -67,21 +67,6 @@ def test_the_real_server_keeps_probes_and_metrics_open(guarded_service: ServiceP
 def test_a_server_without_tokens_is_open_and_says_so_once(service: ServiceProcess) -> None:
     assert requests.get(service.url + "/users/1", timeout=5).status_code == 404
     assert service.output().count(OPEN_NOTICE) == 1  # from the main process, not per worker
-
-
-def test_the_spec_documents_the_bearer_scheme(client: FlaskClient) -> None:
-    document = client.get("/openapi.json").get_json()
-    scheme = document["components"]["securitySchemes"]["bearer"]
-    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
-    for path, operations in document["paths"].items():
-        for method, operation in operations.items():
-            if method == "parameters":
-                continue
-            if path.startswith("/users"):
-                assert operation["security"] == [{"bearer": []}], (path, method)
-                assert "WWW-Authenticate" in operation["responses"]["401"]["headers"]
-            else:
-                assert "security" not in operation and "401" not in operation["responses"]
 
 
 # -- the token file, read again when it changes -------------------------------------------
@@ -153,72 +138,6 @@ def test_a_rewrite_that_leaves_the_same_inode_time_and_size_is_not_missed(
         handle.write(f"{same_size}\n")
     os.utime(token_file, ns=(written, written))
     takes_effect(lambda: accepts(client, same_size), "the second rewrite")
-
-
-def spoil(path: Path, how: str) -> None:
-    if how in ("removed", "a directory"):
-        path.unlink()
-    if how == "a directory":
-        path.mkdir()
-    if how == "empty":
-        path.write_text("")
-    if how == "comments only":
-        path.write_text(f"# {OLD} was revoked\n\n  # none yet\n")
-    if how == "not UTF-8":
-        path.write_bytes(b"\xff" + NEW.encode())
-
-
-@pytest.mark.parametrize("how", ["removed", "a directory", "empty", "comments only",
-                                 "not UTF-8"])
-def test_a_file_that_holds_no_readable_token_accepts_none_and_says_so_once(
-        watching_app: Flask, token_file: Path, how: str,
-        caplog: pytest.LogCaptureFixture) -> None:
-    client = watching_app.test_client()
-    assert accepts(client, OLD)
-    with caplog.at_level(logging.WARNING, logger="service.web.auth"):
-        spoil(token_file, how)
-        takes_effect(lambda: not accepts(client, OLD), "the refusal of every token")
-        until = time.monotonic() + 1.2  # another check or two: still one line, still closed
-        while time.monotonic() < until:
-            assert not accepts(client, OLD) and not accepts(client, NEW)
-            time.sleep(0.05)
-    lines = [record.getMessage() for record in caplog.records]
-    assert len(lines) == 1 and lines[0].startswith("API_TOKENS_FILE"), lines
-    assert "no token" in lines[0]
-    assert not [token for token in (OLD, NEW, NEWER) if token in caplog.text]
-    if token_file.is_dir():
-        token_file.rmdir()
-    token_file.write_text(f"{NEWER}\n")  # good again: it takes effect as any change does
-    takes_effect(lambda: accepts(client, NEWER), "the new file")
-    assert not accepts(client, OLD)
-
-
-def test_a_line_that_is_not_a_token_is_left_out_and_the_others_accepted(
-        watching_app: Flask, token_file: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """It cannot be presented as a token (not even what it says, spaces and all), and it
-    locks nobody else out; the warning names the line, never what it holds."""
-    client = watching_app.test_client()
-    with caplog.at_level(logging.WARNING, logger="service.web.auth"):
-        token_file.write_text(f"# rotated\n{NEW}\nnot {NEWER}\n{NEWER}#x\n")
-        takes_effect(lambda: accepts(client, NEW) and not accepts(client, OLD),
-                     "the new file")
-        for presented in (f"not {NEWER}", NEWER, f"{NEWER}#x", "# rotated", "rotated"):
-            assert not accepts(client, presented), presented
-    lines = [record.getMessage() for record in caplog.records]
-    assert [line.split(" of ")[0] for line in lines] == [
-        "API_TOKENS_FILE: line 3", "API_TOKENS_FILE: line 4"], lines
-    assert NEWER not in caplog.text and NEW not in caplog.text
-
-
-def test_tokens_that_are_not_from_a_file_are_checked_all_the_same(
-        database_url: str, owner_url: str, redis_up: RedisServer) -> None:
-    """API_TOKENS without a file: none given accepts none (the API is open only when no
-    token setting is given at all)."""
-    for tokens, token, status in (((), "", 401), ((), OLD, 401), ((OLD,), OLD, 404),
-                                  ((OLD,), NEW, 401)):
-        for app in app_for(database_url, owner_url, redis_up.url, api_tokens=tokens):
-            header = {"Authorization": f"Bearer {token}"} if token else {}
-            assert app.test_client().get("/users/999", headers=header).status_code == status
 
 
 def every_time(service: ServiceProcess, token: str | None, expected: int) -> bool:

@@ -5,7 +5,6 @@ gather behind it, so that they go as one batch when the lock is released."""
 from __future__ import annotations
 
 import json
-import logging
 import re
 import threading
 import time
@@ -19,7 +18,6 @@ from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client import REGISTRY
 
-from service.process.config import ConfigError, Settings
 from service.usecases.batching import Combiner
 from service.web.routes import users_of
 
@@ -153,15 +151,6 @@ def test_misses_by_id_that_arrive_together_share_one_query(
     assert [answer.status for answer in answers] == [200, 200, 404, 200, 200, 404]
 
 
-def test_the_batching_setting() -> None:
-    env = {"DATABASE_URL": "postgresql://u@127.0.0.1/d"}
-    assert Settings.from_env(env).batching is True
-    assert Settings.from_env({**env, "BATCHING": "0"}).batching is False
-    assert Settings.from_env({**env, "BATCHING": " On "}).batching is True
-    with pytest.raises(ConfigError, match="BATCHING"):
-        Settings.from_env({**env, "BATCHING": "sometimes"})
-
-
 def test_without_batching_concurrent_creates_go_one_by_one(unbatched_app: Flask) -> None:
     app = unbatched_app
     before = batches("create")
@@ -175,78 +164,12 @@ def test_without_batching_concurrent_creates_go_one_by_one(unbatched_app: Flask)
 # -- one item's error is its own --------------------------------------------------------
 
 
-class Poison(ValueError):
-    """What one item's bad value raises, as psycopg2 raises UnicodeEncodeError."""
-
-
-class Down(RuntimeError):
-    """What a failure of everyone's raises, as a Postgres that is down does."""
-
-
-def upper_unless(raising: dict[str, type[Exception]], ran: list[list[str]]) -> Callable:
-    """A batch's work: each item upper-cased, unless an item raises (what `raising` says)."""
-    def run(items: list[str]) -> list[str]:
-        ran.append(list(items))
-        for item in items:
-            if item in raising:
-                raise raising[item](item)
-        return [item.upper() for item in items]
-
-    return run
-
-
 def outcome(work: Callable[[], object]) -> object:
     """What `work` returned, or the exception it raised."""
     try:
         return work()
     except Exception as exc:  # noqa: BLE001 - the test compares it
         return exc
-
-
-def gather_in(combiner: Combiner, first: str, rest: list[str]) -> list[object]:
-    """`first` leads a batch held until `rest` all wait behind it; they go as the next batch.
-    Each item's outcome, in order."""
-    held, release = threading.Event(), threading.Event()
-    work = combiner._run
-
-    def held_first(items: list[str]) -> list[str]:
-        if items == [first]:
-            held.set()
-            assert release.wait(5)
-        return work(items)
-
-    combiner._run = held_first
-    with ThreadPoolExecutor(len(rest) + 1) as pool:
-        futures = [pool.submit(outcome, lambda: combiner(first))]
-        assert held.wait(5)
-        for number, item in enumerate(rest, 1):
-            futures.append(pool.submit(outcome, lambda item=item: combiner(item)))
-            wait_for(lambda number=number: len(combiner._waiting) == number)
-        release.set()
-        return [future.result() for future in futures]
-
-
-def test_a_batch_that_one_item_fails_runs_each_alone_and_fails_only_that_one(
-        caplog: pytest.LogCaptureFixture) -> None:
-    ran: list[list[str]] = []
-    combiner = Combiner("test", upper_unless({"bad": Poison}, ran), shared=(Down,))
-    with caplog.at_level(logging.ERROR, logger="service.batching"):
-        answers = gather_in(combiner, "first", ["a", "bad", "b"])
-    assert answers[0] == "FIRST" and answers[1] == "A" and answers[3] == "B"
-    assert isinstance(answers[2], Poison) and str(answers[2]) == "bad"
-    assert ran == [["first"], ["a", "bad", "b"], ["a"], ["bad"], ["b"]]
-    assert [record.getMessage() for record in caplog.records] == [
-        "a batch of 3 (test) failed; each of them runs alone"]
-    assert combiner("after") == "AFTER"  # and the combiner goes on
-
-
-def test_a_shared_error_fails_every_item_of_the_batch_without_running_them_again() -> None:
-    ran: list[list[str]] = []
-    combiner = Combiner("test", upper_unless({"down": Down}, ran), shared=(Down,))
-    answers = gather_in(combiner, "first", ["a", "down", "b"])
-    assert answers[0] == "FIRST"
-    assert all(isinstance(answer, Down) and str(answer) == "down" for answer in answers[1:])
-    assert ran == [["first"], ["a", "down", "b"]]
 
 
 def test_a_create_postgres_cannot_be_sent_fails_alone_in_its_batch(

@@ -19,7 +19,6 @@ from service.web.routes import users_of
 from tests.support import free_port
 
 from .helpers import (
-    assert_one_line_error,
     migrate,
     query,
     role_of,
@@ -210,15 +209,3 @@ def test_migrate_refuses_what_another_role_owns(owner_url: str, database_url: st
     assert result.stderr.strip().splitlines() == [
         f"error: {what} {name} is owned by {creator}, not by {me} (the role migrate runs as): "
         f"ALTER {what.upper()} {name} OWNER TO {me}, or migrate as {creator}"]
-
-
-@pytest.mark.parametrize(("env", "named"), [
-    ({}, "DATABASE_URL"),
-    ({"DATABASE_URL": "postgresql://u@127.0.0.1/db", "DATABASE_APP_ROLE": " "},
-     "DATABASE_APP_ROLE"),
-    ({"DATABASE_URL": "postgresql://u@127.0.0.1/db", "DB_CONNECT_TIMEOUT_SECONDS": "soon"},
-     "DB_CONNECT_TIMEOUT_SECONDS"),
-])
-def test_migrate_with_bad_settings_is_one_line_and_status_2(env: dict, named: str) -> None:
-    assert_one_line_error(run_service("migrate", **env), named)
-
