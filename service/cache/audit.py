@@ -125,10 +125,10 @@ def _decoded(held: bytes | None) -> dict | None:
 def loggable(key: str) -> str:
     """A key as the log shows it: pointers carry a username or an email, which is the user's
     data, so their value is replaced by a short digest (enough to match two log lines)."""
-    parts = key.split(":", 4)  # cs, 1, the namespace, the kind, the rest
-    if len(parts) == 5 and parts[3] in POINTER_FIELDS:
-        digest = hashlib.sha256(parts[4].encode()).hexdigest()[:12]
-        return ":".join([*parts[:4], f"#{digest}"])
+    parts = key.split(":", 5)  # cs, 1, the namespace, the epoch, the kind, the rest
+    if len(parts) == 6 and parts[4] in POINTER_FIELDS:
+        digest = hashlib.sha256(parts[5].encode()).hexdigest()[:12]
+        return ":".join([*parts[:5], f"#{digest}"])
     return key
 
 

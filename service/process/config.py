@@ -7,6 +7,7 @@ or of the settings' repr.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,24 +37,23 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {raw!r}")
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
     return value
 
 
 def with_password(url: str, password: str | None) -> str:
-    """Put a separately supplied password into a connection URL's netloc."""
+    """Put a separately supplied password into a connection URL's netloc, leaving the rest as
+    it is written (the user name as quoted, host and port unread: the clients judge them).
+    ValueError when the URL cannot be split."""
     if not password:
         return url
     parts = urlsplit(url)
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:  # an IPv6 literal needs its brackets back
-        host = f"[{host}]"
-    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{hostport}"))
 
 
 def _api_tokens(env: Mapping[str, str]) -> tuple[str, ...] | None:
@@ -69,15 +69,18 @@ def _urls(env: Mapping[str, str]) -> tuple[str, str]:
     database_url = read_setting(env, "DATABASE_URL")
     if not database_url:
         raise ConfigError("DATABASE_URL (or DATABASE_URL_FILE) is required")
-    database_url = with_password(database_url, read_setting(env, "DATABASE_PASSWORD"))
+    password = read_setting(env, "DATABASE_PASSWORD")
     try:
+        database_url = with_password(database_url, password)
+        urlsplit(database_url).port  # noqa: B018 - raises ValueError for a port that is not one
         psycopg2.extensions.parse_dsn(database_url)
-    except psycopg2.ProgrammingError:
+    except (psycopg2.ProgrammingError, ValueError):
         raise ConfigError("DATABASE_URL is not a URL libpq takes (postgresql://user@host:port/"
                           "database?option=value, with libpq's option names)") from None
     redis_url = read_setting(env, "REDIS_URL", "redis://127.0.0.1:6379/0") or ""
-    redis_url = with_password(redis_url, read_setting(env, "REDIS_PASSWORD"))
+    password = read_setting(env, "REDIS_PASSWORD")
     try:  # makes a connection object, which connects only when used
+        redis_url = with_password(redis_url, password)
         redis.ConnectionPool.from_url(redis_url).make_connection()
     except (ValueError, TypeError) as exc:  # a scheme, a port, a query option redis-py lacks
         raise ConfigError(f"REDIS_URL is not a URL redis-py takes: {exc}") from None
@@ -157,6 +160,10 @@ class Settings:
         if not app_role.strip():
             raise ConfigError("DATABASE_APP_ROLE must name a role")
         threads = int(_number(env, "THREADS", 4, minimum=1))
+        sentinels = _sentinels(env)
+        sentinel_master = (read_setting(env, "REDIS_SENTINEL_MASTER", "cachestack") or "").strip()
+        if sentinels and not sentinel_master:
+            raise ConfigError("REDIS_SENTINEL_MASTER must name what the Sentinels watch")
         return cls(
             postgres=PostgresSettings(
                 url=database_url,
@@ -171,8 +178,8 @@ class Settings:
                 url=redis_url,
                 password=SecretFile.of(env, "REDIS_PASSWORD"),
                 timeout=_number(env, "CACHE_TIMEOUT_MS", 100.0, minimum=1) / 1000,
-                sentinels=_sentinels(env),
-                sentinel_master=read_setting(env, "REDIS_SENTINEL_MASTER", "cachestack") or "",
+                sentinels=sentinels,
+                sentinel_master=sentinel_master,
             ),
             cache=CacheSettings(
                 ttl=_number(env, "CACHE_TTL_SECONDS", 300.0, minimum=1),

@@ -141,9 +141,6 @@ def test_with_password(url: str, password: str | None, expected: str) -> None:
     assert with_password(url, password) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="with_password() quotes the URL's user name as urllib "
-                   "gives it, still quoted: us%40er becomes us%2540er, and libpq logs in as "
-                   "another role (reported, not fixed here)")
 def test_with_password_keeps_a_quoted_user_name() -> None:
     assert with_password("postgresql://us%40er@host/db", "pw") == "postgresql://us%40er:pw@host/db"
 
@@ -230,19 +227,11 @@ NOT_FINITE = [(name, raw) for name in (
     if (name, raw) != ("CACHE_TTL_JITTER", "inf")]
 
 
-@pytest.mark.xfail(strict=True, raises=(pytest.fail.Exception, ValueError, OverflowError),
-                   reason="_number() takes nan and inf: the integer settings then raise "
-                   "ValueError or OverflowError (a traceback at start), the others are "
-                   "accepted and fail later (int(nan) in the TTLs); reported, not fixed here")
 @pytest.mark.parametrize(("name", "raw"), NOT_FINITE)
 def test_a_number_that_is_not_finite_is_refused_naming_the_setting(name: str, raw: str) -> None:
     assert name in refusal({**WITH_SECRETS, name: raw})
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="with_password() reads the URL's port before any check: a URL that "
-                   "urllib cannot split, given with a separate password, raises ValueError "
-                   "(a traceback at start); reported, not fixed here")
 @pytest.mark.parametrize(("env", "named"), [
     ({"DATABASE_URL": "postgresql://u@127.0.0.1:port/db", "DATABASE_PASSWORD": SECRET},
      "DATABASE_URL"),
@@ -252,3 +241,12 @@ def test_a_number_that_is_not_finite_is_refused_naming_the_setting(name: str, ra
 def test_a_url_given_apart_from_its_password_is_checked_all_the_same(env: dict,
                                                                       named: str) -> None:
     assert named in refusal({**WITH_SECRETS, **env})
+
+
+def test_sentinels_need_the_name_of_what_they_watch() -> None:
+    base = {"DATABASE_URL": DATABASE_URL, "REDIS_SENTINELS": "127.0.0.1:26379"}
+    assert Settings.from_env(base).redis.sentinel_master == "cachestack"
+    with pytest.raises(ConfigError, match="REDIS_SENTINEL_MASTER"):
+        Settings.from_env({**base, "REDIS_SENTINEL_MASTER": " "})
+    with pytest.raises(ConfigError, match="REDIS_SENTINELS"):
+        Settings.from_env({**base, "REDIS_SENTINELS": "127.0.0.1"})
