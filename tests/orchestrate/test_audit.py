@@ -27,7 +27,9 @@ def test_audit_finds_planted_lies_repairs_them_and_then_passes(
     redis = container(docker_client, stack, "redis")
     ((namespace,),) = psql(container(docker_client, stack, "postgres"),
                            "SELECT value FROM cache_namespace")
-    prefix = f"cs:1:{namespace}:"
+    # The entries of the epoch in use: cs:1:<namespace>:epoch holds '<run_id>:<name>'.
+    epoch = redis_cli(redis, "admin", "GET", f"cs:1:{namespace}:epoch")[1].rpartition(":")[2]
+    prefix = f"cs:1:{namespace}:{epoch}:"
     ann, ben = users
     lie = json.dumps({**ann, "display_name": "planted"}, separators=(",", ":"))
     assert redis_cli(redis, "admin", "SET", f"{prefix}id:{ann['id']}", f"1 {lie}")[0] == 0
