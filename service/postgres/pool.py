@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import select
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -32,6 +33,14 @@ Connection = psycopg2.extensions.connection
 log = logging.getLogger(__name__)
 
 UNIQUE_CONSTRAINTS = {"users_username_key": "username", "users_email_key": "email"}
+# After Postgres did not answer in time (a hung process, a stalled disk), statements fail at
+# once for this long, and then one at a time tries it again, so that no pool of threads waits
+# on a Postgres that is away while the cache could answer the reads. (One that refuses, or
+# answers with an error, does so at once: nothing to wait out.)
+COOLDOWN_SECONDS = 1.0
+# How much longer than its statement_timeout the pool waits for a statement: a Postgres that
+# answers cancels the statement first, with its own error; one that does not answer is given up.
+ANSWER_MARGIN_SECONDS = 0.5
 # How libpq reports a login whose password the server refused (no error code comes with it).
 PASSWORD_REFUSED = "password authentication failed"
 
@@ -55,7 +64,10 @@ class Database:
 
     Every statement the service sends is a whole transaction by itself (one INSERT,
     UPDATE, DELETE or SELECT), so connections run in autocommit mode: one round trip per
-    statement instead of three (BEGIN, the statement, COMMIT).
+    statement instead of three (BEGIN, the statement, COMMIT). They are psycopg2's
+    asynchronous connections, which this pool waits on itself, so that no login outlasts the
+    connect timeout and no statement the statement timeout, even on a Postgres that stopped
+    answering (a hung process, a stalled disk), whose own statement_timeout never fires.
     """
 
     def __init__(self, settings: PostgresSettings, prepared: Mapping[str, str] | None = None,
@@ -70,8 +82,9 @@ class Database:
         self._password = settings.password.read if settings.password else None
         self._last_login: str | None = None  # the last password that logged in; never logged
         self._connect_timeout = settings.connect_timeout
+        self._statement_timeout = settings.statement_timeout_ms / 1000 + ANSWER_MARGIN_SECONDS
         self._connect_args = {
-            "connect_timeout": settings.connect_timeout,
+            "async_": True,
             "options": f"-c statement_timeout={settings.statement_timeout_ms} -c timezone=UTC",
             "application_name": name,
         }
@@ -84,6 +97,8 @@ class Database:
         self._lock = threading.Lock()
         self._schema_ready = False
         self._problem: str | None = None  # why the database was unavailable when last used
+        self._down_until = 0.0  # statements fail at once until then (COOLDOWN_SECONDS)
+        self._trying = threading.Lock()  # held by the one statement that tries Postgres again
 
     def _connect(self) -> Connection:
         """A new session, on a schema that has every migration, with the hot statements
@@ -91,12 +106,11 @@ class Database:
         try:
             conn = self._login()
             try:
-                conn.autocommit = True
-                with conn.cursor() as cur:
-                    if not self._schema_ready:
-                        self._check_schema(cur)
-                    if self._prepare:
-                        cur.execute(self._prepare)
+                cur = _Cursor(conn, self._statement_timeout)
+                if not self._schema_ready:
+                    self._check_schema(cur)
+                if self._prepare:
+                    cur.execute(self._prepare)
             except BaseException:
                 conn.close()
                 raise
@@ -112,16 +126,27 @@ class Database:
         password per role) is given it, so a login refused with the file's password is tried
         once more, at once, with the last password that logged in."""
         if self._password is None:
-            return psycopg2.connect(self._dsn, **self._connect_args)
+            return self._connected(psycopg2.connect(self._dsn, **self._connect_args))
         password = self._password()
         try:
-            conn = psycopg2.connect(self._dsn, password=password, **self._connect_args)
+            conn = self._connected(psycopg2.connect(self._dsn, password=password,
+                                                    **self._connect_args))
         except psycopg2.OperationalError as exc:
             earlier = self._last_login
             if earlier is None or earlier == password or PASSWORD_REFUSED not in str(exc):
                 raise
-            return psycopg2.connect(self._dsn, password=earlier, **self._connect_args)
+            return self._connected(psycopg2.connect(self._dsn, password=earlier,
+                                                    **self._connect_args))
         self._last_login = password
+        return conn
+
+    def _connected(self, conn: Connection) -> Connection:
+        """`conn` once its login is done, within the connect timeout."""
+        try:
+            wait(conn, self._connect_timeout, "log in")
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _check_schema(self, cur: Any) -> None:
@@ -138,6 +163,8 @@ class Database:
         return DatabaseUnavailable(problem)
 
     def _lost(self, exc: psycopg2.OperationalError) -> DatabaseUnavailable:
+        if isinstance(exc, NoAnswer):
+            self._down_until = time.monotonic() + COOLDOWN_SECONDS
         return self._unavailable(f"database unavailable: {first_line(exc)}")
 
     def _report(self, problem: str | None) -> None:
@@ -174,16 +201,32 @@ class Database:
             self._idle.append(conn)
 
     def run(self, work: Callable[[Any], T]) -> T:
-        """Run `work(cursor)`, whose one statement commits by itself."""
+        """Run `work(cursor)`, whose one statement commits by itself. While Postgres is down
+        (COOLDOWN_SECONDS after it failed), DatabaseUnavailable at once, but for the one
+        statement that tries it again."""
+        trying = False
+        if self._down_until:
+            if time.monotonic() < self._down_until or not self._trying.acquire(blocking=False):
+                raise DatabaseUnavailable(self._problem or "database unavailable")
+            trying = True
+        try:
+            result = self._run(work)
+        finally:
+            if trying:
+                self._trying.release()
+        self._down_until = 0.0
+        return result
+
+    def _run(self, work: Callable[[Any], T]) -> T:
         if not self._slots.acquire(timeout=self._connect_timeout):
             raise DatabaseUnavailable("all database connections are busy")
         try:
             conn = self._take()
             try:
-                with conn.cursor() as cur:
-                    if self._counted:
-                        metrics.DB_QUERIES.inc()
-                    result = work(cur)
+                cur = _Cursor(conn, self._statement_timeout)
+                if self._counted:
+                    metrics.DB_QUERIES.inc()
+                result = work(cur)
             except psycopg2.errors.UniqueViolation as exc:
                 self._give_back(conn)
                 field = UNIQUE_CONSTRAINTS.get(exc.diag.constraint_name, "value")
@@ -211,5 +254,41 @@ class Database:
 
 def first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or ["database error"])[0]
+
+
+class NoAnswer(psycopg2.OperationalError):
+    """Postgres did not answer within the time it was given."""
+
+
+def wait(conn: Connection, timeout: float, what: str) -> None:
+    """Wait until the asynchronous connection `conn` has done what it was asked (its errors
+    are raised here), for at most `timeout` seconds: then NoAnswer, and the caller closes the
+    connection, which a Postgres that answers again sees end."""
+    deadline = time.monotonic() + timeout
+    while (state := conn.poll()) != psycopg2.extensions.POLL_OK:
+        left = deadline - time.monotonic()
+        readers, writers = ([conn], []) if state == psycopg2.extensions.POLL_READ else ([], [conn])
+        if left <= 0 or not any(select.select(readers, writers, [], left)):
+            raise NoAnswer(f"postgres did not {what} within {timeout:g} s")
+
+
+class _Cursor:
+    """A cursor of an asynchronous connection that waits, within the statement timeout, for
+    each statement it executes: what the statements of statements.py see."""
+
+    __slots__ = ("_conn", "_cursor", "_timeout")
+
+    def __init__(self, conn: Connection, timeout: float) -> None:
+        self._conn, self._cursor, self._timeout = conn, conn.cursor(), timeout
+
+    def execute(self, sql: str, args: Any = None) -> None:
+        self._cursor.execute(sql, args)
+        wait(self._conn, self._timeout, "answer")
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return self._cursor.fetchall()
 
 

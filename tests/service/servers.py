@@ -245,6 +245,8 @@ class TcpProxy:
         self.sent: list[bytearray] = []
         self._open = threading.Event()
         self._open.set()
+        self._flowing = threading.Event()  # cleared by hold(): nothing goes through, nothing is cut
+        self._flowing.set()
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", self.port))
@@ -271,12 +273,12 @@ class TcpProxy:
             for src, dst, log in ((client, upstream, sent), (upstream, client, None)):
                 threading.Thread(target=self._pipe, args=(src, dst, log), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket, log: bytearray | None) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, log: bytearray | None) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
                 if log is not None:
                     log += data
+                self._flowing.wait()
                 dst.sendall(data)
         for sock in (src, dst):
             with contextlib.suppress(OSError):
@@ -293,6 +295,14 @@ class TcpProxy:
 
     def restore(self) -> None:
         self._open.set()
+
+    def hold(self) -> None:
+        """Let nothing through, cutting nothing: as a server that stopped answering (a hung
+        process, a stalled disk) looks to its clients, until `flow()`."""
+        self._flowing.clear()
+
+    def flow(self) -> None:
+        self._flowing.set()
 
     def close(self) -> None:
         self.cut()

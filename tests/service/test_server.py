@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from .helpers import counter, empty_database, keys_of, via_proxy
-from .servers import RedisServer, ServiceProcess, TcpProxy
+from .servers import RedisServer, ServiceProcess, TcpProxy, wait_until
 
 STAMPEDE = 200
 
@@ -186,3 +186,65 @@ def test_postgres_outage_then_recovery_without_restart(behind_proxy: tuple) -> N
                         timeout=10).json()["data"] == [recovered]
     unchanged = requests.get(f"{service.url}/users/{cached['id']}", timeout=10).json()["data"]
     assert unchanged == cached
+
+
+def test_a_postgres_that_stops_answering_costs_no_cached_read(
+        database_url: str, owner_url: str, redis_server: RedisServer) -> None:
+    """Postgres stops answering, without closing anything (a hung process, a stalled disk: a
+    proxy holds every byte): reads the cache holds are answered, every one, while misses and
+    writes get a 503 within the statement timeout and a margin, not a hang, and do not tie up
+    the threads the reads need. Postgres answers again: so does the service, by itself."""
+    if redis_server.process is None:
+        redis_server.start()
+    empty_database(owner_url)
+    proxy = TcpProxy(5432)
+    service = ServiceProcess({"DATABASE_URL": via_proxy(database_url, proxy.port),
+                              "REDIS_URL": redis_server.url, "DB_STATEMENT_TIMEOUT_MS": "1000",
+                              "DB_CONNECT_TIMEOUT_SECONDS": "1"}, threads=4)
+    try:
+        cached = [post_user(service.url, f"held{n}") for n in range(8)]
+        warm_up(service.url)
+        proxy.hold()
+        stop = time.monotonic() + 6
+        reads: list[tuple[float, int, str]] = []
+        others: list[tuple[float, int]] = []
+
+        def read_cached(offset: int) -> None:
+            with requests.Session() as session:
+                while time.monotonic() < stop:
+                    user = cached[offset % len(cached)]
+                    started = time.monotonic()
+                    answer = session.get(f"{service.url}/users/{user['id']}", timeout=10)
+                    reads.append((time.monotonic() - started, answer.status_code,
+                                  answer.headers.get("X-Cache", "")))
+                    offset += 1
+
+        def miss_and_write(number: int) -> None:
+            with requests.Session() as session:
+                while time.monotonic() < stop:
+                    started = time.monotonic()
+                    answer = (session.get(f"{service.url}/users/{10_000 + number}", timeout=10)
+                              if number % 2 else
+                              session.post(f"{service.url}/users", timeout=10, json={
+                                  "username": f"writer{number}",
+                                  "email": f"writer{number}@example.org"}))
+                    others.append((time.monotonic() - started, answer.status_code))
+
+        with ThreadPoolExecutor(10) as pool:
+            running = [pool.submit(read_cached, n) for n in range(8)]
+            running += [pool.submit(miss_and_write, n) for n in range(2)]
+            for future in running:
+                future.result()
+    finally:
+        proxy.flow()
+    try:
+        assert reads and all(status == 200 and cache == "HIT" for _, status, cache in reads), \
+            sorted({(status, cache) for _, status, cache in reads})
+        assert others and all(status == 503 for _, status in others), others
+        assert max(seconds for seconds, _ in others) < 1 + 0.5 + 1, others  # timeout and margin
+        wait_until(lambda: requests.post(f"{service.url}/users", timeout=10, json={
+            "username": "after", "email": "after@example.org"}).status_code == 201, 10,
+            "a write once Postgres answers again")
+    finally:
+        service.close()
+        proxy.close()
