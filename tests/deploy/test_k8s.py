@@ -128,7 +128,7 @@ def test_service_deployment_probes_replicas_and_budget(k8s_objects: list[Obj]) -
     deployment = one(k8s_objects, "Deployment", "service")
     assert deployment["spec"]["replicas"] == 2
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"  # not Postgres's state
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert [p["containerPort"] for p in container["ports"]] == [8000]
     service = one(k8s_objects, "Service", "service")
