@@ -129,3 +129,17 @@ def cache_namespace(db: Database) -> str:
         return cur.fetchone()[0]
 
     return db.run(select)
+
+
+def stream_state(db: Database, slot: str) -> tuple[bool, int] | None:
+    """Whether a reader has the change stream's slot, and how many bytes of WAL it has yet to
+    confirm; None when there is no such slot."""
+
+    def select(cur: Any) -> tuple[bool, int] | None:
+        cur.execute("SELECT active, pg_wal_lsn_diff(pg_current_wal_lsn(), "
+                    "confirmed_flush_lsn)::bigint FROM pg_replication_slots "
+                    "WHERE slot_name = %s", (slot,))
+        row = cur.fetchone()
+        return (row[0], row[1] or 0) if row else None
+
+    return db.run(select)

@@ -28,7 +28,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     database = Database(settings.postgres, statements.PREPARED)
     cache = UserCache(settings.cache, RedisClient(settings.redis), database)
-    app.extensions[routes.EXTENSION] = Users(database, cache, settings.batching)
+    app.extensions[routes.EXTENSION] = Users(database, cache, settings.batching,
+                                             settings.stream_slot)
     app.extensions[AUDITOR] = audit.start_sampler(
         cache, audit.own_database(settings.postgres), settings.cache.audit_per_second)
     app.register_blueprint(routes.bp)

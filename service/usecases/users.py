@@ -23,10 +23,13 @@ R = TypeVar("R")
 class Users:
     """Postgres is the source of truth; the cache is told about every committed change."""
 
-    def __init__(self, database: Database, cache: UserCache, batching: bool = True) -> None:
-        """`batching`: whether concurrent work shares its statements (Settings.batching)."""
+    def __init__(self, database: Database, cache: UserCache, batching: bool = True,
+                 stream_slot: str = "") -> None:
+        """`batching`: whether concurrent work shares its statements (Settings.batching);
+        `stream_slot`: the change stream's slot, whose state `state()` tells."""
         self.database = database
         self.cache = cache
+        self._stream_slot = stream_slot
         # A Postgres that fails fails every item of a batch alike. Any other error runs each
         # alone (batching.py), which is safe: the creates' INSERT leaves nothing done when it
         # fails, and their write-through raises nothing but DatabaseUnavailable.
@@ -45,6 +48,17 @@ class Users:
 
     def _load_by_ids(self, ids: Sequence[int]) -> list[UserRow | None]:
         return statements.find_users_by_ids(self.database, ids)
+
+    def state(self) -> dict[str, object]:
+        """What /readyz says: whether Postgres answers (DatabaseUnavailable when not), whether
+        Redis does, and whether the change stream is read and how far behind it is."""
+        stream = statements.stream_state(self.database, self._stream_slot)
+        return {
+            "database": "ok",
+            "cache": "ok" if self.cache.available() else "degraded",
+            "stream": ({"reading": stream[0], "behind_bytes": stream[1]} if stream
+                       else "absent"),
+        }
 
     def close(self) -> None:
         """Close the cache's and the pool's connections (tests; a worker just exits)."""

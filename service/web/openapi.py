@@ -218,8 +218,16 @@ DOCUMENT = {
             "Readiness": {
                 "type": "object",
                 "required": ["database", "cache"],
-                "properties": {"database": {"enum": ["ok", "unavailable"]},
-                               "cache": {"enum": ["ok", "degraded"]}},
+                "properties": {
+                    "database": {"enum": ["ok", "unavailable"]},
+                    "cache": {"enum": ["ok", "degraded"]},
+                    "stream": {"description": "the change stream: whether a reader has its slot "
+                               "and the WAL it has yet to confirm, or absent (no slot)",
+                               "oneOf": [{"const": "absent"}, {
+                                   "type": "object", "required": ["reading", "behind_bytes"],
+                                   "properties": {"reading": {"type": "boolean"},
+                                                  "behind_bytes": {"type": "integer"}}}]},
+                },
             },
         }
     },

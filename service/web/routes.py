@@ -107,13 +107,13 @@ def healthz() -> Response:
 @bp.get("/readyz")
 def readyz() -> Response:
     users = _users()
-    cache = "ok" if users.cache.available() else "degraded"
     try:
-        users.database.ping()
+        state = users.state()
     except DatabaseUnavailable:
+        cache = "ok" if users.cache.available() else "degraded"
         return _response(Reply(503, json.dumps({"database": "unavailable", "cache": cache})
                                .encode(), (("Retry-After", "1"),)))
-    return _response(Reply(200, json.dumps({"database": "ok", "cache": cache}).encode()))
+    return _response(Reply(200, json.dumps(state).encode()))
 
 
 @bp.get("/metrics")

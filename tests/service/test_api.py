@@ -237,7 +237,7 @@ def test_healthz_and_readyz(client: FlaskClient) -> None:
     assert client.get("/healthz").status_code == 200
     response = client.get("/readyz")
     assert response.status_code == 200
-    assert response.get_json() == {"database": "ok", "cache": "ok"}
+    assert response.get_json() == {"database": "ok", "cache": "ok", "stream": "absent"}
 
 
 def test_metrics_expose_counters_and_latency_histogram(client: FlaskClient) -> None:

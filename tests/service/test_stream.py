@@ -134,6 +134,17 @@ def warm(app: Flask, *paths: str) -> None:
     users_of(app).cache.redis.flush()
 
 
+def test_readyz_says_whether_the_stream_is_read_and_how_far_behind(
+        database_url: str, stream_redis: RedisServer, reader: Reader, slot: str,
+        new_app: Callable[[Settings], Flask]) -> None:
+    app = new_app(settings_for(database_url, stream_redis.url, stream_slot=slot))
+    state = app.test_client().get("/readyz").get_json()["stream"]
+    assert state["reading"] is True and state["behind_bytes"] >= 0
+    reader.close()
+    wait_until(lambda: app.test_client().get("/readyz").get_json()["stream"]["reading"] is False,
+               10, "the slot to be free")
+
+
 def test_a_change_made_by_plain_sql_is_seen(app: Flask, reader: Reader, owner_url: str) -> None:
     user = create(app.test_client())
     path = f"/users/{user['id']}"

@@ -96,7 +96,7 @@ def test_a_redis_certificate_from_another_ca_is_one_line_and_no_hang(
     misconfigured.append(app)
     user = create(app.test_client())  # acknowledged: Postgres has it, Redis was skipped
     assert app.test_client().get(f"/users/{user['id']}").headers["X-Cache"] == "BYPASS"
-    assert app.test_client().get("/readyz").get_json() == {"database": "ok", "cache": "degraded"}
+    assert app.test_client().get("/readyz").get_json()["cache"] == "degraded"
     assert_one_clear_line_and_no_hang(app, caplog, "service.cache.trust",
                                       "certificate verify failed", f"/users/{user['id']}")
 
