@@ -306,6 +306,17 @@ class UserCache:
             self.trust.lost(epoch, "an invalidation of the change stream failed")
             raise
 
+    def source(self, source: str, replace: bool = False) -> str:
+        """The Postgres ('<system>:<timeline>') the cache's entries were read from, as the
+        change stream recorded it (replacing it with `source` when `replace`); '' when none is
+        recorded. Raises CacheUnavailable."""
+        key = self.trust.names.namespace + "source"
+        if replace:
+            self.trust.command("SET", key, source)
+            return source
+        recorded = self.trust.command("GET", key)
+        return recorded.decode() if recorded else ""
+
     def _write_through(self, puts: list[Put], token: str) -> None:
         """Write `puts`; when that fails, the write is acknowledged only once no read can
         find what it should have changed (Trust.write_lost)."""

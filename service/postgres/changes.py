@@ -42,6 +42,9 @@ class ChangeStream:
         self._slot, self._publication = slot, publication
         self._conn: Any = None
         self._cursor: Any = None
+        # The server it reads: '<system identifier>:<timeline>' (IDENTIFY_SYSTEM). A failover
+        # promotes a replica onto a new timeline; a server made anew has another identifier.
+        self.source = ""
 
     def start(self) -> bool:
         """Take the slot and start reading it; True when it had to be made anew (a gap: the
@@ -56,6 +59,9 @@ class ChangeStream:
                 **({"password": self._settings.password.read()} if self._settings.password
                    else {}))
             self._cursor = self._conn.cursor()
+            self._cursor.execute("IDENTIFY_SYSTEM")
+            system, timeline, *_ = self._cursor.fetchone()
+            self.source = f"{system}:{timeline}"
             return self._start_or_remake()
         except psycopg2.errors.ObjectInUse:
             self.close()

@@ -6,7 +6,9 @@ Delivery is at least once, in commit order: a position is confirmed to Postgres 
 Redis acknowledged the invalidations up to it, so a reader that dies is followed by one that
 starts again from there; invalidations are deletions, which may come twice. What the stream
 cannot tell (a TRUNCATE, a slot made anew, so changes before it are lost to it, an update
-without the row it replaced) begins a new cache epoch instead, before anything else is read.
+without the row it replaced, a Postgres of another timeline than the cache was filled from, as
+after a failover, which may have lost commits) begins a new cache epoch instead, before
+anything else is read.
 Readers take turns: Postgres lets one at a time read the slot, the others try again every
 RETRY_SECONDS (docs/design.md, "The change stream").
 """
@@ -63,6 +65,11 @@ class StreamReader:
             try:
                 if self.stream.start():
                     self._begin_anew("the replication slot was made anew")
+                if self.cache.source(self.stream.source) != self.stream.source:
+                    # Another server or timeline than the cache was filled from (a failover):
+                    # commits the cache saw may be lost to this one.
+                    self._begin_anew(f"postgres is now {self.stream.source}")
+                    self.cache.source(self.stream.source, replace=True)
                 self._say("")
                 self.reading = True
                 self._read(stop)

@@ -315,3 +315,23 @@ def test_a_reader_killed_mid_stream_is_taken_over_and_nothing_is_missed(
         for process in readers:
             process.kill()
             process.wait()
+
+
+def test_a_postgres_other_than_the_one_the_cache_was_filled_from_begins_a_new_epoch(
+        app: Flask, stream_url: str, stream_redis: RedisServer, slot: str) -> None:
+    """As after a failover, which promotes a replica onto a new timeline and may have lost
+    commits the cache saw: the reader finds that the cache was filled from another server or
+    timeline, and nothing cached before may be read."""
+    user = create(app.test_client())
+    warm(app, f"/users/{user['id']}")
+    source = keys(app).namespace + "source"
+    first = Reader(stream_url, stream_redis.url, slot).start()
+    first.close()
+    now = stream_redis.client().get(source)
+    stream_redis.client().set(source, b"6999999999999999999:7")  # another server's
+    epoch = users_of(app).cache.trust.epoch.name
+    second = Reader(stream_url, stream_redis.url, slot).start()
+    second.close()
+    assert stream_redis.client().get(source) == now
+    read(app.test_client(), f"/users/{user['id']}")  # it learns of the new epoch
+    assert users_of(app).cache.trust.epoch.name != epoch
