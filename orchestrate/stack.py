@@ -293,14 +293,10 @@ def _private_tmp(uid: int, size: str) -> tuple[str, str]:
     return ("/tmp", f"rw,noexec,nosuid,size={size},uid={uid},gid={uid}")
 
 
-def describe_stack(
-    project: str = DEFAULT_PROJECT, port: int = DEFAULT_PORT, replicas: int = DEFAULT_REPLICAS,
-    monitoring_port: int | None = None, tls: bool = False,
-) -> Stack:
-    """Return the stack for `project`: `replicas` service containers behind the proxy, which
-    is published on 127.0.0.1:`port` (with `tls`, speaking TLS only, with PROXY_CERT), and
-    with a `monitoring_port`, Prometheus published there."""
-    postgres = Service(
+def postgres_service() -> Service:
+    """PostgreSQL (docker/postgres), with TLS 1.3 for the network logins of the owner and the
+    runtime role; its data in the volume pgdata."""
+    return Service(
         name="postgres",
         image="postgres",
         user=f"{POSTGRES_UID}:{POSTGRES_UID}",
@@ -345,7 +341,11 @@ def describe_stack(
             pids_limit=256,
         ),
     )
-    redis = Service(
+
+
+def redis_service() -> Service:
+    """Redis (docker/redis): the cache, on a TLS port only, keeping nothing across a restart."""
+    return Service(
         name="redis",
         image="redis",
         user=f"{REDIS_UID}:{REDIS_UID}",
@@ -390,7 +390,12 @@ def describe_stack(
             pids_limit=64,
         ),
     )
-    migrate = Service(
+
+
+def migrate_service() -> Service:
+    """The task that brings the schema up to date, as the owner role, before the replicas
+    start."""
+    return Service(
         name="migrate",
         image="service",
         user=f"{SERVICE_UID}:{SERVICE_UID}",
@@ -409,7 +414,12 @@ def describe_stack(
         ),
         once=True,
     )
-    service = Service(
+
+
+def replicas_service(replicas: int) -> Service:
+    """The user service itself (the root Dockerfile), `replicas` containers of it, as the
+    runtime role; it publishes no port: the proxy reaches it on the frontend network."""
+    return Service(
         name="service",
         image="service",
         user=f"{SERVICE_UID}:{SERVICE_UID}",
@@ -437,7 +447,12 @@ def describe_stack(
         replicas=replicas,
         update_order="start-first",
     )
-    proxy = Service(
+
+
+def proxy_service(port: int, tls: bool) -> Service:
+    """HAProxy (docker/proxy) in front of every replica, published on 127.0.0.1:`port`; with
+    `tls`, speaking TLS only, with PROXY_CERT."""
+    return Service(
         name="proxy",
         image="proxy",
         user=f"{PROXY_UID}:{PROXY_UID}",
@@ -454,20 +469,6 @@ def describe_stack(
         ),
         ports=(Port(container=8000, host=port, tls=tls),),
         ready_path="/readyz",
-    )
-    services: tuple[Service, ...] = (postgres, redis, migrate, service, proxy)
-    if monitoring_port is not None:
-        services += (prometheus_service(monitoring_port),)
-    mounted = dict.fromkeys(m.secret for s in services for m in s.secrets)
-    return Stack(
-        project=project,
-        services=services,
-        networks=(Network("backend", internal=True), Network("frontend", internal=True),
-                  Network("edge", internal=False)),
-        volumes=tuple(v for s in services for v, _ in s.volumes),
-        secrets=tuple(mounted),
-        certificates=(POSTGRES_CERT, REDIS_CERT) + ((PROXY_CERT,) if tls else ()),
-        images={key: IMAGES[key] for key in dict.fromkeys(s.image for s in services)},
     )
 
 
@@ -499,6 +500,30 @@ def prometheus_service(port: int) -> Service:
             pids_limit=128,
         ),
         ports=(Port(container=9090, host=port),),
+    )
+
+
+def describe_stack(
+    project: str = DEFAULT_PROJECT, port: int = DEFAULT_PORT, replicas: int = DEFAULT_REPLICAS,
+    monitoring_port: int | None = None, tls: bool = False,
+) -> Stack:
+    """Return the stack for `project`: `replicas` service containers behind the proxy, which
+    is published on 127.0.0.1:`port` (with `tls`, speaking TLS only, with PROXY_CERT), and
+    with a `monitoring_port`, Prometheus published there. Its services start in this order."""
+    services = (postgres_service(), redis_service(), migrate_service(),
+                replicas_service(replicas), proxy_service(port, tls))
+    if monitoring_port is not None:
+        services += (prometheus_service(monitoring_port),)
+    mounted = dict.fromkeys(m.secret for s in services for m in s.secrets)
+    return Stack(
+        project=project,
+        services=services,
+        networks=(Network("backend", internal=True), Network("frontend", internal=True),
+                  Network("edge", internal=False)),
+        volumes=tuple(v for s in services for v, _ in s.volumes),
+        secrets=tuple(mounted),
+        certificates=(POSTGRES_CERT, REDIS_CERT) + ((PROXY_CERT,) if tls else ()),
+        images={key: IMAGES[key] for key in dict.fromkeys(s.image for s in services)},
     )
 
 
