@@ -47,10 +47,10 @@ from . import rollout
 from .containers import connect, exec_input, exec_output, project_containers
 from .errors import OrchestrateError
 from .output import say
+from .paths import ROOT
 from .secretfiles import BACKUP_KEY, backup_key, secret_path
 from .stack import DB_NAME, DB_OWNER, SECRETS_DIR, Stack
 
-ROOT = Path(__file__).resolve().parents[1]
 BACKUPS = ROOT / "backups"
 CHUNK = 1 << 20
 PREVIOUS = f"{DB_NAME}_before_restore"  # the database a restore replaced, kept for one more

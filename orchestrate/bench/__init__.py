@@ -30,7 +30,8 @@ import docker
 
 from ..containers import connect
 from ..output import say
-from ..secretfiles import ROOT, api_token
+from ..paths import BUILD
+from ..secretfiles import api_token
 from ..stack import Stack
 from .load import (
     CONNECTIONS,
@@ -57,7 +58,7 @@ from .servers import (
     variant,
 )
 
-REPORT_DIR = ROOT / "build" / "report"
+REPORT_DIR = BUILD / "report"
 SEED_USERS = 1000  # as many as bench/run.py's hot set: all fit in every near cache
 MAX_SECONDS = 600
 VARIANTS = {v.name: v for v in (CACHE_ON, NEAR_OFF, CACHE_OFF)}
