@@ -25,9 +25,10 @@ from .containers import (
     made_by,
     project_containers,
     project_filter,
+    remove,
     verify_secrets,
+    wait_answering,
     wait_healthy,
-    wait_ready,
 )
 from .errors import OrchestrateError
 from .output import say, step
@@ -134,7 +135,7 @@ def ensure_container(
                 old.start()
                 return old, "started"
             return old, "unchanged"
-        old.remove(force=True)
+        remove(old)
         action = "recreated"
     name = stack.container_name(service.name)
     try:  # a container with our name but without our labels is not ours to replace
@@ -161,7 +162,7 @@ def run_task(
     """Run a `once` service to completion and remove it; raise with its logs unless it
     exited 0 within the deadline."""
     for old in project_containers(client, stack.project, service.name):
-        old.remove(force=True)  # left by an interrupted run
+        remove(old)  # left by an interrupted run
     container = create_container(client, stack, service, image_ref, "task")
     try:
         container.start()
@@ -178,7 +179,7 @@ def run_task(
         for line in last_logs(container):
             say(line)
     finally:
-        container.remove(force=True)
+        remove(container)
 
 
 def wait_running(container: Container, service: Service) -> None:
@@ -186,7 +187,7 @@ def wait_running(container: Container, service: Service) -> None:
     then check its secrets."""
     if service.ready_path and service.ports:  # readiness is stronger than health
         port = service.ports[0]
-        wait_ready(container, port.url + service.ready_path, context=port_context(port))
+        wait_answering(container, port.url + service.ready_path, context=port_context(port))
     else:
         wait_healthy(container)
     verify_secrets(container, service)
@@ -261,7 +262,7 @@ def remove_orphans(client: docker.DockerClient, stack: Stack) -> None:
     wanted = {s.name for s in stack.services}
     for container in project_containers(client, stack.project):
         if container.labels.get(SERVICE_LABEL) not in wanted:
-            container.remove(force=True)
+            remove(container)
             say(f"{container.name}: removed (not in the stack any more)")
 
 
@@ -303,11 +304,12 @@ def up(stack: Stack, mode: str) -> dict[str, float]:
 
 
 def down(project: str, volumes: bool) -> list[str]:
-    """Remove every container and network (and with `volumes` the volumes) of `project`."""
+    """Remove every container (with its anonymous volumes) and network (and with `volumes` the
+    named volumes) of `project`."""
     client = connect()
     removed = []
     for container in project_containers(client, project):
-        container.remove(force=True, v=False)
+        remove(container)
         removed.append(f"container {container.name} (made by {made_by(container)})")
     for network in client.networks.list(filters=project_filter(project)):
         network.remove()

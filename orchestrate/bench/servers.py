@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import docker
 from docker.models.containers import Container
 
-from ..containers import create_container, project_containers, wait_ready
+from ..containers import create_container, project_containers, remove, wait_answering
 from ..engine import published_host_ports, running_proxy, service_url
 from ..errors import OrchestrateError
 from ..secretfiles import STAGE_ROOT
@@ -206,7 +206,7 @@ def variant(client: docker.DockerClient, stack: Stack, running: Running,
         container = create_container(client, stack, service, running.image, "bench")
         container.start()
         try:
-            wait_ready(container, f"http://127.0.0.1:{port}{service.ready_path}")
+            wait_answering(container, f"http://127.0.0.1:{port}{service.ready_path}")
         except OrchestrateError as exc:  # its logs are in the error already
             raise OrchestrateError(f"{container.name}: {exc.message}", exc.log_lines) from None
         yield Server(which.name, f"http://127.0.0.1:{port}", (container,), published=True)
@@ -220,7 +220,7 @@ def remove_variants(client: docker.DockerClient, stack: Stack) -> list[str]:
     removed = []
     for container in project_containers(client, stack.project):
         if container.labels.get(SERVICE_LABEL, "").startswith(VARIANT_PREFIX):
-            container.remove(force=True)
+            remove(container)
             removed.append(container.name)
     staged = STAGE_ROOT / stack.project
     for directory in staged.glob(f"{VARIANT_PREFIX}*") if staged.is_dir() else ():
