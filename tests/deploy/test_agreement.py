@@ -37,8 +37,9 @@ from orchestrate.stack import (
 )
 from service import probe
 from service.process.factory import MAX_BODY_BYTES
+from tests.support import REPO, run
 
-from .helpers import REPO, run, tool
+from .helpers import tool
 
 STACK = describe_stack()
 SERVICES = [s.name for s in STACK.services]

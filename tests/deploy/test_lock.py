@@ -23,8 +23,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from orchestrate import images
-
-from .helpers import REPO
+from tests.support import REPO
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 BUILD_BACKEND = [Requirement(r) for r in PYPROJECT["build-system"]["requires"]]

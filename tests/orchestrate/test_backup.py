@@ -16,19 +16,12 @@ from pathlib import Path
 
 import docker
 import pytest
-from orchestrate_helpers import (
-    REPO,
-    Api,
-    Project,
-    backed_up,
-    container,
-    database_oid,
-    one_line_error,
-    orchestrate,
-)
 
 from orchestrate.backup import BACKUPS, Manifest
-from tests.containers import psql
+from tests.stores import psql
+from tests.support import REPO
+
+from .helpers import Api, Project, backed_up, container, database_oid, one_line_error, orchestrate
 
 LOOKUPS = ("id", "username", "email")
 

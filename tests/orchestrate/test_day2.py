@@ -1,4 +1,4 @@
-"""A stack under steady load through its published port (tests/load.py, about 200 requests a
+"""A stack under steady load through its published port (tests/steady_load.py, about 200 requests a
 second): replicas replaced for new code, a replica killed, Postgres killed, and how many
 requests each costs. Tests run in file order on one stack."""
 
@@ -14,12 +14,13 @@ from typing import Any
 
 import docker
 import requests
-from orchestrate_helpers import Project
 
 from orchestrate import engine
 from orchestrate.secretfiles import api_token
 from orchestrate.stack import REPLICA_LABEL, SERVICE_LABEL, describe_stack
-from tests.load import SteadyLoad
+from tests.steady_load import SteadyLoad
+
+from .helpers import Project
 
 
 def running(client: docker.DockerClient, project: Project, service: str) -> list[Any]:

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import docker
 import pytest
-from orchestrate_helpers import REPO, Project, labelled, one_line_error, orchestrate, sweep
 
 from orchestrate import images
 from orchestrate.backup import BACKUPS, Manifest
 from orchestrate.errors import OrchestrateError
 from orchestrate.stack import as_dict, describe_stack
-from tests.support import free_port
+from tests.support import REPO, free_port
+
+from .helpers import Project, labelled, one_line_error, orchestrate, sweep
 
 
 def test_stack_description_is_plain_data() -> None:

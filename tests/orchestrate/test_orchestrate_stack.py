@@ -11,7 +11,6 @@ from typing import Any
 import docker
 import pytest
 import requests
-from orchestrate_helpers import Project, labelled
 
 from orchestrate import engine
 from orchestrate.secretfiles import api_token, read_secret
@@ -22,6 +21,8 @@ from orchestrate.stack import (
     Service,
     describe_stack,
 )
+
+from .helpers import Project, labelled
 
 pytestmark = pytest.mark.usefixtures("docker_client")
 SMOKE_CHECKS = 10

@@ -18,12 +18,13 @@ from typing import Any
 
 import docker
 import pytest
-from orchestrate_helpers import REPO, Project, orchestrate
 
 from orchestrate.bench import REPORT_DIR
 from orchestrate.secretfiles import STAGE_ROOT
 from orchestrate.stack import PROJECT_LABEL, SERVICE_LABEL
-from tests.support import free_port
+from tests.support import REPO, free_port
+
+from .helpers import Project, orchestrate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 WORKLOADS = ("id", "id-cache-on", "id-near-off", "id-cache-off", "email", "create")

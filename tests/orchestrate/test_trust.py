@@ -15,7 +15,6 @@ from typing import Any
 import docker
 import pytest
 from docker.types import Mount
-from orchestrate_helpers import Project, container
 
 from orchestrate.secretfiles import api_token, expiring_certificates
 from orchestrate.smoke import run_smoke
@@ -26,7 +25,9 @@ from orchestrate.stack import (
     REDIS_MAXMEMORY,
     describe_stack,
 )
-from tests.containers import psql, redis_cli
+from tests.stores import psql, redis_cli
+
+from .helpers import Project, container
 
 pytestmark = pytest.mark.usefixtures("docker_client")
 

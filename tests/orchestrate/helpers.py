@@ -1,12 +1,7 @@
-"""Helpers of the orchestrator tests: run the CLI, find and sweep a project's resources.
-
-A plain module (not conftest) so test files can import it; pytest puts this directory on
-sys.path. No tests/orchestrate/__init__.py: it would shadow the real `orchestrate` package.
-"""
+"""Helpers of the orchestrator tests: run the CLI, find and sweep a project's resources."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -20,9 +15,9 @@ from docker.models.containers import Container
 
 from orchestrate.secretfiles import api_token
 from orchestrate.stack import PROJECT_LABEL, SERVICE_LABEL
-from tests.containers import psql
+from tests.stores import psql
+from tests.support import run
 
-REPO = Path(__file__).resolve().parents[2]
 UP_TIMEOUT_S = 1200  # a cold offline build of every image fits in this
 
 
@@ -32,15 +27,8 @@ def orchestrate(
 ) -> subprocess.CompletedProcess[str]:
     """Run `python -m orchestrate ARGS` from the repo root (under a command that starts it, if
     given), capturing its output."""
-    return subprocess.run(
-        [*under, sys.executable, "-m", "orchestrate", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
+    return run(*under, sys.executable, "-m", "orchestrate", *args, env=env, timeout=timeout,
+               check=False)
 
 
 def labelled(client: docker.DockerClient, project: str) -> list[str]:
