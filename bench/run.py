@@ -36,7 +36,7 @@ import redis
 import requests
 from processes import PEER_SOURCE, Processes, drop_database, recreate_database, tree_memory
 
-LUA = Path(__file__).resolve().parent / "wrk" / "load.lua"
+from orchestrate.bench.wrk import SCRIPT
 
 THREADS, CONNECTIONS = 2, 32
 HOT_IDS = 1000
@@ -111,7 +111,7 @@ def wrk(base: str, args: list[str], duration: int, counters: Counters = no_count
     before = counters()
     out = subprocess.run(
         ["wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{duration}s", "--latency",
-         "-s", str(LUA), base, "--", *args],
+         "-s", str(SCRIPT), base, "--", *args],
         capture_output=True, text=True, check=True).stdout
     after = counters()
     line = next(x for x in out.splitlines() if x.startswith("BENCH "))
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         guarded = {"API_TOKENS_FILE": str(work / "api_tokens")}  # as in the stack
         token = secrets.token_urlsafe(24)
         (work / "api_tokens").write_text(token + "\n")
-        os.environ["BENCH_AUTHORIZATION"] = f"Bearer {token}"  # for wrk's load.lua
+        os.environ["BENCH_TOKEN_FILE"] = str(work / "api_tokens")  # for wrk's load.lua
         redis_port = processes.start_redis()
         ours_db, peer_db = recreate_database(OURS_DB), recreate_database(PEER_DB)
         try:

@@ -191,12 +191,12 @@ def rotate_command(args: argparse.Namespace) -> None:
 
 def bench_command(args: argparse.Namespace) -> None:
     existing(args.project)
-    written = bench.bench(describe_stack(args.project, args.port), args.seconds)
+    written = bench.bench(describe_stack(args.project, args.port), args.images, args.seconds)
     say(f"wrote {written.html} and {written.png} (the figures in {written.json.name})")
 
 
 def audit_command(args: argparse.Namespace) -> int:
-    found = audit.audit(describe_stack(args.project, args.port))
+    found = audit.audit(args.project)
     say(f"project {args.project}: {audit.summary(found)}")
     return 1 if sum(found.values()) else 0
 
@@ -260,7 +260,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     command("smoke", smoke, "run the smoke checks only")
     command("bench", bench_command, "drive the running stack with wrk; write a report to "
-            "build/report/").add_argument("--seconds", type=bench.seconds_arg, default=8,
+            "build/report/").add_argument("--seconds", default=8,
+                                          type=lambda t: whole_number(t, 1, bench.MAX_SECONDS),
                                           help="seconds of load per workload (default 8)")
     command("audit", audit_command, "check every cached user against Postgres once, in paced "
             "batches; repair and count what disagrees (exit 1 if any)")

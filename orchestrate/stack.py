@@ -258,6 +258,13 @@ IMAGES: dict[str, ImageSpec] = {
         offline_base=None,
         host_wheels=True,
     ),
+    # Not the stack's: the load generator of `bench` (orchestrate/bench/wrk.py).
+    "wrk": ImageSpec(
+        repository="cachestack/wrk",
+        context="docker/wrk",
+        base="debian:12.12-slim",
+        offline_base=None,
+    ),
 }
 
 POSTGRES_CERT = Certificate("postgres", ("postgres", "localhost", "127.0.0.1"))
