@@ -62,7 +62,7 @@ REDIS_MEMORY_LIMIT = 256 * 2**20
 # Redis saves nothing here, but a replica's first sync (--ha) is a snapshot written by a forked
 # child, which shares memory with Redis copy-on-write: while it runs, every page Redis writes
 # is copied. Under a steady stream of writes and evictions a forked Redis peaked at about
-# twice maxmemory (bench/README.md), so maxmemory is 3/8 of the limit and the rest headroom.
+# twice maxmemory (bench/RESULTS.md), so maxmemory is 3/8 of the limit and the rest headroom.
 REDIS_MAXMEMORY = REDIS_MEMORY_LIMIT * 3 // 8
 
 
