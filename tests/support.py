@@ -49,3 +49,18 @@ def run(
             f"\n{result.stderr[-3000:]}"
         )
     return result
+
+
+def run_once(client: docker.DockerClient, image: str, command: list[str],
+             **options: object) -> bytes:
+    """Run a container of `image` to completion; its standard output. It is removed with its
+    anonymous volumes (`containers.run(remove=True)` leaves those of an image's VOLUME)."""
+    container = client.containers.create(image, command, **options)
+    try:
+        container.start()
+        code = container.wait()["StatusCode"]
+        output = container.logs(stdout=True, stderr=False)
+        assert code == 0, container.logs().decode(errors="replace")[-3000:]
+    finally:
+        container.remove(force=True, v=True)
+    return output

@@ -188,6 +188,23 @@ def test_no_secret_value_leaks(docker_client: docker.DockerClient, stack: Projec
     assert not leaks
 
 
+def test_down_removes_the_anonymous_volumes_of_its_containers(
+    docker_client: docker.DockerClient, stack: Project
+) -> None:
+    """A container of the project whose image has a VOLUME nothing covers (an operator's
+    one-off, say) gets an anonymous volume: `down` removes it with the container."""
+    redis = containers(docker_client, stack)["redis"]  # its image has VOLUME /data
+    extra = docker_client.containers.create(
+        redis.image.id, ["true"], name=f"{stack.name}-extra",
+        labels={PROJECT_LABEL: stack.name, SERVICE_LABEL: "extra"})
+    [anonymous] = [m["Name"] for m in extra.attrs["Mounts"] if m["Type"] == "volume"]
+    result = stack.run("down")
+    assert result.returncode == 0, result.stderr
+    assert anonymous not in {v.name for v in docker_client.volumes.list()}
+    result = stack.run("up")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_data_survives_down_and_up(docker_client: docker.DockerClient, stack: Project) -> None:
     created = requests.post(
         f"{stack.url}/users",
