@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,3 +133,11 @@ def database_oid(postgres: Container) -> str:
     [(oid,)] = psql(postgres, "SELECT oid FROM pg_catalog.pg_database "
                               "WHERE datname = pg_catalog.current_database()")
     return oid
+
+
+def until(condition: Callable[[], bool], what: str, seconds: float = 120) -> None:
+    """Wait for `condition`, by its progress rather than a time: a busy machine is slow."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {seconds:.0f} s"
+        time.sleep(0.1)

@@ -9,7 +9,6 @@ import os
 import signal
 import tarfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 import docker
@@ -20,7 +19,7 @@ from orchestrate.secretfiles import api_token
 from orchestrate.stack import REPLICA_LABEL, SERVICE_LABEL, describe_stack
 from tests.steady_load import SteadyLoad
 
-from .helpers import Project
+from .helpers import Project, until
 
 
 def running(client: docker.DockerClient, project: Project, service: str) -> list[Any]:
@@ -40,14 +39,6 @@ def derived_image(client: docker.DockerClient, base: str, tag: str) -> str:
     context.seek(0)
     image, _ = client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True)
     return image.id
-
-
-def until(condition: Callable[[], bool], what: str, seconds: float = 120) -> None:
-    """Wait for `condition`, by its progress rather than a time: a busy machine is slow."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} within {seconds:.0f} s"
-        time.sleep(0.2)
 
 
 def kill_main_process(container: Any) -> float:
