@@ -21,6 +21,7 @@ from orchestrate.stack import (
     Service,
     describe_stack,
 )
+from tests.support import REPO, run
 
 from .helpers import Project, labelled
 
@@ -55,6 +56,23 @@ def test_up_passes_smoke_and_prints_url(stack: Project) -> None:
     assert "schema up to date" in out  # what the migrate task said
     for step in ("images", "containers", "smoke checks"):
         assert f"{step}: done in" in out
+
+
+def readme_api_example() -> str:
+    """The README's walk-through of the API: the first sh block of its section "The API"."""
+    section = (REPO / "README.md").read_text().split("\n## The API\n", 1)[1]
+    return section.split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_walk_through_is_true_right_after_up(stack: Project) -> None:
+    """What a reader who just ran `up` gets from the README's commands, whatever ids the smoke
+    checks took: the user it creates is the one it reads, changes and deletes."""
+    script = readme_api_example().replace("localhost:8000", f"127.0.0.1:{stack.port}")
+    result = run("bash", "-euo", "pipefail", "-c", script)  # secrets/api_tokens: from the root
+    answers = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("HTTP/")]
+    assert answers == ["200", "200", "200", "200", "204", "401"], result.stdout
+    assert '"message":"created"' in result.stderr
+    assert "x-cache: hit" in result.stdout.split("HTTP/", 2)[1].lower()
 
 
 def test_status_shows_every_container_healthy_and_the_replicas_in_service(
