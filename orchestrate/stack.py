@@ -534,6 +534,23 @@ def describe_stack(
     )
 
 
+@dataclass(frozen=True)
+class Settings:
+    """What a stack is brought up with: `up`'s options. `up` records them with the stack
+    (orchestrate.record), and every later command keeps them. `images` is the mode the images
+    were made in (official or offline, once `up` has chosen), so that a container made again
+    runs an image made the same way."""
+
+    port: int = DEFAULT_PORT
+    images: str = "auto"
+    replicas: int = DEFAULT_REPLICAS
+    monitoring_port: int | None = None  # None: no Prometheus
+    tls: bool = False
+
+    def stack(self, project: str) -> Stack:
+        return describe_stack(project, self.port, self.replicas, self.monitoring_port, self.tls)
+
+
 def as_dict(stack: Stack) -> dict[str, Any]:
     """The stack as plain data (dicts, lists, str, int, float, bool, None)."""
 
