@@ -157,6 +157,7 @@ def create_container(
         network=networks[0],
         networking_config={networks[0]: client.api.create_endpoint_config(
             aliases=[service.name])},
+        detach=True,
     )
     for network in networks[1:]:
         client.networks.get(network).connect(container, aliases=[service.name])
