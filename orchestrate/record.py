@@ -27,14 +27,16 @@ VOLUME = "settings"
 
 
 def _volume(client: docker.DockerClient, project: str) -> Volume | None:
-    """The project's record, if it has one (a volume of that name not labelled as the
-    project's is not)."""
+    """The project's record, if it has one; a volume of its name that is not one is refused."""
     try:
         volume = client.volumes.get(f"{project}_{VOLUME}")
     except docker.errors.NotFound:
         return None
     labels = volume.attrs.get("Labels") or {}
-    return volume if labels.get(PROJECT_LABEL) == project and SETTINGS_LABEL in labels else None
+    if labels.get(PROJECT_LABEL) != project or SETTINGS_LABEL not in labels:
+        raise OrchestrateError(f"volume {volume.name} exists but is not project {project}'s "
+                               "record of its settings")
+    return volume
 
 
 def write(client: docker.DockerClient, stack: Stack, settings: Settings) -> None:
