@@ -144,7 +144,10 @@ def test_ctrl_c_removes_the_temporary_container(
             seen.append(line)
             if "near cache off (" in line or time.monotonic() > deadline:
                 break
-        assert seen and "near cache off (" in seen[-1], "".join(seen)
+        if not (seen and "near cache off (" in seen[-1]):  # it ended: say why
+            proc.wait(timeout=60)
+            assert proc.stderr is not None
+            raise AssertionError("".join(seen) + proc.stderr.read())
         assert leftovers(docker_client, stack.name), "the near-cache-off container runs"
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
