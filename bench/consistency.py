@@ -1,7 +1,7 @@
 """Consistency checker: many concurrent clients race creates, updates, deletes and reads over a
 small pool of users; afterwards every read is checked against the acknowledged writes.
 
-The rule (issue 4): no read that started after a write was acknowledged may return data older
+The rule: no read that started after a write was acknowledged may return data older
 than that write. Every write sets `display_name` to a unique token, so each state a read returns
 names the write that produced it. Writes whose order the client cannot know (they overlap) are
 treated conservatively: the read may return any of them. Usage:
@@ -424,21 +424,21 @@ def main(argv: list[str] | None = None) -> int:
         report = run_checker(args.url, args.operations, args.clients, args.seed, headers,
                              faults)
     else:
-        from stack import Stack, drop_database, recreate_database
+        from processes import Processes, drop_database, recreate_database
 
         with tempfile.TemporaryDirectory(prefix="cachestack-consistency-") as tmp, \
-                Stack(tmp) as stack:
+                Processes(tmp) as processes:
             try:
                 recreate_database("bench_consistency")
-                base, _ = stack.start_service("bench_consistency",
-                                              f"redis://127.0.0.1:{stack.start_redis()}/0")
+                base, _ = processes.start_service("bench_consistency",
+                                              f"redis://127.0.0.1:{processes.start_redis()}/0")
                 print(f"service {base} (default settings), {args.clients} clients", flush=True)
-                faults = args.fault and Faults(args.fault, lambda: stack.pid("redis"),
-                                               lambda: stack.restart("redis"))
+                faults = args.fault and Faults(args.fault, lambda: processes.pid("redis"),
+                                               lambda: processes.restart("redis"))
                 report = run_checker(base, args.operations, args.clients, args.seed,
                                      faults=faults or None)
             finally:
-                stack.close()
+                processes.close()
                 drop_database("bench_consistency")
     print(report.summary())
     return 0 if report.ok else 1

@@ -12,7 +12,7 @@ hits all three alike. A second instance of ours, "ours+tls", has TLS on both of 
 sslmode=require, which the host's Postgres answers with its own certificate) and runs right after
 ours in the first --tls-rounds rounds; a third, "ours-noaudit", has the consistency auditor off
 (CACHE_AUDIT_PER_SECOND=0) and runs in the first --audit-off-rounds rounds, to show what the
-auditor costs. Medians are reported with the targets of issues 4, 10, 14 and 15.
+auditor costs. Medians are reported with the targets (bench/README.md, "Targets").
 Every process it starts is stopped on the way out.
 """
 
@@ -34,14 +34,16 @@ from pathlib import Path
 import psycopg2
 import redis
 import requests
-from stack import PEER_SOURCE, Stack, drop_database, recreate_database, tree_memory
+from processes import PEER_SOURCE, Processes, drop_database, recreate_database, tree_memory
 
-LUA = Path(__file__).resolve().parent / "wrk" / "load.lua"
+from orchestrate.bench.wrk import SCRIPT
+
 THREADS, CONNECTIONS = 2, 32
 HOT_IDS = 1000
 OURS_DB, PEER_DB = "bench", "seedpeer"
-TARGETS = {  # issue 15 (against the reference, create p99), issue 10 (ours+tls against ours),
-    # issue 14 (hits lose at most 3% with the auditor on: ours against ours-noaudit), issue 4
+# Ours against the reference (and create p99); ours+tls against ours; ours against ours-noaudit
+# (hits lose at most 3% with the auditor on); ours against the baseline, hit p99 and memory.
+TARGETS = {
     "hit_vs_ref": 3.0, "miss_vs_ref": 1.25, "create_vs_ref": 1.2, "create_p99_ms": 10.0,
     "miss_tls_vs_plain": 0.9, "create_tls_vs_plain": 0.9, "hit_audit_vs_noaudit": 0.97,
     "hit_vs_baseline": 0.8, "hit_p99_ms": 5.0, "memory_mb": 150.0,
@@ -109,7 +111,7 @@ def wrk(base: str, args: list[str], duration: int, counters: Counters = no_count
     before = counters()
     out = subprocess.run(
         ["wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{duration}s", "--latency",
-         "-s", str(LUA), base, "--", *args],
+         "-s", str(SCRIPT), base, "--", *args],
         capture_output=True, text=True, check=True).stdout
     after = counters()
     line = next(x for x in out.splitlines() if x.startswith("BENCH "))
@@ -238,7 +240,7 @@ def report(results: dict[str, dict[str, Series]], memory: tuple[int, int, int]) 
         if name == "miss" and any(r.wraps for who in ("ours", "reference")
                                   for r in series[who].rounds):
             print(f"{name:8} WARNING: the key space ran out; some reads repeated (raise --users)")
-    print("\nratios and targets (issue 15; TLS issue 10; baseline, hit p99 and memory issue 4)")
+    print("\nratios and targets (bench/README.md, \"Targets\")")
     for name, series in results.items():
         ours, ref, base = (series[k].median("rps") for k in ("ours", "reference", "baseline"))
         target = TARGETS[f"{name}_vs_ref"]
@@ -288,25 +290,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the Express peer is (copied and npm-installed if missing)")
     args = parser.parse_args(argv)
     workloads = args.only or ["hit", "miss", "create"]
-    with tempfile.TemporaryDirectory(prefix="cachestack-bench-") as tmp, Stack(tmp) as stack:
+    with (tempfile.TemporaryDirectory(prefix="cachestack-bench-") as tmp,
+          Processes(tmp) as processes):
         work = Path(tmp)
         guarded = {"API_TOKENS_FILE": str(work / "api_tokens")}  # as in the stack
         token = secrets.token_urlsafe(24)
         (work / "api_tokens").write_text(token + "\n")
-        os.environ["BENCH_AUTHORIZATION"] = f"Bearer {token}"  # for wrk's load.lua
-        redis_port = stack.start_redis()
+        os.environ["BENCH_TOKEN_FILE"] = str(work / "api_tokens")  # for wrk's load.lua
+        redis_port = processes.start_redis()
         ours_db, peer_db = recreate_database(OURS_DB), recreate_database(PEER_DB)
         try:
-            ours, service = stack.start_service(OURS_DB, f"redis://127.0.0.1:{redis_port}/0",
+            ours, service = processes.start_service(OURS_DB, f"redis://127.0.0.1:{redis_port}/0",
                                                 database_options=PLAIN_DATABASE, env=guarded)
-            peer = stack.start_peer(args.peer_dir, peer_db, f"redis://127.0.0.1:{redis_port}/1")
+            peer = processes.start_peer(args.peer_dir, peer_db, f"redis://127.0.0.1:{redis_port}/1")
             bases = {"ours": ours, "reference": peer}
             if args.tls_rounds:
-                bases["ours+tls"], _ = stack.start_service(
-                    OURS_DB, stack.start_tls_redis(), name="service-tls",
+                bases["ours+tls"], _ = processes.start_service(
+                    OURS_DB, processes.start_tls_redis(), name="service-tls",
                     database_options=TLS_DATABASE, env=guarded)
             if args.audit_off_rounds:
-                bases["ours-noaudit"], _ = stack.start_service(
+                bases["ours-noaudit"], _ = processes.start_service(
                     OURS_DB, f"redis://127.0.0.1:{redis_port}/2", name="service-noaudit",
                     database_options=PLAIN_DATABASE,
                     env={**guarded, "CACHE_AUDIT_PER_SECOND": "0"})
@@ -326,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             memory = tree_memory(service.pid)
             report(results, memory)
         finally:
-            stack.close()
+            processes.close()
             drop_database(OURS_DB)
             drop_database(PEER_DB)
     return 0

@@ -7,7 +7,7 @@ not. It checks every user entry and pointer Redis holds against Postgres in pace
 (100 keys, then a pause), so the service it shares Redis and Postgres with barely notices;
 it re-checks each disagreement after the auditor's grace period and deletes what persisted,
 as a write would (every replica's near cache hears of it). Its JSON lines drive the progress
-bar here (orchestrate/bench/progress.py), and the counts by kind end the output. Exit 1 if it
+bars here (orchestrate/progress.py), and the counts by kind end the output. Exit 1 if it
 found any inconsistency, 0 if none; one error line when there is no running stack.
 """
 
@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 
 import docker
 from docker.models.containers import Container
 
-from .bench.progress import Progress
 from .containers import connect, exec_output, project_containers
 from .errors import OrchestrateError
 from .output import say
-from .stack import REPLICA_LABEL, Stack
+from .progress import Progress
+from .stack import REPLICA_LABEL
 
 SERVICE = "service"
 COMMAND = ["python", "-m", "service", "audit", "--json"]
@@ -31,26 +32,15 @@ LABEL = "cached keys audited"
 KINDS = {"value": "stale values", "pointer": "stale pointers", "nobody": "wrong nobodies"}
 
 
-class KeyProgress(Progress):
-    """bench's progress bar, counting keys instead of seconds: redrawn in place on a
-    terminal; in a log, only the lines around it."""
-
-    unit = " keys"
-
-    def start(self, label: str, seconds: float) -> None:
-        self._close()
-        self.show(label, 0.0, seconds)
-
-
-def replica(client: docker.DockerClient, stack: Stack) -> Container:
+def replica(client: docker.DockerClient, project: str) -> Container:
     """A running replica of the service, to run the pass in; or one error saying there is
     none."""
-    running = [c for c in project_containers(client, stack.project, SERVICE)
+    running = [c for c in project_containers(client, project, SERVICE)
                if c.status == "running" and c.labels.get(REPLICA_LABEL)]
     if not running:
         raise OrchestrateError(
-            f"project {stack.project} has no running service replica: start it with "
-            f"`python -m orchestrate up --project {stack.project}`")
+            f"project {project} has no running service replica: start it with "
+            f"`python -m orchestrate up --project {project}`")
     return running[0]
 
 
@@ -71,34 +61,33 @@ def _lines(chunks: Iterable[tuple[bytes, bytes]], progress_note: list[str]) -> I
         yield json.loads(pending)
 
 
-def audit(stack: Stack) -> dict[str, int]:
-    """Run the full pass in a replica of `stack`, with a progress bar; its counts by kind."""
+def audit(project: str) -> dict[str, int]:
+    """Run the full pass in a replica of `project`, with a progress bar; its counts by kind."""
     client = connect()
-    container = replica(client, stack)
-    progress: KeyProgress | None = None
+    container = replica(client, project)
     notes: list[str] = []
     found: dict[str, int] | None = None
-    total = 0
     chunks = exec_output(container, COMMAND, container.attrs["Config"]["User"])
-    try:
-        for line in _lines(chunks, notes):
-            if "found" in line:
-                found = line["found"]
-                continue
-            total = line["total"]
-            if progress is None:
-                progress = KeyProgress(total)
-                progress.note(f"auditing {total} cached keys of project {stack.project} in "
-                              f"{container.name}, in paced batches")
-                progress.start(LABEL, total)
-            progress.show(LABEL, line["done"], total)
-            while notes:
-                progress.note(notes.pop(0))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise OrchestrateError(f"{container.name}: the audit's output is not what this "
-                               f"orchestrator expects ({exc}); is its image older?") from None
-    if progress is not None:
-        progress.finish(LABEL, total)
+    with ExitStack() as open_bars:
+        progress: Progress | None = None
+        try:
+            for line in _lines(chunks, notes):
+                if "found" in line:
+                    found = line["found"]
+                    continue
+                if progress is None:
+                    progress = open_bars.enter_context(Progress(line["total"], "keys"))
+                    progress.note(f"auditing {line['total']} cached keys of project {project} "
+                                  f"in {container.name}, in paced batches")
+                    progress.start(LABEL, line["total"])
+                progress.show(line["done"])
+                while notes:
+                    progress.note(notes.pop(0))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise OrchestrateError(f"{container.name}: the audit's output is not what this "
+                                   f"orchestrator expects ({exc}); is its image older?") from None
+        if progress is not None:
+            progress.finish()
     for note in notes:
         say(note)
     if found is None:

@@ -47,10 +47,10 @@ from . import rollout
 from .containers import connect, exec_input, exec_output, project_containers
 from .errors import OrchestrateError
 from .output import say
+from .paths import ROOT
 from .secretfiles import BACKUP_KEY, backup_key, secret_path
 from .stack import DB_NAME, DB_OWNER, SECRETS_DIR, Stack
 
-ROOT = Path(__file__).resolve().parents[1]
 BACKUPS = ROOT / "backups"
 CHUNK = 1 << 20
 PREVIOUS = f"{DB_NAME}_before_restore"  # the database a restore replaced, kept for one more
@@ -112,12 +112,12 @@ def sidecar(dump: Path, suffix: str) -> Path:
     return dump.with_name(dump.name + suffix)
 
 
-def _postgres(client: docker.DockerClient, stack: Stack) -> Container:
-    found = [c for c in project_containers(client, stack.project, "postgres")
+def _postgres(client: docker.DockerClient, project: str) -> Container:
+    found = [c for c in project_containers(client, project, "postgres")
              if c.status == "running"]
     if not found:
-        raise OrchestrateError(f"project {stack.project} has no running postgres container "
-                               f"(python -m orchestrate up --project {stack.project})")
+        raise OrchestrateError(f"project {project} has no running postgres container "
+                               f"(python -m orchestrate up --project {project})")
     return found[0]
 
 
@@ -156,12 +156,12 @@ def _free_name(output: Path) -> Path:
     return output
 
 
-def backup(stack: Stack, output: Path | None = None) -> tuple[Path, Manifest]:
-    """Dump the stack's database into `output` (default backups/<project>-<time>.dump)."""
+def backup(project: str, output: Path | None = None) -> tuple[Path, Manifest]:
+    """Dump the project's database into `output` (default backups/<project>-<time>.dump)."""
     now = datetime.datetime.now(datetime.UTC)
     default = output is None
-    output = _free_name(output or BACKUPS / f"{stack.project}-{now:%Y%m%dT%H%M%SZ}.dump")
-    postgres = _postgres(connect(), stack)
+    output = _free_name(output or BACKUPS / f"{project}-{now:%Y%m%dT%H%M%SZ}.dump")
+    postgres = _postgres(connect(), project)
     if default:
         BACKUPS.mkdir(mode=0o700, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial")
@@ -176,7 +176,7 @@ def backup(stack: Stack, output: Path | None = None) -> tuple[Path, Manifest]:
                     size += len(out)
                 handle.flush()
                 os.fsync(handle.fileno())
-            manifest = Manifest(stack.project, now.isoformat(timespec="seconds"), size,
+            manifest = Manifest(project, now.isoformat(timespec="seconds"), size,
                                 digest.hexdigest()).signed()
             _write_new(sidecar(output, ".sha256"), f"{manifest.sha256}  {output.name}\n", made)
             _write_new(sidecar(output, ".json"), json.dumps(asdict(manifest), indent=2) + "\n",
@@ -262,7 +262,7 @@ def restore(stack: Stack, dump: Path, manifest: Manifest) -> None:
     """Replace the stack's database with the backup in `dump`, whose `manifest` `verify` gave
     (see the module docstring)."""
     client = connect()
-    postgres = _postgres(client, stack)
+    postgres = _postgres(client, stack.project)
     as_superuser(postgres, f'DROP DATABASE IF EXISTS "{STAGING}"')  # an interrupted one
     as_superuser(postgres, f'CREATE DATABASE "{STAGING}" OWNER "{DB_OWNER}" TEMPLATE template0')
     try:

@@ -14,7 +14,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import docker
 import docker.errors
@@ -37,6 +37,7 @@ from .stack import (
 HEALTH_DEADLINE_S = 120.0
 READY_DEADLINE_S = 90.0
 LOG_TAIL = 20
+POLL_S = 0.25
 NS = 1_000_000_000
 
 
@@ -115,11 +116,10 @@ def docker_healthcheck(check: HealthCheck | None) -> Healthcheck | None:
 
 def create_container(
     client: docker.DockerClient, stack: Stack, service: Service, image_ref: str, digest: str,
-    replica: int | None = None,
+    replica: int | None = None, binds: Sequence[Mount] = (),
 ) -> Container:
     """Create (not start) the hardened container for `service` (its replica number `replica`,
-    for a start-first service)."""
-    api = client.api
+    for a start-first service), with its staged secrets, its volumes and `binds`."""
     staged = stage_secrets(stack, service)
     mounts = [
         Mount(target=target, source=str(path), type="bind", read_only=True)
@@ -131,9 +131,19 @@ def create_container(
     ]
     hard = service.hardening
     networks = [stack.resource_name(n) for n in service.networks]
-    host_config = api.create_host_config(
-        mounts=mounts,
-        port_bindings={p.container: (p.host_ip, p.host) for p in service.ports},
+    labels = {**stack.labels(), SERVICE_LABEL: service.name, CONFIG_HASH_LABEL: digest}
+    if replica is not None:
+        labels[REPLICA_LABEL] = str(replica)
+    # The engine (API 1.41) joins one network at creation; the others are joined before start.
+    container = client.containers.create(
+        image_ref,
+        list(service.command),
+        name=stack.container_name(service.name, replica),
+        user=service.user,
+        environment=dict(service.environment),
+        labels=labels,
+        ports={p.container: (p.host_ip, p.host) for p in service.ports},
+        mounts=[*mounts, *binds],
         read_only=hard.read_only,
         tmpfs=dict(hard.tmpfs),
         cap_drop=list(hard.cap_drop),
@@ -143,29 +153,21 @@ def create_container(
         pids_limit=hard.pids_limit,
         restart_policy={"Name": hard.restart},
         privileged=hard.privileged,
-        network_mode=networks[0],
-    )
-    labels = {**stack.labels(), SERVICE_LABEL: service.name, CONFIG_HASH_LABEL: digest}
-    if replica is not None:
-        labels[REPLICA_LABEL] = str(replica)
-    created = api.create_container(
-        image=image_ref,
-        command=list(service.command),
-        name=stack.container_name(service.name, replica),
-        user=service.user,
-        environment=dict(service.environment),
-        labels=labels,
-        ports=[p.container for p in service.ports] or None,
-        host_config=host_config,
         healthcheck=docker_healthcheck(service.healthcheck),
-        networking_config=api.create_networking_config(
-            {networks[0]: api.create_endpoint_config(aliases=[service.name])}
-        ),
+        network=networks[0],
+        networking_config={networks[0]: client.api.create_endpoint_config(
+            aliases=[service.name])},
         detach=True,
     )
     for network in networks[1:]:
-        api.connect_container_to_network(created["Id"], network, aliases=[service.name])
-    return client.containers.get(created["Id"])
+        client.networks.get(network).connect(container, aliases=[service.name])
+    return container
+
+
+def remove(container: Container) -> None:
+    """Remove the container, running or not, with its anonymous volumes (an image's VOLUME
+    that nothing named covers); named volumes stay."""
+    container.remove(force=True, v=True)
 
 
 def fail_if_broken(container: Container) -> str:
@@ -193,39 +195,51 @@ def fail_if_broken(container: Container) -> str:
     return health
 
 
-def wait_healthy(container: Container, deadline_s: float = HEALTH_DEADLINE_S) -> None:
-    """Wait for Docker's health status `healthy`; fail fast when the container breaks."""
+def wait_for(container: Container, check: Callable[[str], str | None], deadline_s: float,
+             what: str) -> None:
+    """Until `check` (given the container's health status) returns None, check on the
+    container and try again: fail at once when it breaks, or with `what` and the last state
+    `check` returned once `deadline_s` passed."""
     deadline = time.monotonic() + deadline_s
-    while fail_if_broken(container) != "healthy":
+    while (state := check(fail_if_broken(container))) is not None:
         if time.monotonic() > deadline:
-            raise OrchestrateError(
-                f"{container.name} not healthy after {deadline_s:.0f}s", last_logs(container)
-            )
-        time.sleep(0.25)
+            raise OrchestrateError(f"{what} after {deadline_s:.0f}s ({state})",
+                                   last_logs(container))
+        time.sleep(POLL_S)
 
 
-def wait_ready(container: Container, url: str, deadline_s: float = READY_DEADLINE_S,
-               context: ssl.SSLContext | None = None) -> None:
-    """Wait until `url` answers 200 (an https one trusted with `context`), checking on the
-    container between attempts."""
-    deadline = time.monotonic() + deadline_s
-    last = "no answer"
-    while True:
-        fail_if_broken(container)
+def wait_healthy(container: Container, deadline_s: float = HEALTH_DEADLINE_S) -> None:
+    """Wait for Docker's health status `healthy`."""
+    wait_for(container, lambda health: None if health == "healthy" else f"health {health}",
+             deadline_s, f"{container.name} not healthy")
+
+
+def wait_answering(container: Container, url: str, deadline_s: float = READY_DEADLINE_S,
+                   context: ssl.SSLContext | None = None) -> None:
+    """Wait until `url`, a port the container publishes, answers 200 (an https one trusted
+    with `context`)."""
+
+    def answer(health: str) -> str | None:
         try:
             with urllib.request.urlopen(url, timeout=2, context=context) as response:
-                if response.status == 200:
-                    return
-                last = f"HTTP {response.status}"
+                return None if response.status == 200 else f"HTTP {response.status}"
         except urllib.error.HTTPError as exc:
-            last = f"HTTP {exc.code}"
+            return f"HTTP {exc.code}"
         except OSError as exc:
-            last = str(getattr(exc, "reason", exc))
-        if time.monotonic() > deadline:
-            raise OrchestrateError(
-                f"{url} not ready after {deadline_s:.0f}s ({last})", last_logs(container)
-            )
-        time.sleep(0.25)
+            return str(getattr(exc, "reason", exc))
+
+    wait_for(container, answer, deadline_s, f"{url} not ready")
+
+
+def wait_probe(container: Container, path: str, deadline_s: float = READY_DEADLINE_S) -> None:
+    """Wait until the service's own probe of `path` (service.probe) passes inside the container:
+    for a container that publishes no port."""
+
+    def probe(health: str) -> str | None:
+        result = container.exec_run(["python", "-m", "service.probe", path.lstrip("/")])
+        return None if result.exit_code == 0 else result.output.decode(errors="replace").strip()
+
+    wait_for(container, probe, deadline_s, f"{container.name} not ready")
 
 
 def verify_secrets(container: Container, service: Service) -> None:

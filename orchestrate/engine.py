@@ -8,6 +8,7 @@ cleanup by the label org.cachestack.project=<project>.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import ssl
 from typing import Any
@@ -16,7 +17,7 @@ import docker
 import docker.errors
 from docker.models.containers import Container
 
-from . import images, rollout, smoke
+from . import images, record, rollout, smoke
 from .containers import (
     config_hash,
     connect,
@@ -25,9 +26,10 @@ from .containers import (
     made_by,
     project_containers,
     project_filter,
+    remove,
     verify_secrets,
+    wait_answering,
     wait_healthy,
-    wait_ready,
 )
 from .errors import OrchestrateError
 from .output import say, step
@@ -41,20 +43,19 @@ from .secretfiles import (
 )
 from .stack import (
     CONFIG_HASH_LABEL,
-    DEFAULT_REPLICAS,
     PROJECT_LABEL,
-    PROXY_TLS_SETTING,
     REPLICA_LABEL,
     SERVICE_LABEL,
     Port,
     Service,
+    Settings,
     Stack,
 )
 
 TASK_DEADLINE_S = 180.0
 
-__all__ = ["connect", "down", "logs", "realise", "serves_tls", "service_context", "service_url",
-           "status", "up"]
+__all__ = ["connect", "down", "logs", "realise", "service_context", "service_url", "status",
+           "up"]
 
 
 def ensure_network(client: docker.DockerClient, stack: Stack, name: str, internal: bool) -> str:
@@ -134,7 +135,7 @@ def ensure_container(
                 old.start()
                 return old, "started"
             return old, "unchanged"
-        old.remove(force=True)
+        remove(old)
         action = "recreated"
     name = stack.container_name(service.name)
     try:  # a container with our name but without our labels is not ours to replace
@@ -161,7 +162,7 @@ def run_task(
     """Run a `once` service to completion and remove it; raise with its logs unless it
     exited 0 within the deadline."""
     for old in project_containers(client, stack.project, service.name):
-        old.remove(force=True)  # left by an interrupted run
+        remove(old)  # left by an interrupted run
     container = create_container(client, stack, service, image_ref, "task")
     try:
         container.start()
@@ -178,7 +179,7 @@ def run_task(
         for line in last_logs(container):
             say(line)
     finally:
-        container.remove(force=True)
+        remove(container)
 
 
 def wait_running(container: Container, service: Service) -> None:
@@ -186,7 +187,7 @@ def wait_running(container: Container, service: Service) -> None:
     then check its secrets."""
     if service.ready_path and service.ports:  # readiness is stronger than health
         port = service.ports[0]
-        wait_ready(container, port.url + service.ready_path, context=port_context(port))
+        wait_answering(container, port.url + service.ready_path, context=port_context(port))
     else:
         wait_healthy(container)
     verify_secrets(container, service)
@@ -194,23 +195,6 @@ def wait_running(container: Container, service: Service) -> None:
         f"{container.name}: healthy, {len(service.secrets)} secret(s) readable by "
         f"uid {service.user.split(':')[0]} only"
     )
-
-
-def replica_count(client: docker.DockerClient, project: str) -> int:
-    """How many replicas the project's start-first service runs now (the default if none)."""
-    found = [c for c in project_containers(client, project, "service")
-             if c.labels.get(REPLICA_LABEL)]
-    return len(found) or DEFAULT_REPLICAS
-
-
-def serves_tls(client: docker.DockerClient, project: str) -> bool:
-    """Whether the project's running proxy serves TLS (it was brought up with `--tls`), so
-    that a later command describes the stack as it runs."""
-    return any(
-        any(setting.startswith(f"{PROXY_TLS_SETTING}=")
-            for setting in container.attrs["Config"].get("Env") or [])
-        for container in project_containers(client, project, "proxy")
-        if container.status == "running")
 
 
 def running_proxy(client: docker.DockerClient, stack: Stack) -> Proxy | None:
@@ -261,7 +245,7 @@ def remove_orphans(client: docker.DockerClient, stack: Stack) -> None:
     wanted = {s.name for s in stack.services}
     for container in project_containers(client, stack.project):
         if container.labels.get(SERVICE_LABEL) not in wanted:
-            container.remove(force=True)
+            remove(container)
             say(f"{container.name}: removed (not in the stack any more)")
 
 
@@ -279,8 +263,9 @@ def service_context(stack: Stack) -> ssl.SSLContext | None:
     return port_context(_api_port(stack))
 
 
-def up(stack: Stack, mode: str) -> dict[str, float]:
-    """Build or pull images, run the stack, check health and run the smoke checks."""
+def up(stack: Stack, settings: Settings) -> dict[str, float]:
+    """Build or pull images, record `settings` (with the image mode chosen), run the stack,
+    check health and run the smoke checks."""
     timings: dict[str, float] = {}
     client = connect()
     check_ports(client, stack)  # before any build: a taken port should fail in a second
@@ -294,7 +279,9 @@ def up(stack: Stack, mode: str) -> dict[str, float]:
                 f"value: apply it with `python -m orchestrate rotate {' '.join(changed)}`, "
                 "or put the old value back")
     with step("images", timings):
+        mode = images.choose_mode(client, stack, settings.images)
         refs = images.resolve_images(client, stack, mode)
+    record.write(client, stack, dataclasses.replace(settings, images=mode))
     realise(client, stack, refs, timings)
     with step("smoke checks", timings):
         if not smoke.run_smoke(service_url(stack), api_token(), context=service_context(stack)):
@@ -303,15 +290,19 @@ def up(stack: Stack, mode: str) -> dict[str, float]:
 
 
 def down(project: str, volumes: bool) -> list[str]:
-    """Remove every container and network (and with `volumes` the volumes) of `project`."""
+    """Remove every container (with its anonymous volumes) and network of `project`, its
+    record, and with `volumes` its named volumes."""
     client = connect()
     removed = []
     for container in project_containers(client, project):
-        container.remove(force=True, v=False)
+        remove(container)
         removed.append(f"container {container.name} (made by {made_by(container)})")
     for network in client.networks.list(filters=project_filter(project)):
         network.remove()
         removed.append(f"network {network.name}")
+    forgotten = record.forget(client, project)
+    if forgotten:
+        removed.append(f"volume {forgotten} (the record of its settings)")
     if volumes:
         for volume in client.volumes.list(filters=project_filter(project)):
             volume.remove(force=True)

@@ -35,10 +35,9 @@ import docker.errors
 
 from .errors import OrchestrateError, reason
 from .output import say, tail
+from .paths import BUILD, ROOT
 from .stack import ImageSpec, Stack
 
-ROOT = Path(__file__).resolve().parents[1]
-BUILD = ROOT / "build"
 IMAGE_LABEL = "org.cachestack.image"
 PULL_TIMEOUT_S = 60
 PULL_PROBE_TIMEOUT_S = 3

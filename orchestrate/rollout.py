@@ -16,15 +16,13 @@ import docker
 from docker.models.containers import Container
 
 from .containers import (
-    READY_DEADLINE_S,
     config_hash,
     create_container,
-    fail_if_broken,
-    last_logs,
     project_containers,
+    remove,
     verify_secrets,
+    wait_probe,
 )
-from .errors import OrchestrateError
 from .output import say
 from .proxy import Proxy
 from .stack import CONFIG_HASH_LABEL, REPLICA_LABEL, Service, Stack
@@ -47,31 +45,11 @@ def address(container: Container, stack: Stack) -> str:
     return networks[stack.resource_name("frontend")]["IPAddress"]
 
 
-def wait_ready(container: Container, service: Service,
-               deadline_s: float = READY_DEADLINE_S) -> None:
-    """Wait until the replica's own readiness probe passes, inside the container (replicas
-    publish no port)."""
-    deadline = time.monotonic() + deadline_s
-    path = (service.ready_path or "/healthz").lstrip("/")
-    while True:
-        fail_if_broken(container)
-        probe = container.exec_run(["python", "-m", "service.probe", path])
-        if probe.exit_code == 0:
-            return
-        if time.monotonic() > deadline:
-            raise OrchestrateError(
-                f"{container.name} not ready after {deadline_s:.0f}s: "
-                f"{probe.output.decode(errors='replace').strip()}",
-                last_logs(container),
-            )
-        time.sleep(0.25)
-
-
 def start(client: docker.DockerClient, stack: Stack, service: Service, image_ref: str,
           digest: str, number: int, proxy: Proxy | None) -> Container:
     container = create_container(client, stack, service, image_ref, digest, replica=number)
     container.start()
-    wait_ready(container, service)
+    wait_probe(container, service.ready_path or "/healthz")
     verify_secrets(container, service)
     if proxy:
         proxy.wait_serving(address(container, stack))
@@ -86,7 +64,7 @@ def retire(container: Container, stack: Stack, proxy: Proxy | None) -> None:
     slot = proxy.drain(ip) if proxy and ip else None
     started = time.monotonic()
     container.stop(timeout=STOP_GRACE_S)
-    container.remove()
+    remove(container)
     if proxy and slot:
         proxy.release(slot, ip)
     say(f"{container.name}: drained and stopped in {time.monotonic() - started:.1f}s")
@@ -102,7 +80,7 @@ def roll_out(client: docker.DockerClient, stack: Stack, service: Service, image_
     for container in fresh:
         if container.status != "running":  # stopped (a restore) or crashed
             container.start()
-            wait_ready(container, service)
+            wait_probe(container, service.ready_path or "/healthz")
             if proxy:
                 proxy.wait_serving(address(container, stack))
     number = max((int(c.labels.get(REPLICA_LABEL, 0)) for c in current), default=0)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import certs
 from .errors import OrchestrateError
+from .paths import BUILD, ROOT
 from .stack import (
     API_TOKENS,
     CA_CERT,
@@ -35,10 +36,7 @@ from .stack import (
     Stack,
 )
 
-# The repository: secrets/ and build/secrets/ are under it. CACHESTACK_ROOT names it where this
-# package runs installed (compose's set-up container, which mounts those folders).
-ROOT = Path(os.environ.get("CACHESTACK_ROOT") or Path(__file__).resolve().parents[1])
-STAGE_ROOT = ROOT / "build" / "secrets"
+STAGE_ROOT = BUILD / "secrets"
 CA_KEY = "ca.key"
 BACKUP_KEY = "backup_key"
 CA_NAME = "cachestack CA"

@@ -62,7 +62,7 @@ REDIS_MEMORY_LIMIT = 256 * 2**20
 # Redis saves nothing here, but a replica's first sync (--ha) is a snapshot written by a forked
 # child, which shares memory with Redis copy-on-write: while it runs, every page Redis writes
 # is copied. Under a steady stream of writes and evictions a forked Redis peaked at about
-# twice maxmemory (bench/README.md), so maxmemory is 3/8 of the limit and the rest headroom.
+# twice maxmemory (bench/RESULTS.md), so maxmemory is 3/8 of the limit and the rest headroom.
 REDIS_MAXMEMORY = REDIS_MEMORY_LIMIT * 3 // 8
 
 
@@ -258,6 +258,13 @@ IMAGES: dict[str, ImageSpec] = {
         offline_base=None,
         host_wheels=True,
     ),
+    # Not the stack's: the load generator of `bench` (orchestrate/bench/wrk.py).
+    "wrk": ImageSpec(
+        repository="cachestack/wrk",
+        context="docker/wrk",
+        base="debian:12.12-slim",
+        offline_base=None,
+    ),
 }
 
 POSTGRES_CERT = Certificate("postgres", ("postgres", "localhost", "127.0.0.1"))
@@ -293,14 +300,10 @@ def _private_tmp(uid: int, size: str) -> tuple[str, str]:
     return ("/tmp", f"rw,noexec,nosuid,size={size},uid={uid},gid={uid}")
 
 
-def describe_stack(
-    project: str = DEFAULT_PROJECT, port: int = DEFAULT_PORT, replicas: int = DEFAULT_REPLICAS,
-    monitoring_port: int | None = None, tls: bool = False,
-) -> Stack:
-    """Return the stack for `project`: `replicas` service containers behind the proxy, which
-    is published on 127.0.0.1:`port` (with `tls`, speaking TLS only, with PROXY_CERT), and
-    with a `monitoring_port`, Prometheus published there."""
-    postgres = Service(
+def postgres_service() -> Service:
+    """PostgreSQL (docker/postgres), with TLS 1.3 for the network logins of the owner and the
+    runtime role; its data in the volume pgdata."""
+    return Service(
         name="postgres",
         image="postgres",
         user=f"{POSTGRES_UID}:{POSTGRES_UID}",
@@ -345,7 +348,11 @@ def describe_stack(
             pids_limit=256,
         ),
     )
-    redis = Service(
+
+
+def redis_service() -> Service:
+    """Redis (docker/redis): the cache, on a TLS port only, keeping nothing across a restart."""
+    return Service(
         name="redis",
         image="redis",
         user=f"{REDIS_UID}:{REDIS_UID}",
@@ -390,7 +397,12 @@ def describe_stack(
             pids_limit=64,
         ),
     )
-    migrate = Service(
+
+
+def migrate_service() -> Service:
+    """The task that brings the schema up to date, as the owner role, before the replicas
+    start."""
+    return Service(
         name="migrate",
         image="service",
         user=f"{SERVICE_UID}:{SERVICE_UID}",
@@ -409,7 +421,12 @@ def describe_stack(
         ),
         once=True,
     )
-    service = Service(
+
+
+def replicas_service(replicas: int) -> Service:
+    """The user service itself (the root Dockerfile), `replicas` containers of it, as the
+    runtime role; it publishes no port: the proxy reaches it on the frontend network."""
+    return Service(
         name="service",
         image="service",
         user=f"{SERVICE_UID}:{SERVICE_UID}",
@@ -437,7 +454,12 @@ def describe_stack(
         replicas=replicas,
         update_order="start-first",
     )
-    proxy = Service(
+
+
+def proxy_service(port: int, tls: bool) -> Service:
+    """HAProxy (docker/proxy) in front of every replica, published on 127.0.0.1:`port`; with
+    `tls`, speaking TLS only, with PROXY_CERT."""
+    return Service(
         name="proxy",
         image="proxy",
         user=f"{PROXY_UID}:{PROXY_UID}",
@@ -454,20 +476,6 @@ def describe_stack(
         ),
         ports=(Port(container=8000, host=port, tls=tls),),
         ready_path="/readyz",
-    )
-    services: tuple[Service, ...] = (postgres, redis, migrate, service, proxy)
-    if monitoring_port is not None:
-        services += (prometheus_service(monitoring_port),)
-    mounted = dict.fromkeys(m.secret for s in services for m in s.secrets)
-    return Stack(
-        project=project,
-        services=services,
-        networks=(Network("backend", internal=True), Network("frontend", internal=True),
-                  Network("edge", internal=False)),
-        volumes=tuple(v for s in services for v, _ in s.volumes),
-        secrets=tuple(mounted),
-        certificates=(POSTGRES_CERT, REDIS_CERT) + ((PROXY_CERT,) if tls else ()),
-        images={key: IMAGES[key] for key in dict.fromkeys(s.image for s in services)},
     )
 
 
@@ -500,6 +508,47 @@ def prometheus_service(port: int) -> Service:
         ),
         ports=(Port(container=9090, host=port),),
     )
+
+
+def describe_stack(
+    project: str = DEFAULT_PROJECT, port: int = DEFAULT_PORT, replicas: int = DEFAULT_REPLICAS,
+    monitoring_port: int | None = None, tls: bool = False,
+) -> Stack:
+    """Return the stack for `project`: `replicas` service containers behind the proxy, which
+    is published on 127.0.0.1:`port` (with `tls`, speaking TLS only, with PROXY_CERT), and
+    with a `monitoring_port`, Prometheus published there. Its services start in this order."""
+    services = (postgres_service(), redis_service(), migrate_service(),
+                replicas_service(replicas), proxy_service(port, tls))
+    if monitoring_port is not None:
+        services += (prometheus_service(monitoring_port),)
+    mounted = dict.fromkeys(m.secret for s in services for m in s.secrets)
+    return Stack(
+        project=project,
+        services=services,
+        networks=(Network("backend", internal=True), Network("frontend", internal=True),
+                  Network("edge", internal=False)),
+        volumes=tuple(v for s in services for v, _ in s.volumes),
+        secrets=tuple(mounted),
+        certificates=(POSTGRES_CERT, REDIS_CERT) + ((PROXY_CERT,) if tls else ()),
+        images={key: IMAGES[key] for key in dict.fromkeys(s.image for s in services)},
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a stack is brought up with: `up`'s options. `up` records them with the stack
+    (orchestrate.record), and every later command keeps them. `images` is the mode the images
+    were made in (official or offline, once `up` has chosen), so that a container made again
+    runs an image made the same way."""
+
+    port: int = DEFAULT_PORT
+    images: str = "auto"
+    replicas: int = DEFAULT_REPLICAS
+    monitoring_port: int | None = None  # None: no Prometheus
+    tls: bool = False
+
+    def stack(self, project: str) -> Stack:
+        return describe_stack(project, self.port, self.replicas, self.monitoring_port, self.tls)
 
 
 def as_dict(stack: Stack) -> dict[str, Any]:

@@ -11,6 +11,7 @@ command -v redis-server >/dev/null || apt_packages+=(redis-server)
 command -v docker-compose >/dev/null || apt_packages+=(docker-compose)
 command -v debootstrap >/dev/null || apt_packages+=(debootstrap)
 command -v docker-registry >/dev/null || apt_packages+=(docker-registry)
+command -v curl >/dev/null || apt_packages+=(curl)  # the README's walk-through, as a test runs it
 if ((${#apt_packages[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "error: missing ${apt_packages[*]}; install them (as root: apt-get install ${apt_packages[*]})" >&2

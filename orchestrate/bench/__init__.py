@@ -1,12 +1,12 @@
 """`python -m orchestrate bench`: a picture of the cache at work, from a running stack.
 
-It drives the stack through 127.0.0.1 ports only, with wrk and bench/wrk/load.lua (-t2 -c32,
-as bench/run.py does): reads by id, reads by email and creates through the proxy, as the
-stack serves them; and reads by id on one temporary container of the replicas' image each
-(see servers.py) with the cache on, the near cache off and the cache off, so that what each
-layer of the cache buys is measured like against like. For each: throughput, p50 and p99,
-the hit ratio and Postgres queries per request from the service's own counters, and its CPU
-and memory.
+It drives the stack with wrk and load.lua (-t2 -c32, as bench/run.py does), from a container
+on the stack's own network (wrk.py), so the host needs nothing but Docker: reads by id, reads
+by email and creates through the proxy, as the stack serves them; and reads by id on one
+temporary container of the replicas' image each (see servers.py) with the cache on, the near
+cache off and the cache off, so that what each layer of the cache buys is measured like
+against like. For each: throughput, p50 and p99, the hit ratio and Postgres queries per
+request from the service's own counters, and its CPU and memory.
 The table goes to the terminal; build/report/ gets an HTML page, a PNG and the figures as JSON.
 
 Nothing is left running: the temporary containers go when their workload is done, and on
@@ -16,7 +16,7 @@ client's would: the users it seeded and created (named `bench_<run>_...`).
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import datetime
 import os
 import secrets
@@ -28,23 +28,17 @@ from pathlib import Path
 
 import docker
 
+from .. import images
 from ..containers import connect
+from ..engine import service_context, service_url
 from ..output import say
-from ..secretfiles import ROOT, api_token
-from ..stack import Stack
-from .load import (
-    CONNECTIONS,
-    THREADS,
-    Seeded,
-    create_args,
-    paths_args,
-    prewarm,
-    require_wrk,
-    seed,
-)
+from ..paths import BUILD
+from ..progress import Progress
+from ..secretfiles import api_token
+from ..stack import IMAGES, Stack
 from .measure import WARMUP_S, Result, Workload, measure
 from .page import Run, Written, require_matplotlib, table, write
-from .progress import Progress
+from .seed import Seeded, prewarm, seed
 from .servers import (
     CACHE_OFF,
     CACHE_ON,
@@ -56,24 +50,14 @@ from .servers import (
     remove_variants,
     variant,
 )
+from .wrk import CONNECTIONS, THREADS, Generator, create_args, paths_args, prepare
 
-REPORT_DIR = ROOT / "build" / "report"
+REPORT_DIR = BUILD / "report"
 SEED_USERS = 1000  # as many as bench/run.py's hot set: all fit in every near cache
 MAX_SECONDS = 600
 VARIANTS = {v.name: v for v in (CACHE_ON, NEAR_OFF, CACHE_OFF)}
 
-__all__ = ["bench", "seconds_arg"]
-
-
-def seconds_arg(text: str) -> int:
-    """--seconds: whole seconds of load per workload, 1 to MAX_SECONDS."""
-    try:
-        seconds = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 1 <= seconds <= MAX_SECONDS:
-        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_SECONDS}, got {seconds}")
-    return seconds
+__all__ = ["MAX_SECONDS", "bench"]
 
 
 def workloads(seeded: Seeded, tag: str) -> tuple[Workload, ...]:
@@ -131,44 +115,46 @@ def _server(client: docker.DockerClient, stack: Stack, running: Running, workloa
     return variant(client, stack, running, VARIANTS[workload.server])
 
 
-def _run(client: docker.DockerClient, stack: Stack, running: Running, seconds: int,
-         token: str, work: Path) -> tuple[Seeded, list[Result]]:
+def _run(load: Generator, running: Running, seconds: int, token: str
+         ) -> tuple[Seeded, list[Result]]:
     tag = secrets.token_hex(3)
-    seeded = seed(running.postgres, tag, SEED_USERS, work)
+    seeded = seed(running.postgres, tag, SEED_USERS, load.work)
+    prepare(load.work)
     plan = workloads(seeded, tag)
-    progress = Progress(_load_seconds(plan, seconds))
     for paths in (seeded.by_id, seeded.by_email):
-        prewarm(running.replicas.url, paths, token)
-    progress.note(f"seeded {seeded.count} users and read each by id and by email; "
-                  f"{len(plan)} workloads of {seconds} s, wrk -t{THREADS} -c{CONNECTIONS}")
+        prewarm(service_url(load.stack), service_context(load.stack), load.work / paths, token)
     results = []
-    for workload in plan:
-        with _server(client, stack, running, workload, progress) as server:
-            results.append(measure(server, workload, seconds, token, progress))
+    with Progress(_load_seconds(plan, seconds), "s") as progress:
+        progress.note(f"seeded {seeded.count} users and read each by id and by email; "
+                      f"{len(plan)} workloads of {seconds} s, wrk -t{THREADS} -c{CONNECTIONS}")
+        for workload in plan:
+            with _server(load.client, load.stack, running, workload, progress) as server:
+                results.append(measure(load, server, workload, seconds, progress))
     return seeded, results
 
 
-def bench(stack: Stack, seconds: int) -> Written:
-    """Measure every workload on the running `stack`, print the table, write the report."""
-    require_wrk()
+def bench(stack: Stack, images_mode: str, seconds: int) -> Written:
+    """Measure every workload on the running `stack`, print the table, write the report; the
+    load generator's image is built in `images_mode`, as the stack's were."""
     require_matplotlib()
     client = connect()
     running = find_running(client, stack)
+    image = images.resolve_images(client, dataclasses.replace(stack, images={"wrk": IMAGES["wrk"]}),
+                                  images_mode)["wrk"]
     token = api_token()
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     with _terminate_interrupts(), tempfile.TemporaryDirectory(prefix="cachestack-bench-") as tmp:
         for name in remove_variants(client, stack):
             say(f"removed {name}, left by an interrupted run")
         try:
-            seeded, results = _run(client, stack, running, seconds, token, Path(tmp))
+            seeded, results = _run(Generator(client, stack, image, Path(tmp)), running, seconds,
+                                   token)
         finally:
             _clean_up(client, stack)
     for line in table(results):
         say(line)
-    port = running.replicas.url.rsplit(":", 1)[1]
     return write(results, Run(
         project=stack.project, replicas=len(running.replicas.containers), seconds=seconds,
         users=seeded.count, cores=os.cpu_count() or 1, taken_at=started,
-        command=f"python -m orchestrate bench --project {stack.project} --port {port} "
-                f"--seconds {seconds}",
+        command=f"python -m orchestrate bench --project {stack.project} --seconds {seconds}",
         wrk=f"wrk -t{THREADS} -c{CONNECTIONS}"), REPORT_DIR)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .load import Wrk, wrk
-from .progress import Progress
+from ..progress import Progress
 from .servers import Server, counters, resources
+from .wrk import Generator, Wrk
 
 WARMUP_S = 2  # the near caches filled, connections open, before the measured run
 
@@ -76,17 +76,17 @@ class Result:
         }
 
 
-def measure(server: Server, workload: Workload, seconds: int, token: str,
+def measure(load: Generator, server: Server, workload: Workload, seconds: int,
             progress: Progress) -> Result:
     """Warm up (reads only), then one measured wrk run. The counters are read first and last
-    and the CPU time just inside them: reading /metrics inside a replica runs a process there,
-    whose CPU time stays out of the window, and it counts no cache or database work."""
+    and the CPU time just inside them: reading /metrics inside a container runs a process
+    there, whose CPU time stays out of the window, and it counts no cache or database work."""
     if workload.reads:
-        wrk(server.url, workload.args, min(WARMUP_S, seconds), token, progress,
-            f"{workload.title}: warm-up")
+        load.run(server.url, workload.args, min(WARMUP_S, seconds), progress,
+                 f"{workload.title}: warm-up")
     counted = counters(server)
     used = resources(server)
-    load = wrk(server.url, workload.args, seconds, token, progress, workload.title)
+    figures = load.run(server.url, workload.args, seconds, progress, workload.title)
     used_after = resources(server)
     counted_after = counters(server)
 
@@ -94,7 +94,7 @@ def measure(server: Server, workload: Workload, seconds: int, token: str,
         return round(counted_after[name] - counted[name])
 
     return Result(
-        workload=workload, load=load, hits=delta("cache_hits_total"),
+        workload=workload, load=figures, hits=delta("cache_hits_total"),
         misses=delta("cache_misses_total"), bypasses=delta("cache_bypasses_total"),
         queries=delta("db_queries_total"),
         cpu_seconds=used_after.cpu_seconds - used.cpu_seconds,

@@ -2,8 +2,10 @@
 of the same service image (with the replicas' settings, with the near cache off, with Redis
 out of reach), with what each one counted and used while it was driven.
 
-A temporary container is the replicas' own description (orchestrate.stack) with another
-environment and a port published on 127.0.0.1, made by the same create_container, so it is
+The load reaches them on the stack's frontend network (orchestrate/bench/wrk.py), where a
+temporary container answers to its own name: the proxy finds replicas by the name `service`,
+so it never sends one a request. A temporary container is the replicas' own description
+(orchestrate.stack) with another environment, made by the same create_container, so it is
 hardened exactly as they are. It is named and labelled `<project>-bench-<variant>` in the
 project, so `down` removes it like any other container; `bench` itself removes it when the
 workload is done, or on the way out whatever happened.
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -23,11 +24,11 @@ from dataclasses import dataclass
 import docker
 from docker.models.containers import Container
 
-from ..containers import create_container, project_containers, wait_ready
-from ..engine import published_host_ports, running_proxy, service_url
+from ..containers import create_container, project_containers, remove, wait_probe
+from ..engine import running_proxy, service_context, service_url
 from ..errors import OrchestrateError
 from ..secretfiles import STAGE_ROOT
-from ..stack import REPLICA_LABEL, SERVICE_LABEL, Port, Service, Stack
+from ..stack import REPLICA_LABEL, SERVICE_LABEL, Service, Stack
 
 SERVICE = "service"
 SERVICE_PORT = 8000
@@ -58,14 +59,12 @@ CACHE_OFF = Variant("cache-off", {"REDIS_URL": NO_REDIS})
 
 @dataclass(frozen=True)
 class Server:
-    """Where a workload's requests go (`url`, a 127.0.0.1 port) and the containers that
-    answer them. The replicas publish no port, so their /metrics is read inside each one;
-    a temporary container's through its published port."""
+    """Where a workload's requests go (`url`, on the stack's frontend network) and the
+    containers that answer them."""
 
     name: str
     url: str
     containers: tuple[Container, ...]
-    published: bool
 
 
 @dataclass(frozen=True)
@@ -85,20 +84,13 @@ class Running:
     image: str  # the image id the replicas run
 
 
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listened on a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _running(client: docker.DockerClient, project: str, service: str) -> list[Container]:
     return [c for c in project_containers(client, project, service) if c.status == "running"]
 
 
 def find_running(client: docker.DockerClient, stack: Stack) -> Running:
-    """The stack's proxy (on the port asked for), replicas and Postgres, all running; or one
-    error that says what is missing."""
+    """The stack's proxy, replicas and Postgres, all running and answering; or one error that
+    says what is missing."""
     proxy = running_proxy(client, stack)
     replicas = [c for c in _running(client, stack.project, SERVICE) if c.labels.get(REPLICA_LABEL)]
     postgres = _running(client, stack.project, "postgres")
@@ -107,39 +99,29 @@ def find_running(client: docker.DockerClient, stack: Stack) -> Running:
         raise OrchestrateError(
             f"project {stack.project} has no running stack (no {missing}): start it with "
             f"`python -m orchestrate up --project {stack.project}`")
-    url = service_url(stack)
-    published = published_host_ports(proxy.container)
-    if url.rsplit(":", 1)[1] not in {str(p) for p in published}:
-        raise OrchestrateError(
-            f"project {stack.project}'s proxy publishes 127.0.0.1:"
-            f"{','.join(map(str, sorted(published)))}, not {url}: pass that --port")
-    _check_ready(url)
-    return Running(Server("replicas", url, tuple(replicas), published=False), postgres[0],
-                   replicas[0].image.id)
+    _check_ready(stack)
+    port = stack.service("proxy").ports[0]
+    inside = f"{'https' if port.tls else 'http'}://proxy:{port.container}"
+    return Running(Server("replicas", inside, tuple(replicas)), postgres[0], replicas[0].image.id)
 
 
-def _check_ready(url: str) -> None:
+def _check_ready(stack: Stack) -> None:
     """The stack answers /readyz through its port: load on a stack that does not would
     measure errors."""
+    url = f"{service_url(stack)}/readyz"
     try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=5):
+        with urllib.request.urlopen(url, timeout=5, context=service_context(stack)):
             return
     except urllib.error.HTTPError as exc:
         state = f"HTTP {exc.code}"
     except OSError as exc:
         state = str(getattr(exc, "reason", exc))
-    raise OrchestrateError(f"{url}/readyz does not answer 200 ({state}): see "
+    raise OrchestrateError(f"{url} does not answer 200 ({state}): see "
                            "`python -m orchestrate status`")
 
 
-def _metrics_text(server: Server, container: Container) -> str:
-    if server.published:
-        try:
-            with urllib.request.urlopen(f"{server.url}/metrics", timeout=5) as response:
-                return response.read().decode()
-        except OSError as exc:
-            raise OrchestrateError(f"cannot read {server.url}/metrics: "
-                                   f"{getattr(exc, 'reason', exc)}") from None
+def _metrics_text(container: Container) -> str:
+    """The container's /metrics, read inside it: the replicas publish no port."""
     result = container.exec_run(["python", "-c", SCRAPE])
     if result.exit_code != 0:
         raise OrchestrateError(f"cannot read {container.name}'s /metrics",
@@ -162,7 +144,7 @@ def counters(server: Server) -> dict[str, float]:
     from either replica."""
     total = dict.fromkeys(COUNTERS, 0.0)
     for container in server.containers:
-        for name, value in parse_counters(_metrics_text(server, container)).items():
+        for name, value in parse_counters(_metrics_text(container)).items():
             total[name] += value
     return total
 
@@ -183,33 +165,29 @@ def resources(server: Server) -> Resources:
     return Resources(sum(r.cpu_seconds for r in readings), sum(r.memory_bytes for r in readings))
 
 
-def _variant_service(stack: Stack, variant: Variant, port: int) -> Service:
-    """The replicas' description with the variant's settings: the same image, secrets and
-    hardening, but a name of its own (the proxy finds replicas by the name `service`, so it
-    never sends this one a request) and a port on 127.0.0.1 for the load, which Docker
-    publishes only from a network that is not internal (the edge network, the proxy's)."""
+def _variant_service(stack: Stack, variant: Variant) -> Service:
+    """The replicas' description with the variant's settings: the same image, secrets, networks
+    and hardening, but a name of its own."""
     replica = stack.service(SERVICE)
     environment = {**dict(replica.environment), **variant.environment}
     return dataclasses.replace(
         replica, name=VARIANT_PREFIX + variant.name, environment=tuple(environment.items()),
-        networks=("backend", "edge"), ports=(Port(container=SERVICE_PORT, host=port),),
         replicas=1, update_order="stop-first")
 
 
 @contextmanager
 def variant(client: docker.DockerClient, stack: Stack, running: Running,
             which: Variant) -> Iterator[Server]:
-    """A temporary container of `which`, ready on its own port; removed on the way out."""
-    port = free_port()
-    service = _variant_service(stack, which, port)
+    """A temporary container of `which`, ready; removed on the way out."""
+    service = _variant_service(stack, which)
     try:
         container = create_container(client, stack, service, running.image, "bench")
         container.start()
         try:
-            wait_ready(container, f"http://127.0.0.1:{port}{service.ready_path}")
+            wait_probe(container, service.ready_path or "/readyz")
         except OrchestrateError as exc:  # its logs are in the error already
             raise OrchestrateError(f"{container.name}: {exc.message}", exc.log_lines) from None
-        yield Server(which.name, f"http://127.0.0.1:{port}", (container,), published=True)
+        yield Server(which.name, f"http://{service.name}:{SERVICE_PORT}", (container,))
     finally:
         remove_variants(client, stack)
 
@@ -220,7 +198,7 @@ def remove_variants(client: docker.DockerClient, stack: Stack) -> list[str]:
     removed = []
     for container in project_containers(client, stack.project):
         if container.labels.get(SERVICE_LABEL, "").startswith(VARIANT_PREFIX):
-            container.remove(force=True)
+            remove(container)
             removed.append(container.name)
     staged = STAGE_ROOT / stack.project
     for directory in staged.glob(f"{VARIANT_PREFIX}*") if staged.is_dir() else ():

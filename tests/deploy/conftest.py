@@ -20,9 +20,9 @@ import yaml
 from orchestrate.images import resolve_images
 from orchestrate.secretfiles import ensure_secrets, secret_path
 from orchestrate.stack import DEFAULT_MONITORING_PORT, Stack, describe_stack
-from tests.support import docker_engine
+from tests.support import REPO, docker_engine, run
 
-from .helpers import REPO, SECRET_NAMES, run, tool
+from .helpers import SECRET_NAMES, tool
 
 
 @pytest.fixture(scope="session")

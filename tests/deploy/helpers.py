@@ -1,21 +1,17 @@
-"""Helpers of the deployment-format tests (compose, swarm, Kubernetes): running tools from the
-repository root, names and environments for a run, waiting for a stack to be ready."""
+"""Helpers of the deployment-format tests (compose, swarm, Kubernetes): names and environments
+for a run, waiting for a stack to be ready; running tools is tests/support.py's run."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import time
 import uuid
-from pathlib import Path
 
 import requests
 
 from orchestrate.stack import describe_stack
 from tests.support import require
 
-REPO = Path(__file__).resolve().parents[2]
 # Every secret a format may mount: k8s/ holds the proxy's TLS certificate of `up --tls`.
 SECRET_NAMES = describe_stack(tls=True).secrets
 READY_TIMEOUT_S = 180
@@ -27,27 +23,6 @@ def tool(name: str) -> str:
     require(path is not None, f"the {name} command")
     assert path is not None
     return path
-
-
-def run(
-    *cmd: str, env: dict[str, str] | None = None, timeout: float = 300, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    """Run a command from the repository root; on failure, raise with its output."""
-    result = subprocess.run(
-        cmd,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-3000:]}"
-            f"\n{result.stderr[-3000:]}"
-        )
-    return result
 
 
 def unique_name(prefix: str) -> str:

@@ -35,10 +35,10 @@ from orchestrate.secretfiles import (
 )
 from orchestrate.smoke import run_smoke
 from orchestrate.stack import CA_CERT, IMAGES, Service, Stack, describe_stack
-from tests.containers import redis_cli
-from tests.support import free_port
+from tests.stores import redis_cli
+from tests.support import REPO, free_port, run
 
-from .helpers import REPO, image_env, run, tool, unique_name, wait_ready
+from .helpers import image_env, tool, unique_name, wait_ready
 
 FILES = ("docker-compose.yml", "compose.offline.yml")
 DEV_FILE = "compose.dev.yml"

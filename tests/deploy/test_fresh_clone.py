@@ -31,9 +31,9 @@ import pytest
 from orchestrate import images
 from orchestrate.smoke import run_smoke
 from orchestrate.stack import IMAGES
-from tests.support import free_port, require
+from tests.support import REPO, free_port, require, run
 
-from .helpers import REPO, run, tool, unique_name, wait_ready
+from .helpers import tool, unique_name, wait_ready
 
 DAEMON_JSON = Path("/etc/docker/daemon.json")
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")

@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrate.stack import IMAGES
-from tests.support import require
-
-from .helpers import REPO, run
+from tests.support import REPO, require, run
 
 LINTERS = REPO / "build" / "linters" / "bin"  # made by scripts/install-linters.sh
 DOCKERFILES = sorted(

@@ -23,8 +23,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from orchestrate import images
-
-from .helpers import REPO
+from tests.support import REPO, run_once
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 BUILD_BACKEND = [Requirement(r) for r in PYPROJECT["build-system"]["requires"]]
@@ -104,8 +103,8 @@ def test_the_service_image_has_exactly_the_locked_versions(
 ) -> None:
     """What the service's virtualenv holds: the lock without the build backend (removed with
     pip after the build), and the package itself."""
-    output = docker_client.containers.run(
-        stack_images["service"], ["python", "-c", INSTALLED], network_disabled=True, remove=True)
+    output = run_once(docker_client, stack_images["service"], ["python", "-c", INSTALLED],
+                      network_disabled=True)
     installed = dict(line.split() for line in output.decode().splitlines())
     installed = {canonicalize_name(name): version for name, version in installed.items()}
     backend = {canonicalize_name(r.name) for r in BUILD_BACKEND}

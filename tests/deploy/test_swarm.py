@@ -22,9 +22,9 @@ import requests
 from orchestrate.secretfiles import api_token
 from orchestrate.smoke import run_smoke
 from orchestrate.stack import Stack, describe_stack
-from tests.support import free_port, require
+from tests.support import REPO, free_port, require, run
 
-from .helpers import REPO, image_env, run, tool, unique_name, wait_ready
+from .helpers import image_env, tool, unique_name, wait_ready
 
 STACK_FILE = REPO / "stack.yml"
 NAMESPACE_LABEL = "com.docker.stack.namespace"

@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterator
 import docker
 import docker.errors
 import pytest
-from orchestrate_helpers import Project, sweep
 
 from tests.support import docker_engine, free_port
+
+from .helpers import Project, sweep
 
 
 @pytest.fixture(scope="session")

@@ -8,10 +8,11 @@ import json
 
 import docker
 import requests
-from orchestrate_helpers import Project, container, orchestrate
 
 from orchestrate.secretfiles import api_token
-from tests.containers import psql, redis_cli
+from tests.stores import psql, redis_cli
+
+from .helpers import Project, container, orchestrate
 
 
 def test_audit_finds_planted_lies_repairs_them_and_then_passes(

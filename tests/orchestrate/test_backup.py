@@ -16,8 +16,13 @@ from pathlib import Path
 
 import docker
 import pytest
-from orchestrate_helpers import (
-    REPO,
+
+from orchestrate.backup import BACKUPS, Manifest
+from orchestrate.stack import DB_NAME
+from tests.stores import psql
+from tests.support import REPO
+
+from .helpers import (
     Api,
     Project,
     backed_up,
@@ -25,12 +30,15 @@ from orchestrate_helpers import (
     database_oid,
     one_line_error,
     orchestrate,
+    until,
 )
 
-from orchestrate.backup import BACKUPS, Manifest
-from tests.containers import psql
-
 LOOKUPS = ("id", "username", "email")
+HOLDER = "test-holds-users"  # the application_name of the session that locks the users table
+# Sessions of an application holding (true) or waiting for (false) a lock on the users table.
+LOCKS_HELD = ("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+              "WHERE a.application_name = '{}' AND l.relation = 'users'::regclass "
+              "AND l.granted = {}")
 
 
 def made_files(before: set[Path]) -> set[Path]:
@@ -192,15 +200,26 @@ def test_150000_users_back_up_and_restore_and_an_interrupted_backup_leaves_nothi
     assert count == "150000"
     print(f"150,000 users: backup {backup_s:.1f}s ({dump.stat().st_size / 2**20:.1f} MiB), "
           f"restore {restore_s:.1f}s (with the replicas' restart and the smoke checks)")
+    # The backup is interrupted while pg_dump waits for a lock this test holds on the users
+    # table: while it writes, whatever the machine's speed, and never after it finished.
+    postgres.exec_run(["psql", "-U", "postgres", "-d", DB_NAME, "-c", "BEGIN; LOCK TABLE users "
+                       "IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(600)"],
+                      user=postgres.attrs["Config"]["User"], environment={"PGAPPNAME": HOLDER},
+                      detach=True)
+    until(lambda: psql(postgres, LOCKS_HELD.format(HOLDER, "true")) == [["1"]],
+          "the test holds the lock")
     interrupted = subprocess.Popen(
         [sys.executable, "-m", "orchestrate", "backup", "--project", stack.name], cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not list(BACKUPS.glob(".*.partial")):  # interrupted while it writes
-        assert interrupted.poll() is None and time.monotonic() < deadline, "it finished first"
-        time.sleep(0.01)
-    os.kill(interrupted.pid, signal.SIGINT)
-    _, stderr = interrupted.communicate(timeout=60)
+    try:
+        until(lambda: psql(postgres, LOCKS_HELD.format("pg_dump", "false")) == [["1"]]
+              and bool(list(BACKUPS.glob(".*.partial"))), "pg_dump waiting, its file begun")
+        os.kill(interrupted.pid, signal.SIGINT)
+        _, stderr = interrupted.communicate(timeout=60)
+    finally:
+        interrupted.kill()
+        psql(postgres, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       f"WHERE application_name = '{HOLDER}'")
     assert interrupted.returncode == 130 and "interrupted" in stderr, stderr
     assert made_files(before) == {dump, *(dump.with_name(dump.name + s)
                                           for s in (".json", ".sha256"))}

@@ -1,4 +1,4 @@
-"""A stack under steady load through its published port (tests/load.py, about 200 requests a
+"""A stack under steady load through its published port (tests/steady_load.py, about 200 requests a
 second): replicas replaced for new code, a replica killed, Postgres killed, and how many
 requests each costs. Tests run in file order on one stack."""
 
@@ -9,17 +9,17 @@ import os
 import signal
 import tarfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 import docker
 import requests
-from orchestrate_helpers import Project
 
 from orchestrate import engine
 from orchestrate.secretfiles import api_token
 from orchestrate.stack import REPLICA_LABEL, SERVICE_LABEL, describe_stack
-from tests.load import SteadyLoad
+from tests.steady_load import SteadyLoad
+
+from .helpers import Project, until
 
 
 def running(client: docker.DockerClient, project: Project, service: str) -> list[Any]:
@@ -39,14 +39,6 @@ def derived_image(client: docker.DockerClient, base: str, tag: str) -> str:
     context.seek(0)
     image, _ = client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True)
     return image.id
-
-
-def until(condition: Callable[[], bool], what: str, seconds: float = 120) -> None:
-    """Wait for `condition`, by its progress rather than a time: a busy machine is slow."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} within {seconds:.0f} s"
-        time.sleep(0.2)
 
 
 def kill_main_process(container: Any) -> float:

@@ -25,12 +25,13 @@ from typing import Any
 import docker
 import pytest
 import requests
-from orchestrate_helpers import Project
 
 from orchestrate.proxy import Proxy
 from orchestrate.secretfiles import api_token, secret_path
 from orchestrate.stack import CA_CERT, PROJECT_LABEL, PROXY_CERT, SERVICE_LABEL
 from tests.support import require
+
+from .helpers import Project
 
 pytestmark = pytest.mark.usefixtures("docker_client")
 

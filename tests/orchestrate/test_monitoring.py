@@ -9,11 +9,12 @@ from typing import Any
 
 import docker
 import requests
-from orchestrate_helpers import Project
 
 from orchestrate.secretfiles import api_token
 from orchestrate.stack import SERVICE_LABEL
 from tests.support import free_port
+
+from .helpers import Project
 
 METRICS = ("import urllib.request; print(urllib.request.urlopen("
            "'http://127.0.0.1:8000/metrics', timeout=5).read().decode())")

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import docker
 import pytest
-from orchestrate_helpers import REPO, Project, labelled, one_line_error, orchestrate, sweep
 
 from orchestrate import images
 from orchestrate.backup import BACKUPS, Manifest
 from orchestrate.errors import OrchestrateError
 from orchestrate.stack import as_dict, describe_stack
-from tests.support import free_port
+from tests.support import REPO, free_port
+
+from .helpers import Project, labelled, one_line_error, orchestrate, sweep
 
 
 def test_stack_description_is_plain_data() -> None:
@@ -237,3 +238,20 @@ def test_a_signed_backup_of_a_project_with_no_containers_changes_nothing(
                                       timeout=60))
     assert f"project {project} has no running postgres" in line
     assert labelled(docker_client, project) == []
+
+
+def test_a_volume_that_takes_the_name_of_the_record_is_refused(
+        docker_client: docker.DockerClient) -> None:
+    """`<project>_settings` that `up` did not make (no project label) is not read as the
+    project's settings, nor replaced: `up` refuses before it makes anything."""
+    project = f"ctbad{uuid.uuid4().hex[:8]}"
+    foreign = docker_client.volumes.create(f"{project}_settings")
+    try:
+        line = one_line_error(orchestrate("up", "--project", project, "--port",
+                                          str(free_port()), timeout=60))
+        assert f"volume {project}_settings exists but is not project {project}'s" in line
+        assert labelled(docker_client, project) == []
+        assert not (REPO / "build" / "secrets" / project).exists()
+    finally:
+        sweep(docker_client, project)
+        foreign.remove()

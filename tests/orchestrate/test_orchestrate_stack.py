@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from typing import Any
 
 import docker
 import pytest
 import requests
-from orchestrate_helpers import Project, labelled
 
 from orchestrate import engine
 from orchestrate.secretfiles import api_token, read_secret
@@ -22,6 +22,9 @@ from orchestrate.stack import (
     Service,
     describe_stack,
 )
+from tests.support import REPO, run
+
+from .helpers import Project, labelled
 
 pytestmark = pytest.mark.usefixtures("docker_client")
 SMOKE_CHECKS = 10
@@ -54,6 +57,23 @@ def test_up_passes_smoke_and_prints_url(stack: Project) -> None:
     assert "schema up to date" in out  # what the migrate task said
     for step in ("images", "containers", "smoke checks"):
         assert f"{step}: done in" in out
+
+
+def readme_api_example() -> str:
+    """The README's walk-through of the API: the first sh block of its section "The API"."""
+    section = (REPO / "README.md").read_text().split("\n## The API\n", 1)[1]
+    return section.split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_walk_through_is_true_right_after_up(stack: Project) -> None:
+    """What a reader who just ran `up` gets from the README's commands, whatever ids the smoke
+    checks took: the user it creates is the one it reads, changes and deletes."""
+    script = readme_api_example().replace("localhost:8000", f"127.0.0.1:{stack.port}")
+    result = run("bash", "-euo", "pipefail", "-c", script)  # secrets/api_tokens: from the root
+    answers = re.findall(r"HTTP/1\.1 (\d+)", result.stdout)  # a body ends without a newline
+    assert answers == ["200", "200", "200", "200", "204", "401"], result.stdout
+    assert '"message":"created"' in result.stderr
+    assert "x-cache: hit" in result.stdout.split("HTTP/", 2)[1].lower()
 
 
 def test_status_shows_every_container_healthy_and_the_replicas_in_service(
@@ -185,6 +205,23 @@ def test_no_secret_value_leaks(docker_client: docker.DockerClient, stack: Projec
     assert len(texts) > 10
     leaks = [where for where, text in texts.items() for value in values if value in text]
     assert not leaks
+
+
+def test_down_removes_the_anonymous_volumes_of_its_containers(
+    docker_client: docker.DockerClient, stack: Project
+) -> None:
+    """A container of the project whose image has a VOLUME nothing covers (an operator's
+    one-off, say) gets an anonymous volume: `down` removes it with the container."""
+    redis = containers(docker_client, stack)["redis"]  # its image has VOLUME /data
+    extra = docker_client.containers.create(
+        redis.image.id, ["true"], name=f"{stack.name}-extra",
+        labels={PROJECT_LABEL: stack.name, SERVICE_LABEL: "extra"})
+    [anonymous] = [m["Name"] for m in extra.attrs["Mounts"] if m["Type"] == "volume"]
+    result = stack.run("down")
+    assert result.returncode == 0, result.stderr
+    assert anonymous not in {v.name for v in docker_client.volumes.list()}
+    result = stack.run("up")
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_data_survives_down_and_up(docker_client: docker.DockerClient, stack: Project) -> None:

@@ -15,7 +15,12 @@ import time
 
 import docker
 from docker.models.containers import Container
-from orchestrate_helpers import (
+
+from orchestrate.backup import STAGING
+from orchestrate.stack import DB_NAME, DB_OWNER
+from tests.stores import psql
+
+from .helpers import (
     Api,
     Project,
     backed_up,
@@ -23,10 +28,6 @@ from orchestrate_helpers import (
     database_oid,
     one_line_error,
 )
-
-from orchestrate.backup import STAGING
-from orchestrate.stack import DB_NAME, DB_OWNER
-from tests.containers import psql
 
 # Runs while pg_restore loads the table's rows (the CHECK is evaluated for each): a
 # `RESET ROLE` there undoes pg_restore's --role and leaves whoever pg_restore logged in as.

@@ -8,13 +8,14 @@ import stat
 
 import docker
 import requests
-from orchestrate_helpers import Project, container
 
 from orchestrate.containers import exec_input
 from orchestrate.rotate import ROTATABLE
 from orchestrate.secretfiles import api_token, read_secret, secret_path
 from orchestrate.stack import DB_APP, DB_NAME
-from tests.load import SteadyLoad
+from tests.steady_load import SteadyLoad
+
+from .helpers import Project, container
 
 # Inside the service container: log in to Postgres with the password on standard input.
 PG_LOGIN = f"""

@@ -15,7 +15,6 @@ from typing import Any
 import docker
 import pytest
 from docker.types import Mount
-from orchestrate_helpers import Project, container
 
 from orchestrate.secretfiles import api_token, expiring_certificates
 from orchestrate.smoke import run_smoke
@@ -26,7 +25,10 @@ from orchestrate.stack import (
     REDIS_MAXMEMORY,
     describe_stack,
 )
-from tests.containers import psql, redis_cli
+from tests.stores import psql, redis_cli
+from tests.support import run_once
+
+from .helpers import Project, container
 
 pytestmark = pytest.mark.usefixtures("docker_client")
 
@@ -157,7 +159,8 @@ def test_redis_filled_to_three_times_maxmemory_evicts_and_keeps_running(
     before = set_stats(redis)
     # A client container on the backend network, with the Redis container's secret files: exec
     # into a container at its memory limit can fail for lack of memory.
-    output = docker_client.containers.run(
+    output = run_once(
+        docker_client,
         redis.image.id,
         entrypoint=["sh", "-c"],
         command=[
@@ -172,7 +175,6 @@ def test_redis_filled_to_three_times_maxmemory_evicts_and_keeps_running(
             Mount(m["Destination"], m["Source"], type="bind", read_only=True)
             for m in redis.attrs["Mounts"] if m["Destination"].startswith("/run/secrets/")
         ],
-        remove=True,
     )
     # --pipe ends with an ECHO of its own, which the service's user may not send: every
     # other reply is a SET's, and Redis counts none of them refused or failed.

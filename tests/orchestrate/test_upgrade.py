@@ -14,11 +14,13 @@ from pathlib import Path
 
 import docker
 import requests
-from orchestrate_helpers import REPO, UP_TIMEOUT_S, Project
 
 from orchestrate.secretfiles import api_token, ensure_secrets, secret_path
 from orchestrate.stack import DB_APP, DB_OWNER, SERVICE_LABEL, describe_stack
-from tests.containers import psql
+from tests.stores import psql
+from tests.support import REPO
+
+from .helpers import UP_TIMEOUT_S, Project
 
 # The last commit before the Postgres roles, Redis users and API tokens.
 PREVIOUS = "2751bd6"

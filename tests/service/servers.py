@@ -24,9 +24,9 @@ import requests
 
 from orchestrate.certs import KeyPair, make_ca, make_server_cert
 from service.cache.scripts import LIBRARY
+from tests.support import REPO as ROOT
 from tests.support import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
 ACL_TEMPLATE = ROOT / "docker" / "redis" / "users.acl"
 REPLICATION_ACL = ROOT / "docker" / "redis" / "replication.acl"
 SENTINEL_TEMPLATE = ROOT / "docker" / "redis" / "sentinel.conf"

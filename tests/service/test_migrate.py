@@ -13,7 +13,7 @@ import pytest
 import requests
 from flask import Flask
 
-from bench.stack import PG_URL, drop_database, recreate_database
+from bench.processes import PG_URL, drop_database, recreate_database
 from service.process.factory import create_app
 from service.web.routes import users_of
 from tests.support import free_port

@@ -5,8 +5,9 @@
 --                                runs out; then it wraps and `wraps` says so)
 --   create STYLE THREADS TAG     POST a user with a unique username and email on every request;
 --                                STYLE "ours" posts /users, "peer" posts / (with a password)
--- done() prints one line "BENCH {json}" with the figures run.py reads. Every request carries the
--- header BENCH_AUTHORIZATION names, when it is set (our service asks for an API token).
+-- done() prints one line "BENCH {json}" with the figures. Every request carries the bearer token
+-- on the first line of the file BENCH_TOKEN_FILE names, when it is set (our service asks for an
+-- API token): a file, so that the token is in no environment or command line.
 
 local threads = {}
 
@@ -26,10 +27,21 @@ local function load_paths(file, nthreads, offset)
   return mine
 end
 
+local function authorization()
+  local name = os.getenv("BENCH_TOKEN_FILE")
+  if not name then
+    return nil
+  end
+  local file = assert(io.open(name))
+  local token = file:read("*l")
+  file:close()
+  return "Bearer " .. token
+end
+
 function init(args)
   mode = args[1]
   pos, wraps = 0, 0
-  headers = { Authorization = os.getenv("BENCH_AUTHORIZATION") }
+  headers = { Authorization = authorization() }
   if mode == "paths" then
     reqs = load_paths(args[2], tonumber(args[3]), tonumber(args[4] or "0"))
   elseif mode == "create" then

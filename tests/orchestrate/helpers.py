@@ -1,14 +1,11 @@
-"""Helpers of the orchestrator tests: run the CLI, find and sweep a project's resources.
-
-A plain module (not conftest) so test files can import it; pytest puts this directory on
-sys.path. No tests/orchestrate/__init__.py: it would shadow the real `orchestrate` package.
-"""
+"""Helpers of the orchestrator tests: run the CLI, find and sweep a project's resources."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +17,9 @@ from docker.models.containers import Container
 
 from orchestrate.secretfiles import api_token
 from orchestrate.stack import PROJECT_LABEL, SERVICE_LABEL
-from tests.containers import psql
+from tests.stores import psql
+from tests.support import run
 
-REPO = Path(__file__).resolve().parents[2]
 UP_TIMEOUT_S = 1200  # a cold offline build of every image fits in this
 
 
@@ -32,15 +29,8 @@ def orchestrate(
 ) -> subprocess.CompletedProcess[str]:
     """Run `python -m orchestrate ARGS` from the repo root (under a command that starts it, if
     given), capturing its output."""
-    return subprocess.run(
-        [*under, sys.executable, "-m", "orchestrate", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
+    return run(*under, sys.executable, "-m", "orchestrate", *args, env=env, timeout=timeout,
+               check=False)
 
 
 def labelled(client: docker.DockerClient, project: str) -> list[str]:
@@ -143,3 +133,11 @@ def database_oid(postgres: Container) -> str:
     [(oid,)] = psql(postgres, "SELECT oid FROM pg_catalog.pg_database "
                               "WHERE datname = pg_catalog.current_database()")
     return oid
+
+
+def until(condition: Callable[[], bool], what: str, seconds: float = 120) -> None:
+    """Wait for `condition`, by its progress rather than a time: a busy machine is slow."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {seconds:.0f} s"
+        time.sleep(0.1)

@@ -27,13 +27,14 @@ import redis
 import requests
 
 from orchestrate.certs import make_ca, make_server_cert
+from orchestrate.paths import ROOT
 from service.cache.scripts import LIBRARY
 
-REPO = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("BENCH_PG_URL", "postgresql://cachestack:cachestack@127.0.0.1:5432")
 APP_PG_URL = os.environ.get("BENCH_APP_PG_URL",
                             "postgresql://cachestack_app:cachestack_app@127.0.0.1:5432")
-PEER_SOURCE = Path("/work/shared/peers/express-seed")
+# The Express reference's sources (server.js, schema.sql, package.json), outside this repository.
+PEER_SOURCE = Path(os.environ.get("BENCH_PEER_SOURCE", "/work/shared/peers/express-seed"))
 
 
 def free_port() -> int:
@@ -47,7 +48,7 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-class Stack:
+class Processes:
     """The processes of one run; a context manager that stops them all on the way out."""
 
     def __init__(self, workdir: str) -> None:
@@ -56,7 +57,7 @@ class Stack:
         self._starts: dict[str, Callable[[], None]] = {}  # how to start a process again
         signal.signal(signal.SIGTERM, _terminate)
 
-    def __enter__(self) -> Stack:
+    def __enter__(self) -> Processes:
         return self
 
     def __exit__(self, kind: type | None, exc: BaseException | None,
@@ -159,7 +160,7 @@ class Stack:
     def migrate(self, database: str) -> None:
         """`python -m service migrate` on DATABASE as its owner, for BENCH_APP_PG_URL's role."""
         done = subprocess.run(
-            [sys.executable, "-m", "service", "migrate", "--wait", "10"], cwd=REPO, text=True,
+            [sys.executable, "-m", "service", "migrate", "--wait", "10"], cwd=ROOT, text=True,
             capture_output=True, env={**os.environ, "DATABASE_URL": f"{PG_URL}/{database}",
                                       "DATABASE_APP_ROLE": urlsplit(APP_PG_URL).username or ""})
         if done.returncode:
@@ -174,7 +175,7 @@ class Stack:
         self.migrate(database)
         port = free_port()
         database_url = f"{APP_PG_URL}/{database}{database_options}"
-        proc = self.spawn(name, [sys.executable, "-m", "service", "--port", str(port)], cwd=REPO,
+        proc = self.spawn(name, [sys.executable, "-m", "service", "--port", str(port)], cwd=ROOT,
                           env={"DATABASE_URL": database_url, "REDIS_URL": redis_url, **(env or {})})
         base = f"http://127.0.0.1:{port}"
         self.wait_http(name, f"{base}/readyz")

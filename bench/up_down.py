@@ -1,7 +1,7 @@
 """Time the orchestrator on this engine: a warm `up` (images present) until the smoke checks
 pass, an idempotent `up` of the running stack, and a `down --volumes`.
 
-Usage: python bench/orchestrate_bench.py [--runs N] [--images offline|official|auto]
+Usage: python bench/up_down.py [--runs N] [--images offline|official|auto]
 Images are made present first (not timed); each run uses a throwaway project and port. The
 baseline, timed in every run, is one `docker run --rm` of the service image: the figures are
 also printed as multiples of it, which a faster or slower machine changes less.
@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 
-from stack import free_port
+from processes import free_port
 
 
 def timed_command(*command: str) -> float:
