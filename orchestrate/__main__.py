@@ -12,7 +12,7 @@ from typing import NoReturn
 
 import docker.errors
 
-from . import commands, rotate
+from . import commands, paths, rotate
 from .bench import MAX_SECONDS
 from .errors import OrchestrateError, reason
 from .output import error
@@ -65,13 +65,21 @@ def project_name(text: str) -> str:
 
 
 def file_path(text: str) -> Path:
-    """--output, --env-file: a file to write, in a folder that exists."""
+    """--output: a file to write, in a folder that exists."""
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder")
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"no folder {path.parent}")
     return path
+
+
+def env_file_path(text: str) -> Path:
+    """--env-file: as --output, or a file in build/, the orchestrator's own folder, which
+    `build` makes on a fresh clone."""
+    if Path(text).parent.resolve() == paths.BUILD:
+        return Path(text)
+    return file_path(text)
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -143,7 +151,7 @@ def rotate_options(rotate_: argparse.ArgumentParser) -> None:
 
 def build_options(build: argparse.ArgumentParser) -> None:
     images_option(build)
-    build.add_argument("--env-file", type=file_path,
+    build.add_argument("--env-file", type=env_file_path,
                        help="for compose: write CACHESTACK_<IMAGE>_IMAGE=<ref> lines here "
                        "(compose's --env-file) and do compose's set-up (what `docker compose "
                        "run --rm setup` does)")

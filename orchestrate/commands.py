@@ -132,6 +132,7 @@ def build_command(args: argparse.Namespace) -> None:
     if args.env_file:  # for compose: the images' references, and compose's set-up
         lines = [f"CACHESTACK_{key.upper()}_IMAGE={ref}\n" for key, ref in refs.items()]
         try:
+            args.env_file.parent.mkdir(exist_ok=True)  # build/ on a fresh clone
             args.env_file.write_text("".join(lines))
         except OSError as exc:
             raise OrchestrateError(f"cannot write {args.env_file}: {exc.strerror}") from None
