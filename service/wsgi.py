@@ -7,5 +7,5 @@ from .process.factory import create_app
 app = create_app()
 # What exists now (modules, the app, its routes) lives as long as the worker: the collector
 # need not scan it again on every full collection, which would stall a request now and then
-# (bench/README.md, "Measurements behind the code").
+# (bench/RESULTS.md, "Measurements behind the code").
 gc.freeze()

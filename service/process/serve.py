@@ -1,6 +1,6 @@
 """`python -m service`: serve the API with granian, a multi-process production server.
 
-granian was chosen by measurement on this project's 2-core machines (bench/README.md,
+granian was chosen by measurement on this project's 2-core machines (bench/RESULTS.md,
 "Measurements behind the code"). Each worker process runs a few blocking threads, so that one
 request's wait on Postgres or Redis overlaps another's work; many more threads than
 that only fight over the GIL. On SIGTERM granian stops taking connections at once, answers

@@ -7,7 +7,7 @@ flushes its WAL once for all of them instead of once each; Redis and the worker 
 round trip instead of several. No item ever waits for a batch to fill: a batch goes as soon
 as the one before it has returned, or at once when none is in flight, so a lone request runs
 as it would without a combiner, only in a batch of one. What it saves, and what it costs
-(each wait is a hand-over between threads), is measured in bench/README.md ("batching").
+(each wait is a hand-over between threads), is measured in bench/RESULTS.md ("batching").
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The two busiest routes, `GET /users/<id>` and `POST /users`, answered in front of Flask.
 
 Flask's request handling (request context, routing, Response objects, hooks) costs more CPU
-than a near-cache hit's own work, and a large share of a miss or a create (bench/README.md,
+than a near-cache hit's own work, and a large share of a miss or a create (bench/RESULTS.md,
 "Measurements behind the code"). So this WSGI middleware gives those two routes a shorter
 way in. It writes out the very Replies Flask's routes write out (replies.py), so both doors
 give the same answer:

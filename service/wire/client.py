@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # How long a command sent without waiting may wait for another to go out with; the flusher
 # wakes at most this often. Long enough that its wake-ups cost less than the coalescing
 # saves (much shorter waits ate the gain), short enough that a quiet worker holds a fill,
-# and with it its lease, only briefly (bench/README.md, "Measurements behind the code").
+# and with it its lease, only briefly (bench/RESULTS.md, "Measurements behind the code").
 FLUSH_AFTER = 0.005
 
 

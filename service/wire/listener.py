@@ -22,7 +22,7 @@ CHANNEL = b"__redis__:invalidate"  # where Redis publishes what CLIENT TRACKING 
 PING = hiredis.pack_command(("PING",))
 PONG = [b"pong", b""]  # PING's answer on a subscribed connection
 # A listener that keeps up finds far less than this waiting, and full socket buffers hold
-# many times more (measured: bench/README.md). A drain that finds this much may be reading
+# many times more (measured: bench/RESULTS.md). A drain that finds this much may be reading
 # buffers that were full, while Redis keeps newer messages in its own memory.
 BEHIND_BYTES = 4096
 
