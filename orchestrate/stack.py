@@ -181,6 +181,9 @@ class Service:
     hardening: Hardening
     ports: tuple[Port, ...] = ()
     ready_path: str | None = None  # HTTP readiness path through the published port
+    # What a load balancer (the proxy, a Kubernetes Service) checks to keep a container in
+    # rotation: nothing every replica shares (Postgres), or its outage would empty the rotation.
+    rotation_path: str | None = None
     once: bool = False
     # Containers of this service at once. Each answers to the service's name on its networks,
     # which is how the proxy finds them.
@@ -300,6 +303,18 @@ def _private_tmp(uid: int, size: str) -> tuple[str, str]:
     return ("/tmp", f"rw,noexec,nosuid,size={size},uid={uid},gid={uid}")
 
 
+# The settings every Postgres of the stack runs with, one server or a Patroni cluster's
+# members: logical decoding for the change stream, and a cap on the WAL a replication slot
+# nobody reads may keep (past it Postgres drops the slot's claim, and the stream begins a new
+# cache epoch rather than fill the disk).
+MAX_SLOT_WAL_KEEP_SIZE = "1GB"
+POSTGRES_SETTINGS = (
+    ("wal_level", "logical"),
+    ("max_slot_wal_keep_size", MAX_SLOT_WAL_KEEP_SIZE),
+    ("ssl_min_protocol_version", "TLSv1.3"),
+)
+
+
 def postgres_service() -> Service:
     """PostgreSQL (docker/postgres), with TLS 1.3 for the network logins of the owner and the
     runtime role; its data in the volume pgdata."""
@@ -313,7 +328,7 @@ def postgres_service() -> Service:
             "-c", "ssl=on",
             "-c", f"ssl_cert_file={secret_target(POSTGRES_CERT.cert)}",
             "-c", f"ssl_key_file={secret_target(POSTGRES_CERT.key)}",
-            "-c", "ssl_min_protocol_version=TLSv1.3",
+            *(arg for name, value in POSTGRES_SETTINGS for arg in ("-c", f"{name}={value}")),
         ),
         environment=(
             ("PGDATA", "/var/lib/postgresql/data"),
@@ -451,6 +466,7 @@ def replicas_service(replicas: int) -> Service:
             pids_limit=256,
         ),
         ready_path="/readyz",
+        rotation_path="/healthz",
         replicas=replicas,
         update_order="start-first",
     )

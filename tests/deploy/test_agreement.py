@@ -488,8 +488,8 @@ def test_kubernetes_agrees(k8s_objects: list[dict[str, Any]], name: str) -> None
     # Kubernetes cannot chown a Secret's files to a uid: they are root-owned, mode 0440, and
     # their group is the pod's fsGroup, which is the container user's own group.
     assert {m.gid for m in service.secrets} == {pod["securityContext"]["fsGroup"]}
-    if service.ready_path:
-        assert container["readinessProbe"]["httpGet"]["path"] == service.ready_path
+    if service.rotation_path:
+        assert container["readinessProbe"]["httpGet"]["path"] == service.rotation_path
     # A task runs to completion before the pod's service starts: an init container.
     assert (container in pod.get("initContainers", [])) is service.once
     assert workload["metadata"]["labels"][PROJECT_LABEL] == STACK.project
@@ -616,6 +616,8 @@ def test_the_proxy_finds_the_replicas_by_the_service_name() -> None:
     assert [(name, int(port)) for _, name, port in [template]] == [
         (s.name, port) for s, port in zip(replicated, listens, strict=True)]
     assert int(template[0]) == MAX_REPLICAS
+    [check] = re.findall(r"http-check send meth GET uri (\S+)", config)
+    assert [check] == [s.rotation_path for s in replicated]
 
 
 def test_every_format_uses_the_same_images(
