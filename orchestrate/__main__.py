@@ -114,6 +114,9 @@ def up_options(up: argparse.ArgumentParser) -> None:
     up.add_argument("--tls", action=argparse.BooleanOptionalAction,
                     help="the proxy's port speaks TLS only, with secrets/proxy.crt (the "
                     "project CA's, or your own) and secrets/proxy.key")
+    up.add_argument("--ha", action=argparse.BooleanOptionalAction,
+                    help="Postgres and Redis highly available: a Patroni cluster, and a Redis "
+                    "primary, its replica and three Sentinels")
 
 
 def down_options(down: argparse.ArgumentParser) -> None:

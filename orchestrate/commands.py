@@ -41,6 +41,7 @@ def chosen_settings(args: argparse.Namespace, recorded: Settings | None) -> Sett
         replicas=args.replicas or kept.replicas,
         monitoring_port=monitoring_port if monitoring else None,
         tls=kept.tls if args.tls is None else args.tls,
+        ha=kept.ha if args.ha is None else args.ha,
     )
     if settings.monitoring_port == settings.port:
         raise OrchestrateError(f"--port and --monitoring-port cannot both be {settings.port}")

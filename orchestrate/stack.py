@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+from .errors import OrchestrateError
 
 PROJECT_LABEL = "org.cachestack.project"
 SERVICE_LABEL = "org.cachestack.service"
@@ -526,14 +527,29 @@ def prometheus_service(port: int) -> Service:
     )
 
 
+def postgres_services(ha: bool) -> tuple[Service, ...]:
+    """The database: one Postgres."""
+    if ha:
+        raise OrchestrateError("--ha: a highly available Postgres is not built yet")
+    return (postgres_service(),)
+
+
+def redis_services(ha: bool) -> tuple[Service, ...]:
+    """The cache: one Redis."""
+    if ha:
+        raise OrchestrateError("--ha: a highly available Redis is not built yet")
+    return (redis_service(),)
+
+
 def describe_stack(
     project: str = DEFAULT_PROJECT, port: int = DEFAULT_PORT, replicas: int = DEFAULT_REPLICAS,
-    monitoring_port: int | None = None, tls: bool = False,
+    monitoring_port: int | None = None, tls: bool = False, ha: bool = False,
 ) -> Stack:
     """Return the stack for `project`: `replicas` service containers behind the proxy, which
     is published on 127.0.0.1:`port` (with `tls`, speaking TLS only, with PROXY_CERT), and
-    with a `monitoring_port`, Prometheus published there. Its services start in this order."""
-    services = (postgres_service(), redis_service(), migrate_service(),
+    with a `monitoring_port`, Prometheus published there; with `ha`, Postgres and Redis
+    highly available. Its services start in this order."""
+    services = (*postgres_services(ha), *redis_services(ha), migrate_service(),
                 replicas_service(replicas), proxy_service(port, tls))
     if monitoring_port is not None:
         services += (prometheus_service(monitoring_port),)
@@ -562,9 +578,11 @@ class Settings:
     replicas: int = DEFAULT_REPLICAS
     monitoring_port: int | None = None  # None: no Prometheus
     tls: bool = False
+    ha: bool = False
 
     def stack(self, project: str) -> Stack:
-        return describe_stack(project, self.port, self.replicas, self.monitoring_port, self.tls)
+        return describe_stack(project, self.port, self.replicas, self.monitoring_port, self.tls,
+                              self.ha)
 
 
 def as_dict(stack: Stack) -> dict[str, Any]:
