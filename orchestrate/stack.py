@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
 from .errors import OrchestrateError
 
 PROJECT_LABEL = "org.cachestack.project"
