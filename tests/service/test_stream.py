@@ -6,13 +6,9 @@ reader runs in this process (a thread), or as `python -m service stream` when it
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 
 import psycopg2
@@ -32,45 +28,25 @@ from service.wire.client import RedisClient
 from .helpers import (
     Read,
     create,
+    drop_slot,
     empty_database,
     keys,
     private_redis,
     query,
     read,
+    reading,
     running_and_empty,
     settings_for,
+    stream_process,
 )
-from .servers import ROOT, RedisServer, wait_until
+from .servers import RedisServer, wait_until
 
 SEEN_WITHIN = 3.0  # seconds: far more than the stream's lag, which bench/ measures
 
 
 @pytest.fixture(scope="module")
-def stream_url(database_url: str) -> str:
-    """The stream's role on the test database."""
-    return os.environ.get("TEST_STREAM_DATABASE_URL") or re.sub(
-        r"//[^@]+@", "//cachestack_stream:cachestack_stream@", database_url)
-
-
-@pytest.fixture(scope="module")
 def stream_redis() -> Iterator[RedisServer]:
     yield from private_redis()
-
-
-@pytest.fixture
-def slot(stream_url: str) -> Iterator[str]:
-    """A replication slot of this test's own (slots belong to the whole cluster), dropped after."""
-    name = f"cachestack_test_{uuid.uuid4().hex[:8]}"
-    yield name
-    wait_until(lambda: drop_slot(stream_url, name), 10, f"slot {name} to be dropped")
-
-
-def drop_slot(url: str, name: str) -> bool:
-    """Drop the slot unless a reader has it; True once it is gone."""
-    rows = query(url, "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (name,))
-    if rows and not rows[0][0]:
-        query(url, "SELECT pg_drop_replication_slot(%s)", (name,))
-    return not query(url, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (name,))
 
 
 class Reader:
@@ -272,21 +248,6 @@ def test_a_change_committed_while_redis_is_down_is_applied_when_it_is_back(
     seen(lambda: read(app.test_client(), path).data["display_name"] == "while away",
          "the change, once Redis is back")
     caught_up(stream_url, slot)
-
-
-def stream_process(stream_url: str, redis_url: str, slot: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "service", "stream", "--port", "0"],
-        env={**os.environ, "DATABASE_URL": stream_url, "REDIS_URL": redis_url,
-             "STREAM_SLOT": slot}, cwd=ROOT, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
-
-
-def reading(stream_url: str, slot: str) -> int | None:
-    """The process id of the reader that has the slot (its application_name says it)."""
-    rows = query(stream_url, "SELECT application_name FROM pg_replication_slots JOIN "
-                 "pg_stat_replication ON pid = active_pid WHERE slot_name = %s", (slot,))
-    return int(rows[0][0].split()[-1]) if rows else None
 
 
 def test_a_reader_killed_mid_stream_is_taken_over_and_nothing_is_missed(
