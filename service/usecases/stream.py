@@ -51,6 +51,20 @@ def keys_of(change: RowChange) -> tuple[str, Sequence[Lookup]]:
     return str(rows[0]["id"]), sorted(lookups, key=lambda lookup: (lookup.field, lookup.value))
 
 
+class Batch:
+    """What was read but not yet applied: the changes' keys, and the commits they complete
+    (the first one's time: the longest any of them waited)."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[str, Sequence[Lookup]]] = []
+        self.last_commit: Commit | None = None
+        self.first_commit_at: datetime.datetime | None = None
+
+    def committed(self, commit: Commit) -> None:
+        self.last_commit = commit
+        self.first_commit_at = self.first_commit_at or commit.committed_at
+
+
 class StreamReader:
     """One reader of the change stream; `run` until `stop` is set."""
 
@@ -84,7 +98,7 @@ class StreamReader:
 
     def _read(self, stop: threading.Event) -> None:
         decoder = Decoder()
-        pending: list[tuple[str, Sequence[Lookup]]] = []
+        batch = Batch()
         while not stop.is_set():
             idle = True
             for payload in self.stream.messages(WAIT_SECONDS):
@@ -92,30 +106,37 @@ class StreamReader:
                 message = decoder.decode(payload)
                 if isinstance(message, RowChange) and message.relation.name == TABLE:
                     try:
-                        pending.append(keys_of(message))
+                        batch.pending.append(keys_of(message))
                     except Unmappable as exc:
-                        pending.clear()
+                        batch.pending.clear()
                         self._begin_anew(str(exc))
-                    if len(pending) >= BATCH:
-                        self._apply(pending)
                 elif isinstance(message, Truncate) and any(
                         relation.name == TABLE for relation in message.relations):
-                    pending.clear()
+                    batch.pending.clear()
                     self._begin_anew(f"{TABLE} was truncated")
                 elif isinstance(message, Commit):
-                    self._apply(pending)
-                    self.stream.confirm(message.end_lsn)
-                    metrics.STREAM_LAG.observe(max(0.0, (
-                        datetime.datetime.now(datetime.UTC) - message.committed_at)
-                        .total_seconds()))
+                    batch.committed(message)
+                if len(batch.pending) >= BATCH:
+                    self._apply(batch)
+            # What was waiting is read: apply it, then confirm the commits it completed (one
+            # call to Redis and one confirmation for many small transactions under load).
+            self._apply(batch)
             if idle:
                 self.stream.confirm()  # everything sent so far is applied
 
-    def _apply(self, pending: list[tuple[str, Sequence[Lookup]]]) -> None:
-        if pending:
-            self.cache.invalidate(pending)
-            metrics.STREAM_CHANGES.inc(len(pending))
-            pending.clear()
+    def _apply(self, batch: Batch) -> None:
+        """Invalidate what is pending, then confirm the last commit seen: changes reach the
+        slot's reader only once their transaction committed, so every change up to it is
+        applied."""
+        if batch.pending:
+            self.cache.invalidate(batch.pending)
+            metrics.STREAM_CHANGES.inc(len(batch.pending))
+            batch.pending.clear()
+        if batch.last_commit is not None:
+            self.stream.confirm(batch.last_commit.end_lsn)
+            metrics.STREAM_LAG.observe(max(0.0, (datetime.datetime.now(datetime.UTC)
+                                                 - batch.first_commit_at).total_seconds()))
+            batch.last_commit = batch.first_commit_at = None
 
     def _begin_anew(self, why: str) -> None:
         log.warning("change stream: %s; the cache begins a new epoch", why)
