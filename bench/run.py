@@ -119,13 +119,17 @@ def no_counters() -> tuple[int, int]:
     return 0, 0
 
 
+def wrk_argv(base: str, args: list[str], duration: float) -> list[str]:
+    """wrk with load.lua (orchestrate/bench), its arguments `args`, for `duration` seconds."""
+    return ["wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{duration:g}s", "--latency",
+            "-s", str(SCRIPT), base, "--", *args]
+
+
 def wrk(base: str, args: list[str], duration: int, counters: Counters = no_counters) -> Round:
-    """Run wrk once with load.lua; read the figures from the script's BENCH line."""
+    """Run wrk once; read the figures from the script's BENCH line."""
     before = counters()
-    out = subprocess.run(
-        ["wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{duration}s", "--latency",
-         "-s", str(SCRIPT), base, "--", *args],
-        capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(wrk_argv(base, args, duration), capture_output=True, text=True,
+                         check=True).stdout
     after = counters()
     line = next(x for x in out.splitlines() if x.startswith("BENCH "))
     figures = json.loads(line[len("BENCH "):])
