@@ -76,8 +76,11 @@ class UserCache:
         self.redis = redis_client
 
         def listen() -> InvalidationListener:
+            # Without a near cache (the change stream's process) there is nothing for users'
+            # changes to make old: only new epochs (and flushes) are heard.
             names = self.trust.names
-            return redis_client.invalidation_listener([names.changes, names.epoch])
+            prefixes = [names.changes, names.epoch] if settings.near_size else [names.epoch]
+            return redis_client.invalidation_listener(prefixes)
 
         self.watch = Watch(listen, lambda: self.trust.names)
         self.trust = Trust(redis_client, self.watch, settings.cooldown, self._namespace)
