@@ -18,11 +18,10 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
-from collections.abc import Sequence
 
 from .. import metrics
 from ..cache.keys import Lookup
-from ..cache.policy import CacheUnavailable, UserCache
+from ..cache.policy import CacheUnavailable, Changed, UserCache
 from ..postgres.changes import ChangeStream, SlotBusy
 from ..postgres.pgoutput import UNCHANGED, Commit, Decoder, RowChange, Truncate
 from ..postgres.pool import DatabaseUnavailable
@@ -40,15 +39,23 @@ class Unmappable(Exception):
     """A change the stream cannot turn into keys: only a new epoch covers it."""
 
 
-def keys_of(change: RowChange) -> tuple[str, Sequence[Lookup]]:
-    """The user a change touched, and the lookups it made invalid: its username and email
-    before and after."""
-    rows = [row for row in (change.old, change.new) if row is not None]
-    if change.kind == "update" and (change.old is None or UNCHANGED in change.old.values()):
-        raise Unmappable("an update without the row it replaced (REPLICA IDENTITY FULL?)")
-    lookups = {Lookup.of(field, row[field]) for row in rows for field in POINTER_FIELDS
-               if isinstance(row.get(field), str)}
-    return str(rows[0]["id"]), sorted(lookups, key=lambda lookup: (lookup.field, lookup.value))
+def changed(change: RowChange) -> Changed:
+    """The user a change touched, as it left it: its version (a deleted user's tombstone's,
+    one above its last, as the write path's), the lookups of the values it has and those of
+    the values it had."""
+    if change.kind != "insert" and (change.old is None or UNCHANGED in change.old.values()
+                                    or not isinstance(change.old.get("version"), str)):
+        raise Unmappable(f"a change ({change.kind}) without the row it replaced "
+                         "(REPLICA IDENTITY FULL?)")
+    row = change.new if change.new is not None else change.old
+    lookups = _lookups(change.new)
+    version = int(row["version"]) + (change.new is None)
+    return Changed(str(row["id"]), version, tuple(lookups), tuple(_lookups(change.old) - lookups))
+
+
+def _lookups(row: dict[str, object] | None) -> set[Lookup]:
+    return {Lookup.of(field, row[field]) for field in POINTER_FIELDS
+            if row is not None and isinstance(row.get(field), str)}
 
 
 class Batch:
@@ -56,7 +63,7 @@ class Batch:
     (the first one's time: the longest any of them waited)."""
 
     def __init__(self) -> None:
-        self.pending: list[tuple[str, Sequence[Lookup]]] = []
+        self.pending: list[Changed] = []
         self.last_commit: Commit | None = None
         self.first_commit_at: datetime.datetime | None = None
 
@@ -106,7 +113,7 @@ class StreamReader:
                 message = decoder.decode(payload)
                 if isinstance(message, RowChange) and message.relation.name == TABLE:
                     try:
-                        batch.pending.append(keys_of(message))
+                        batch.pending.append(changed(message))
                     except Unmappable as exc:
                         batch.pending.clear()
                         self._begin_anew(str(exc))

@@ -30,7 +30,10 @@ from .helpers import (
     create,
     drop_slot,
     empty_database,
+    finish,
     keys,
+    late_update,
+    parked_reader,
     private_redis,
     query,
     read,
@@ -176,6 +179,59 @@ def caught_up(stream_url: str, slot: str) -> None:
     wait_until(lambda: query(stream_url, "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM "
                              "pg_replication_slots WHERE slot_name = %s", (now, slot))[0][0],
                SEEN_WITHIN * 3, "the reader to confirm what was committed")
+
+
+def test_what_the_services_own_writes_stored_stays_cached(
+        app: Flask, reader: Reader, stream_url: str, slot: str) -> None:
+    """The stream also reports the service's own creates, updates and deletes, after their
+    write-through stored what they left: that stays, so the next reads are hits, not misses
+    (and a stale entry of an older version would still go: the tests above). A change the
+    stream applies while a write of the same user is under way still takes that write's
+    lease (the write then deletes rather than stores: it cannot know what came between)."""
+    client = app.test_client()
+    user = create(client)
+    caught_up(stream_url, slot)  # else its invalidation takes the lease the update holds
+    renamed = client.patch(f"/users/{user['id']}", json={"username": "alicia"})
+    assert renamed.status_code == 200
+    gone = create(client, "bob", "bob@example.org")
+    caught_up(stream_url, slot)
+    assert client.delete(f"/users/{gone['id']}").status_code == 204
+    caught_up(stream_url, slot)
+    for path in (f"/users/{user['id']}", "/users?username=alicia", "/users?email=alice@example.org",
+                 f"/users/{gone['id']}"):
+        assert read(client, path).cache == "HIT", path
+
+
+def test_a_fill_of_the_row_read_before_an_outside_change_is_not_stored(
+        app: Flask, reader: Reader, owner_url: str, stream_url: str, slot: str,
+        stream_redis: RedisServer) -> None:
+    """A reader reads the row from Postgres, then an outside UPDATE commits and the stream
+    applies it, then the reader fills: its lease now bears the stream's mark, so the old row
+    is not stored, and the next read sees the change."""
+    user = create(app.test_client())
+    path = f"/users/{user['id']}"
+    caught_up(stream_url, slot)
+    stream_redis.client().delete(keys(app).user(user["id"]))  # so the reader below fills
+    thread, release, _ = parked_reader(app, path)
+    sql(owner_url, "UPDATE users SET display_name = 'outside' WHERE id = %s", user["id"])
+    caught_up(stream_url, slot)
+    finish(thread, release)
+    assert read(app.test_client(), path).data["display_name"] == "outside"
+
+
+def test_a_write_through_older_than_the_change_the_stream_applied_is_not_stored(
+        app: Flask, reader: Reader, owner_url: str, stream_url: str, slot: str) -> None:
+    """The service commits an update, then an outside UPDATE of the same row commits and the
+    stream applies both before the service's write-through comes: the stream's mark is of a
+    later version than the write-through's, which deletes instead of storing its row."""
+    user = create(app.test_client())
+    path = f"/users/{user['id']}"
+    caught_up(stream_url, slot)
+    write_through = late_update(app, user["id"], {"display_name": "ours"})
+    sql(owner_url, "UPDATE users SET display_name = 'outside' WHERE id = %s", user["id"])
+    caught_up(stream_url, slot)
+    write_through()
+    assert read(app.test_client(), path).data["display_name"] == "outside"
 
 
 def test_one_statement_changing_10000_rows_is_applied_in_bounded_batches(
