@@ -430,6 +430,7 @@ class Faults:
             raise ValueError(f"no such fault: {mode} (one of {', '.join(FAULTS)})")
         self.mode, self._pid, self._restart, self._pause = mode, pid, restart, pause
         self.done = 0
+        self.failed: Exception | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="faults", daemon=True)
 
@@ -440,8 +441,16 @@ class Faults:
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         self._thread.join()
+        if self.failed is not None:  # not the service's doing: the run proves nothing
+            raise RuntimeError(f"the faults stopped: {self.failed!r}") from self.failed
 
     def _run(self) -> None:
+        try:
+            self._make_faults()
+        except Exception as exc:  # noqa: BLE001 - reported by __exit__
+            self.failed = exc
+
+    def _make_faults(self) -> None:
         wait = FAULT_EVERY / 4
         while not self._stop.wait(wait):
             pid = self._pid()

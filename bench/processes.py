@@ -88,8 +88,10 @@ class Processes:
         return dict(self.procs)[name].pid
 
     def restart(self, name: str) -> None:
-        """Start `name` again, as it was started (after it died: the consistency checker's
-        faults kill Redis)."""
+        """Start `name` again, as it was started, once the one before has gone (the
+        consistency checker's faults kill Redis: until the killed one is reaped, its port may
+        still answer)."""
+        dict(self.procs)[name].wait(10)
         self._starts[name]()
 
     def log_tail(self, name: str, lines: int = 20) -> str:
