@@ -5,6 +5,7 @@ reader runs in this process (a thread), or as `python -m service stream` when it
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 import psycopg2
 import pytest
+import requests
 from flask import Flask
 
 from service.cache.policy import UserCache
@@ -28,6 +30,7 @@ from service.settings import PostgresSettings, RedisSettings
 from service.usecases.stream import StreamReader
 from service.web.routes import users_of
 from service.wire.client import RedisClient
+from tests.support import free_port
 
 from .helpers import (
     Read,
@@ -274,9 +277,9 @@ def test_a_change_committed_while_redis_is_down_is_applied_when_it_is_back(
     caught_up(stream_url, slot)
 
 
-def stream_process(stream_url: str, redis_url: str, slot: str) -> subprocess.Popen:
+def stream_process(stream_url: str, redis_url: str, slot: str, port: int = 0) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "service", "stream", "--port", "0"],
+        [sys.executable, "-m", "service", "stream", "--port", str(port)],
         env={**os.environ, "DATABASE_URL": stream_url, "REDIS_URL": redis_url,
              "STREAM_SLOT": slot}, cwd=ROOT, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)
@@ -315,6 +318,55 @@ def test_a_reader_killed_mid_stream_is_taken_over_and_nothing_is_missed(
         for process in readers:
             process.kill()
             process.wait()
+
+
+def scraped(port: int) -> dict[str, float]:
+    """The reader's metrics, by name (without labels)."""
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def readiness(port: int) -> requests.Response:
+    """/readyz of the reader listening on `port`, once it listens."""
+    wait_until(lambda: requests.get(f"http://127.0.0.1:{port}/metrics", timeout=1).ok, 10,
+               "the reader's metrics")
+    return requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+
+
+def test_a_reader_is_ready_once_it_has_taken_its_turn_and_its_gauges_say_which(
+        app: Flask, stream_url: str, stream_redis: RedisServer, slot: str) -> None:
+    """Ready: it reads (its start checks done), or another reader has the slot; not ready
+    while it cannot reach Postgres. Its gauges say whether it reads and how far behind the slot
+    is."""
+    ports = [free_port(), free_port()]
+    first = stream_process(stream_url, stream_redis.url, slot, ports[0])
+    try:
+        wait_until(lambda: readiness(ports[0]).status_code == 200, 10, "the first reader")
+        second = stream_process(stream_url, stream_redis.url, slot, ports[1])
+        try:
+            wait_until(lambda: readiness(ports[1]).status_code == 200, 10, "the second reader")
+            assert [readiness(port).json() for port in ports] == [
+                {"reading": True}, {"reading": False}]
+            gauges = [scraped(port) for port in ports]
+            assert [g["stream_reading"] for g in gauges] == [1.0, 0.0]
+            assert all(g["stream_behind_bytes"] >= 0 for g in gauges), gauges
+        finally:
+            second.kill()
+            second.wait()
+    finally:
+        first.kill()
+        first.wait()
+    port = free_port()
+    nowhere = stream_process(re.sub(r"@[^/]+/", f"@127.0.0.1:{free_port()}/", stream_url),
+                             stream_redis.url, slot, port)
+    try:
+        refused = readiness(port)
+        assert refused.status_code == 503 and refused.json() == {"reading": False}
+        assert math.isnan(scraped(port)["stream_behind_bytes"])
+    finally:
+        nowhere.kill()
+        nowhere.wait()
 
 
 def test_a_postgres_other_than_the_one_the_cache_was_filled_from_begins_a_new_epoch(
