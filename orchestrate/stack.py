@@ -505,10 +505,12 @@ def stream_service() -> Service:
         ),
         secrets=_mounts(SERVICE_UID, "postgres_stream_password", "redis_service_password",
                         CA_CERT),
+        # Alive while it answers; ready once it has taken its turn on the slot (a new epoch
+        # begun, if one was due): `up` starts the next reader, and the proxy, only then.
         healthcheck=HealthCheck(("CMD", "python", "-m", "service.probe", "/metrics"),
                                 interval_s=5.0),
         hardening=Hardening(tmpfs=(_private_tmp(SERVICE_UID, "16m"),), pids_limit=64),
-        ready_path="/metrics",
+        ready_path="/readyz",
         rotation_path=None,
     )
 

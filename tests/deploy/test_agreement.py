@@ -532,7 +532,11 @@ def test_prometheus_scrapes_every_reader_of_the_change_stream_where_it_serves_me
     annotations = workload_of(k8s_objects, stream.name)["spec"]["template"]["metadata"][
         "annotations"]
     assert (annotations["prometheus.io/scrape"], int(annotations["prometheus.io/port"]),
-            annotations["prometheus.io/path"]) == ("true", port, stream.ready_path)
+            annotations["prometheus.io/path"]) == ("true", port, job.get("metrics_path",
+                                                                       "/metrics"))
+    # A rolling update of the pods waits for each new reader to take its turn, as `up` does.
+    readiness = container_of(k8s_objects, stream.name)["readinessProbe"]["httpGet"]
+    assert (readiness["path"], readiness["port"]) == (stream.ready_path, "metrics")
 
 
 def test_the_stream_logs_in_as_the_role_postgres_admits_and_migrate_grants_to() -> None:
