@@ -292,13 +292,17 @@ class UserCache:
                     for field in ("username", "email")]
         self._write_through([tombstone, *pointers], token)
 
-    def invalidate(self, users: Sequence[tuple[int | str, Sequence[Lookup]]]) -> None:
+    def invalidate(self, users: Sequence[tuple[int | str, int, Sequence[Lookup]]]) -> None:
         """Forget what changes made by anyone (the change stream) made invalid, as the write
-        path forgets it: each user's entry and the pointers under `lookups` (values the user
-        had before and has after), with their leases, and every near cache is told. When
+        path forgets it: each user's entry unless it holds the version the change left or a
+        later one (two rows with the same version are the same row: the service's own write
+        stored it), the pointers under `lookups` (values the user had before and has after)
+        unless they lead to that user, their leases, and every near cache is told. When
         Redis fails, it is trusted again only in a new epoch; CacheUnavailable is raised."""
-        puts = [Put(key, Mode.DELETE, 0, "") for user_id, lookups in users
-                for key in (_user_key(user_id), *map(_lookup_key, lookups))]
+        puts = [put for user_id, version, lookups in users for put in (
+            Put(_user_key(user_id), Mode.DELETE_IF_OLDER, 0, str(version)),
+            *(Put(_lookup_key(lookup), Mode.DELETE_UNLESS, 0, str(user_id))
+              for lookup in lookups))]
         epoch = self.trust.epoch
         try:
             self._write(puts, "")

@@ -31,6 +31,10 @@ class Mode(StrEnum):
     STORE_UNLESS_OLDER = "store-unless-older"  # users' entries: a version never goes back
     STORE = "store"  # pointers, username:<lower> and email:<lower>
     DELETE = "delete"
+    # The change stream's: delete a user's entry unless it holds the version given or a later
+    # one; delete a pointer unless it holds the value given (the id of the user changed).
+    DELETE_IF_OLDER = "delete-if-older"
+    DELETE_UNLESS = "delete-unless"
 
 
 @dataclass(frozen=True, slots=True)

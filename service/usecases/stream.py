@@ -40,15 +40,20 @@ class Unmappable(Exception):
     """A change the stream cannot turn into keys: only a new epoch covers it."""
 
 
-def keys_of(change: RowChange) -> tuple[str, Sequence[Lookup]]:
-    """The user a change touched, and the lookups it made invalid: its username and email
-    before and after."""
+def keys_of(change: RowChange) -> tuple[str, int, Sequence[Lookup]]:
+    """The user a change touched, the version it left (a delete: one above the row's last, as
+    a tombstone), and the lookups it made invalid: its username and email before and after."""
     rows = [row for row in (change.old, change.new) if row is not None]
     if change.kind == "update" and (change.old is None or UNCHANGED in change.old.values()):
         raise Unmappable("an update without the row it replaced (REPLICA IDENTITY FULL?)")
+    try:
+        version = int(str(rows[-1]["version"])) + (change.kind == "delete")
+    except (KeyError, ValueError):
+        raise Unmappable("a change without the row's version") from None
     lookups = {Lookup.of(field, row[field]) for row in rows for field in POINTER_FIELDS
                if isinstance(row.get(field), str)}
-    return str(rows[0]["id"]), sorted(lookups, key=lambda lookup: (lookup.field, lookup.value))
+    return (str(rows[0]["id"]), version,
+            sorted(lookups, key=lambda lookup: (lookup.field, lookup.value)))
 
 
 class StreamReader:
@@ -89,7 +94,7 @@ class StreamReader:
 
     def _read(self, stop: threading.Event) -> None:
         decoder = Decoder()
-        pending: list[tuple[str, Sequence[Lookup]]] = []
+        pending: list[tuple[str, int, Sequence[Lookup]]] = []
         while not stop.is_set():
             idle = True
             for payload in self.stream.messages(WAIT_SECONDS):
@@ -116,7 +121,7 @@ class StreamReader:
             if idle:
                 self.stream.confirm()  # everything sent so far is applied
 
-    def _apply(self, pending: list[tuple[str, Sequence[Lookup]]]) -> None:
+    def _apply(self, pending: list[tuple[str, int, Sequence[Lookup]]]) -> None:
         if pending:
             self.cache.invalidate(pending)
             metrics.STREAM_CHANGES.inc(len(pending))

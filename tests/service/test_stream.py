@@ -185,6 +185,29 @@ def test_a_delete_and_an_insert_under_a_name_cached_as_nobody_are_seen(
     seen(lambda: len(read(client, "/users?username=bob").data) == 1, "the insert")
 
 
+def test_the_services_own_writes_stay_cached_once_the_stream_applied_them(
+        app: Flask, stream_url: str, stream_redis: RedisServer, slot: str) -> None:
+    """The stream reads the service's own writes too, after their write-through stored them:
+    a change whose version the cache holds already (two rows with the same version are the
+    same row) leaves that entry, a tombstone and the pointers to the user alone, so a read
+    after a write is still a hit."""
+    Reader(stream_url, stream_redis.url, slot).start().close()  # the slot keeps what follows
+    client = app.test_client()
+    user = create(client)
+    assert client.patch(f"/users/{user['id']}", json={"display_name": "own"}).status_code == 200
+    gone = create(client, "carol", "carol@example.org")
+    assert client.delete(f"/users/{gone['id']}").status_code == 204
+    reader = Reader(stream_url, stream_redis.url, slot).start()  # it reads them only now
+    try:
+        caught_up(stream_url, slot)
+        paths = [f"/users/{user['id']}", "/users?username=alice", "/users?email=alice@example.org"]
+        assert [read(client, path).cache for path in paths] == ["HIT"] * 3
+        assert read(client, paths[0]).data["display_name"] == "own"
+        assert read(client, f"/users/{gone['id']}")[::2] == ("HIT", 404)
+    finally:
+        reader.close()
+
+
 def test_a_burst_of_updates_to_one_row_ends_at_its_last(
         app: Flask, reader: Reader, owner_url: str) -> None:
     user = create(app.test_client())

@@ -9,14 +9,25 @@
 -- entry of an older epoch is never read, and a command of one is never applied.
 --
 -- A user's entry is '<version> <json>', '<version> ' for a deleted user or '0 ' for an id
--- nobody has (service/cache/entry.py). A put writes one entry in one of three modes
+-- nobody has (service/cache/entry.py). A put writes one entry in one of five modes
 -- (service/cache/scripts.py, Mode): 'store-unless-older' (SET, unless the key holds a higher
--- version; no version counts as 0), 'store' (SET whatever it holds) or 'delete' (DEL).
+-- version; no version counts as 0), 'store' (SET whatever it holds), 'delete' (DEL), and the
+-- change stream's 'delete-if-older' (DEL, unless the key holds the version that is the value,
+-- or a higher one) and 'delete-unless' (DEL, unless the key holds the value).
 
 local function version(value) return tonumber(string.match(value, '^(%d+) ')) or 0 end
 
 local function put(key, mode, ttl, value)
   if mode == 'delete' then redis.call('DEL', key) return end
+  if mode == 'delete-if-older' or mode == 'delete-unless' then
+    local current = redis.call('GET', key)
+    if current and (mode == 'delete-unless' and current == value
+                    or mode == 'delete-if-older' and version(current) >= tonumber(value)) then
+      return
+    end
+    redis.call('DEL', key)
+    return
+  end
   if mode == 'store-unless-older' then
     local current = redis.call('GET', key)
     if current and version(current) > version(value) then return end
