@@ -96,7 +96,8 @@ def status_command(args: argparse.Namespace) -> None:
             "{service:<9} {container:<28} {id:<12} {state:<10} {health:<10} {ports:<16} "
             "{proxy:<6} {by:<11} {image}".format(**row)
         )
-    if any(service.name == "stream" for service in stack.services):
+    # Where a stack the orchestrator did not bring up serves, it cannot know.
+    if settings and any(service.name == "stream" for service in stack.services):
         say(f"change stream: {stream.describe(stack)}")
     for warning in expiring_certificates(stack):
         say(f"warning: {warning}")
