@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from . import audit, backup, bench, engine, images, record, rotate
+from . import audit, backup, bench, engine, images, record, rotate, stream
 from .containers import project_containers
 from .errors import OrchestrateError
 from .output import say, step
@@ -96,6 +96,9 @@ def status_command(args: argparse.Namespace) -> None:
             "{service:<9} {container:<28} {id:<12} {state:<10} {health:<10} {ports:<16} "
             "{proxy:<6} {by:<11} {image}".format(**row)
         )
+    # Where a stack the orchestrator did not bring up serves, it cannot know.
+    if settings and any(service.name == "stream" for service in stack.services):
+        say(f"change stream: {stream.describe(stack)}")
     for warning in expiring_certificates(stack):
         say(f"warning: {warning}")
 

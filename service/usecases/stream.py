@@ -79,6 +79,9 @@ class StreamReader:
         self.stream = stream
         self.cache = cache
         self.reading = False  # it has the slot and is up to date with what it read
+        # It has taken its turn: it reads (its start checks done, a new epoch begun if one was
+        # due), or found that another reader has the slot. What its readiness says.
+        self.settled = False
         self._problem = ""
 
     def run(self, stop: threading.Event) -> None:
@@ -92,11 +95,13 @@ class StreamReader:
                     self._begin_anew(f"postgres is now {self.stream.source}")
                     self.cache.source(self.stream.source, replace=True)
                 self._say("")
-                self.reading = True
+                self.reading = self.settled = True
                 self._read(stop)
             except SlotBusy:
+                self.settled = True
                 self._say("another reader has the slot; waiting to take over")
             except (DatabaseUnavailable, CacheUnavailable) as exc:
+                self.settled = False
                 self._say(f"change stream stopped: {exc}")
             finally:
                 self.reading = False

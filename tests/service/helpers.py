@@ -300,10 +300,11 @@ def drop_slot(url: str, name: str) -> bool:
     return not query(url, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (name,))
 
 
-def stream_process(stream_url: str, redis_url: str, slot: str) -> subprocess.Popen:
-    """`python -m service stream`, as deployed."""
+def stream_process(stream_url: str, redis_url: str, slot: str,
+                   port: int = 0) -> subprocess.Popen:
+    """`python -m service stream`, as deployed, its /readyz and metrics at `port`."""
     return subprocess.Popen(
-        [sys.executable, "-m", "service", "stream", "--port", "0"],
+        [sys.executable, "-m", "service", "stream", "--port", str(port)],
         env={**os.environ, "DATABASE_URL": stream_url, "REDIS_URL": redis_url,
              "STREAM_SLOT": slot}, cwd=ROOT, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)

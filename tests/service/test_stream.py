@@ -5,7 +5,9 @@ reader runs in this process (a thread), or as `python -m service stream` when it
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import signal
 import threading
 import time
@@ -13,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 import psycopg2
 import pytest
+import requests
 from flask import Flask
 
 from service.cache.policy import UserCache
@@ -24,6 +27,7 @@ from service.settings import PostgresSettings, RedisSettings
 from service.usecases.stream import StreamReader
 from service.web.routes import users_of
 from service.wire.client import RedisClient
+from tests.support import free_port
 
 from .helpers import (
     Read,
@@ -161,6 +165,29 @@ def test_a_delete_and_an_insert_under_a_name_cached_as_nobody_are_seen(
     seen(lambda: len(read(client, "/users?username=bob").data) == 1, "the insert")
 
 
+def test_the_services_own_writes_stay_cached_once_the_stream_applied_them(
+        app: Flask, stream_url: str, stream_redis: RedisServer, slot: str) -> None:
+    """The stream reads the service's own writes too, after their write-through stored them:
+    a change whose version the cache holds already (two rows with the same version are the
+    same row) leaves that entry, a tombstone and the pointers to the user alone, so a read
+    after a write is still a hit."""
+    Reader(stream_url, stream_redis.url, slot).start().close()  # the slot keeps what follows
+    client = app.test_client()
+    user = create(client)
+    assert client.patch(f"/users/{user['id']}", json={"display_name": "own"}).status_code == 200
+    gone = create(client, "carol", "carol@example.org")
+    assert client.delete(f"/users/{gone['id']}").status_code == 204
+    reader = Reader(stream_url, stream_redis.url, slot).start()  # it reads them only now
+    try:
+        caught_up(stream_url, slot)
+        paths = [f"/users/{user['id']}", "/users?username=alice", "/users?email=alice@example.org"]
+        assert [read(client, path).cache for path in paths] == ["HIT"] * 3
+        assert read(client, paths[0]).data["display_name"] == "own"
+        assert read(client, f"/users/{gone['id']}")[::2] == ("HIT", 404)
+    finally:
+        reader.close()
+
+
 def test_a_burst_of_updates_to_one_row_ends_at_its_last(
         app: Flask, reader: Reader, owner_url: str) -> None:
     user = create(app.test_client())
@@ -181,20 +208,17 @@ def caught_up(stream_url: str, slot: str) -> None:
                SEEN_WITHIN * 3, "the reader to confirm what was committed")
 
 
-def test_what_the_services_own_writes_stored_stays_cached(
+def test_a_write_through_that_comes_after_the_stream_applied_its_change_still_stores(
         app: Flask, reader: Reader, stream_url: str, slot: str) -> None:
-    """The stream also reports the service's own creates, updates and deletes, after their
-    write-through stored what they left: that stays, so the next reads are hits, not misses
-    (and a stale entry of an older version would still go: the tests above). A change the
-    stream applies while a write of the same user is under way still takes that write's
-    lease (the write then deletes rather than stores: it cannot know what came between)."""
+    """The stream is quick: it often applies a write's change before the write-through comes,
+    or an earlier change of the same user while a write is under way. Either way it leaves
+    its mark of that version on the user's lease, and the write-through, finding no newer
+    mark, stores, so the next reads are hits."""
     client = app.test_client()
     user = create(client)
-    caught_up(stream_url, slot)  # else its invalidation takes the lease the update holds
     renamed = client.patch(f"/users/{user['id']}", json={"username": "alicia"})
     assert renamed.status_code == 200
     gone = create(client, "bob", "bob@example.org")
-    caught_up(stream_url, slot)
     assert client.delete(f"/users/{gone['id']}").status_code == 204
     caught_up(stream_url, slot)
     for path in (f"/users/{user['id']}", "/users?username=alicia", "/users?email=alice@example.org",
@@ -332,6 +356,55 @@ def test_a_reader_killed_mid_stream_is_taken_over_and_nothing_is_missed(
         for process in readers:
             process.kill()
             process.wait()
+
+
+def scraped(port: int) -> dict[str, float]:
+    """The reader's metrics, by name (without labels)."""
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def readiness(port: int) -> requests.Response:
+    """/readyz of the reader listening on `port`, once it listens."""
+    wait_until(lambda: requests.get(f"http://127.0.0.1:{port}/metrics", timeout=1).ok, 10,
+               "the reader's metrics")
+    return requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+
+
+def test_a_reader_is_ready_once_it_has_taken_its_turn_and_its_gauges_say_which(
+        app: Flask, stream_url: str, stream_redis: RedisServer, slot: str) -> None:
+    """Ready: it reads (its start checks done), or another reader has the slot; not ready
+    while it cannot reach Postgres. Its gauges say whether it reads and how far behind the slot
+    is."""
+    ports = [free_port(), free_port()]
+    first = stream_process(stream_url, stream_redis.url, slot, ports[0])
+    try:
+        wait_until(lambda: readiness(ports[0]).status_code == 200, 10, "the first reader")
+        second = stream_process(stream_url, stream_redis.url, slot, ports[1])
+        try:
+            wait_until(lambda: readiness(ports[1]).status_code == 200, 10, "the second reader")
+            assert [readiness(port).json() for port in ports] == [
+                {"reading": True}, {"reading": False}]
+            gauges = [scraped(port) for port in ports]
+            assert [g["stream_reading"] for g in gauges] == [1.0, 0.0]
+            assert all(g["stream_behind_bytes"] >= 0 for g in gauges), gauges
+        finally:
+            second.kill()
+            second.wait()
+    finally:
+        first.kill()
+        first.wait()
+    port = free_port()
+    nowhere = stream_process(re.sub(r"@[^/]+/", f"@127.0.0.1:{free_port()}/", stream_url),
+                             stream_redis.url, slot, port)
+    try:
+        refused = readiness(port)
+        assert refused.status_code == 503 and refused.json() == {"reading": False}
+        assert math.isnan(scraped(port)["stream_behind_bytes"])
+    finally:
+        nowhere.kill()
+        nowhere.wait()
 
 
 def test_a_postgres_other_than_the_one_the_cache_was_filled_from_begins_a_new_epoch(
