@@ -20,7 +20,8 @@ from flask import Flask
 
 from service.cache.policy import UserCache
 from service.postgres import statements
-from service.postgres.changes import ChangeStream
+from service.postgres.changes import PUBLICATIONS, ChangeStream
+from service.postgres.pgoutput import Decoder, RowChange
 from service.postgres.pool import Database
 from service.process.config import Settings
 from service.settings import PostgresSettings, RedisSettings
@@ -37,6 +38,7 @@ from .helpers import (
     finish,
     keys,
     late_update,
+    new_slot_name,
     parked_reader,
     private_redis,
     query,
@@ -186,6 +188,34 @@ def test_the_services_own_writes_stay_cached_once_the_stream_applied_them(
         assert read(client, f"/users/{gone['id']}")[::2] == ("HIT", 404)
     finally:
         reader.close()
+
+
+def test_the_services_own_creates_are_not_sent_to_the_stream(
+        app: Flask, stream_url: str, owner_url: str) -> None:
+    """Their write-through did what the stream would (migration 005): of a create through the
+    service and an INSERT by plain SQL, the stream is sent the INSERT only; updates and
+    deletes are sent whoever makes them."""
+    conn = psycopg2.connect(stream_url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            slot = new_slot_name()
+            cur.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput', true)",
+                        (slot,))
+            client = app.test_client()
+            ours = create(client, "ours", "ours@example.org")
+            sql(owner_url, "INSERT INTO users (username, email) VALUES ('theirs', 'th@x.org')")
+            patched = client.patch(f"/users/{ours['id']}", json={"display_name": "o"})
+            assert patched.status_code == 200
+            cur.execute("SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, "
+                        "'proto_version', '1', 'publication_names', %s)", (slot, PUBLICATIONS))
+            decoder = Decoder()
+            changes = [message for (data,) in cur.fetchall()
+                       if isinstance(message := decoder.decode(bytes(data)), RowChange)]
+    finally:
+        conn.close()
+    assert [(c.kind, (c.new or c.old)["username"]) for c in changes] == [
+        ("insert", "theirs"), ("update", "ours")]
 
 
 def test_a_burst_of_updates_to_one_row_ends_at_its_last(
