@@ -36,14 +36,17 @@ def image_env(refs: dict[str, str]) -> dict[str, str]:
 
 def wait_ready(base_url: str, timeout_s: float = READY_TIMEOUT_S, verify: str | bool = True
                ) -> None:
-    """Poll GET /readyz through a published 127.0.0.1 port until it answers 200 (an https
-    one verified with the CA file `verify`)."""
+    """Poll GET /readyz through a published 127.0.0.1 port until it answers 200 and says a
+    change stream reader has the slot (an https one verified with the CA file `verify`): the
+    first reader begins a new cache epoch as it makes the slot, which a check run before
+    would see as a lost entry."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < deadline:
         try:
             reply = requests.get(f"{base_url}/readyz", timeout=3, verify=verify)
-            if reply.status_code == 200:
+            stream = reply.json().get("stream") if reply.status_code == 200 else None
+            if isinstance(stream, dict) and stream.get("reading"):
                 return
             last = f"HTTP {reply.status_code} {reply.text[:200]}"
         except requests.RequestException as exc:

@@ -59,6 +59,7 @@ def stand_ins(client: docker.DockerClient) -> dict[str, str]:
         python, _ = client.images.build(path=context, tag="cachestack-offline/python-stand-in",
                                         rm=True)
     found[IMAGES["service"].base] = python.id
+    found[IMAGES["wrk"].base] = debian  # `bench`'s load generator: the Debian base itself
     return found
 
 

@@ -35,8 +35,8 @@ def test_stack_description_is_plain_data() -> None:
     described = as_dict(describe_stack("demo", 8123))
     assert json.loads(json.dumps(described)) == described
     names = [s["name"] for s in described["services"]]
-    assert names == ["postgres", "redis", "migrate", "service", "proxy"]
-    assert described["services"][4]["ports"] == [
+    assert names == ["postgres", "redis", "migrate", "service", "stream", "proxy"]
+    assert described["services"][-1]["ports"] == [
         {"container": 8000, "host": 8123, "host_ip": "127.0.0.1", "tls": False}
     ]
 
