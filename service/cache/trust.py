@@ -179,18 +179,25 @@ class Trust:
         except (redis.RedisError, OSError) as exc:
             raise CacheUnavailable(str(exc)) from None
 
-    def write_lost(self, epoch: Epoch) -> None:
-        """A write-through of `epoch` failed: wait until Redis moved on from that epoch, or
-        until every worker stopped trusting it (a worker that did not hear Redis for
-        HEARTBEAT uses none of it), so that once the write is acknowledged no read anywhere
-        finds what it should have changed."""
-        self.lost(epoch, "a write-through failed")
+    def write_lost(self, epoch: Epoch, write: Callable[[], object]) -> None:
+        """A write-through of `epoch` failed: once an epoch past that one is settled, `write()`
+        it again there, so that once the write is acknowledged no read anywhere finds what it
+        should have changed. Moving past `epoch` alone is not enough: the epoch settled may be
+        one another worker began earlier and filled with the old value (on a promoted replica,
+        say, while this one still wrote to the old primary). Gives up when Redis cannot be
+        written for HEARTBEAT: by then every worker has stopped trusting it (a worker that did
+        not hear Redis for HEARTBEAT uses none of it)."""
         deadline = time.monotonic() + HEARTBEAT + SETTLE_MARGIN
-        while time.monotonic() < deadline:
+        while True:
+            self.lost(epoch, "a write-through failed")
             try:
                 self._recover()
+                epoch = self.epoch
+                write()
                 return
-            except (redis.RedisError, OSError):
+            except (CacheUnavailable, redis.RedisError, OSError):
+                if time.monotonic() >= deadline:
+                    return
                 time.sleep(SETTLE_POLL)
 
     def _recover(self) -> None:
