@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from . import audit, backup, bench, engine, images, record, rotate, sentinels
+from . import audit, backup, bench, engine, images, record, rotate, sentinels, stream
 from .containers import project_containers
 from .errors import OrchestrateError
 from .output import say, step
@@ -99,6 +99,9 @@ def status_command(args: argparse.Namespace) -> None:
     if settings and settings.ha:
         for line in sentinels.status_lines(stack):
             say(line)
+    # Where a stack the orchestrator did not bring up serves, it cannot know.
+    if settings and any(service.name == "stream" for service in stack.services):
+        say(f"change stream: {stream.describe(stack)}")
     for warning in expiring_certificates(stack):
         say(f"warning: {warning}")
 

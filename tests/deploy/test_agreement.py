@@ -264,11 +264,11 @@ def test_compose_ha_override_runs_the_redis_of_up_ha(compose_ha: dict[str, Any],
     assert_staged(compose_ha, service)
 
 
-def test_compose_ha_override_replaces_redis_and_points_the_service_at_the_sentinels(
+def test_compose_ha_override_replaces_redis_and_points_its_clients_at_the_sentinels(
         compose_ha: dict[str, Any]) -> None:
     assert "redis" not in compose_ha["services"]
-    service = compose_ha["services"]["service"]
-    assert service["environment"] == dict(HA.service("service").environment)
+    for name in ("service", "stream"):
+        assert compose_ha["services"][name]["environment"] == dict(HA.service(name).environment)
     migrate = [s.name for s in HA.services].index("migrate")
     assert {name: wait["condition"] for name, wait in
             compose_ha["services"]["migrate"]["depends_on"].items()} == {
@@ -444,11 +444,11 @@ def test_swarm_ha_override_runs_the_redis_of_up_ha(swarm_ha: dict[str, Any], nam
                                   for m in service.secrets}
 
 
-def test_swarm_ha_override_leaves_redis_no_task_and_points_the_service_at_the_sentinels(
+def test_swarm_ha_override_leaves_redis_no_task_and_points_its_clients_at_the_sentinels(
         swarm_ha: dict[str, Any]) -> None:
     assert swarm_ha["services"]["redis"]["deploy"]["replicas"] == 0
-    assert swarm_ha["services"]["service"]["environment"] == dict(
-        HA.service("service").environment)
+    for name in ("service", "stream"):
+        assert swarm_ha["services"][name]["environment"] == dict(HA.service(name).environment)
     assert {name: Path(s["file"]) for name, s in swarm_ha["secrets"].items()}.items() >= {
         name: REPO / SECRETS_DIR / name for name in HA.secrets}.items()
     # Each server and Sentinel writes its own files to /data: a volume each.
@@ -587,6 +587,41 @@ def test_kubernetes_pods_ask_to_be_scraped_where_prometheus_scrapes_the_replicas
     assert discovery["names"] == ["service"]
 
 
+def test_prometheus_scrapes_every_reader_of_the_change_stream_where_it_serves_metrics(
+    k8s_objects: list[dict[str, Any]],
+) -> None:
+    """docker/prometheus/prometheus.yml finds the readers by their name on the frontend network,
+    which Prometheus shares with them, at the port they serve metrics on (PORT); pods say the
+    same with the prometheus.io annotations. Nothing publishes that port."""
+    stream = MONITORED.service("stream")
+    port = int(dict(stream.environment)["PORT"])
+    config = yaml.safe_load((REPO / "docker" / "prometheus" / "prometheus.yml").read_text())
+    [job] = [j for j in config["scrape_configs"] if j["job_name"] == stream.name]
+    [discovery] = job["dns_sd_configs"]
+    assert (discovery["names"], discovery["port"]) == ([stream.name], port)
+    assert "frontend" in set(stream.networks) & set(MONITORED.service("prometheus").networks)
+    assert stream.ports == ()
+    annotations = workload_of(k8s_objects, stream.name)["spec"]["template"]["metadata"][
+        "annotations"]
+    assert (annotations["prometheus.io/scrape"], int(annotations["prometheus.io/port"]),
+            annotations["prometheus.io/path"]) == ("true", port, job.get("metrics_path",
+                                                                       "/metrics"))
+    # A rolling update of the pods waits for each new reader to take its turn, as `up` does.
+    readiness = container_of(k8s_objects, stream.name)["readinessProbe"]["httpGet"]
+    assert (readiness["path"], readiness["port"]) == (stream.ready_path, "metrics")
+
+
+def test_the_stream_logs_in_as_the_role_postgres_admits_and_migrate_grants_to() -> None:
+    """One role name in three places: the readers' DATABASE_URL, the Postgres image's
+    CACHESTACK_STREAM_ROLE (its login, its pg_hba line) and migrate's DATABASE_STREAM_ROLE
+    (its SELECT rights)."""
+    reader = urlsplit(dict(STACK.service("stream").environment)["DATABASE_URL"])
+    assert reader.password is None and "sslmode=verify-full" in reader.query
+    assert (reader.username
+            == dict(STACK.service("postgres").environment)["CACHESTACK_STREAM_ROLE"]
+            == dict(STACK.service("migrate").environment)["DATABASE_STREAM_ROLE"])
+
+
 def test_kubernetes_service_stands_where_the_proxy_does(k8s_objects: list[dict[str, Any]]) -> None:
     proxy = STACK.service("proxy")
     service = next(o for o in k8s_objects if o["kind"] == "Service"
@@ -683,7 +718,7 @@ def test_the_proxy_finds_the_replicas_by_the_service_name() -> None:
     and has a slot for as many replicas as `up --replicas` allows."""
     config = (REPO / "docker" / "proxy" / "haproxy.cfg").read_text()
     [template] = re.findall(r"server-template \w+ 1-(\d+) (\w+):(\d+)", config)
-    replicated = [s for s in STACK.services if s.update_order == "start-first"]
+    replicated = [s for s in STACK.services if s.rotation_path]
     listens = [int(s.command[s.command.index("--port") + 1]) for s in replicated]
     assert [(name, int(port)) for _, name, port in [template]] == [
         (s.name, port) for s, port in zip(replicated, listens, strict=True)]
