@@ -99,12 +99,13 @@ class Target:
 
         def wait() -> None:
             deadline = time.monotonic() + FAILOVER_WITHIN
-            while self._named() in (before, None) and time.monotonic() < deadline:
+            while self.named_primary() in (before, None) and time.monotonic() < deadline:
                 time.sleep(0.2)
 
         return wait
 
-    def _named(self) -> str | None:
+    def named_primary(self) -> str | None:
+        """The primary the Sentinels name; None while none answers."""
         try:
             return self.primary()
         except Exception:  # noqa: BLE001 - a Sentinel busy with the failover: ask again
