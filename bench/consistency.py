@@ -420,15 +420,18 @@ PAUSE_SECONDS = 1.5  # longer than the service's command timeout, and than its h
 class Faults:
     """What happens to Redis while the clients run: `kill` sends it SIGKILL (`restart` brings
     it back; None when something else does, as a container's restart policy), `pause` stops it
-    with SIGSTOP for `pause` seconds, then lets it go on. `pid()` is the process id of the
-    Redis to hit now (with Sentinels, the primary's)."""
+    with SIGSTOP for `pause` seconds (or until `resume()` returns: until the Sentinels promoted
+    another, say), then lets it go on. `pid()` is the process id of the Redis to hit now (with
+    Sentinels, the primary's)."""
 
     def __init__(self, mode: str, pid: Callable[[], int],
                  restart: Callable[[], None] | None = None,
-                 pause: float = PAUSE_SECONDS) -> None:
+                 pause: float = PAUSE_SECONDS,
+                 resume: Callable[[], None] | None = None) -> None:
         if mode not in FAULTS:
             raise ValueError(f"no such fault: {mode} (one of {', '.join(FAULTS)})")
-        self.mode, self._pid, self._restart, self._pause = mode, pid, restart, pause
+        self.mode, self._pid, self._restart = mode, pid, restart
+        self._resume = resume or (lambda: time.sleep(pause))
         self.done = 0
         self.failed: Exception | None = None
         self._stop = threading.Event()
@@ -453,17 +456,26 @@ class Faults:
     def _make_faults(self) -> None:
         wait = FAULT_EVERY / 4
         while not self._stop.wait(wait):
-            pid = self._pid()
-            if self.mode == "kill":
-                os.kill(pid, signal.SIGKILL)
-                if self._restart:
-                    self._restart()
-            else:
-                os.kill(pid, signal.SIGSTOP)
-                time.sleep(self._pause)
-                os.kill(pid, signal.SIGCONT)
-            self.done += 1
+            self.strike()
             wait = FAULT_EVERY
+
+    def strike(self) -> float:
+        """One fault, over when this returns (a killed Redis restarted, a paused one going on);
+        when it struck (time.monotonic())."""
+        pid = self._pid()
+        struck = time.monotonic()
+        if self.mode == "kill":
+            os.kill(pid, signal.SIGKILL)
+            if self._restart:
+                self._restart()
+        else:
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                self._resume()
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        self.done += 1
+        return struck
 
 
 def run_checker(base_url: str, operations: int = 20_000, clients: int = 32,

@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from . import audit, backup, bench, engine, images, record, rotate, stream
+from . import audit, backup, bench, engine, images, record, rotate, sentinels, stream
 from .containers import project_containers
 from .errors import OrchestrateError
 from .output import say, step
@@ -93,9 +93,12 @@ def status_command(args: argparse.Namespace) -> None:
     stack = (settings or Settings(tls=True)).stack(args.project)
     for row in engine.status(stack):
         say(
-            "{service:<9} {container:<28} {id:<12} {state:<10} {health:<10} {ports:<16} "
+            "{service:<10} {container:<28} {id:<12} {state:<10} {health:<10} {ports:<16} "
             "{proxy:<6} {by:<11} {image}".format(**row)
         )
+    if settings and settings.ha:
+        for line in sentinels.status_lines(stack):
+            say(line)
     # Where a stack the orchestrator did not bring up serves, it cannot know.
     if settings and any(service.name == "stream" for service in stack.services):
         say(f"change stream: {stream.describe(stack)}")
@@ -117,13 +120,18 @@ def smoke_command(args: argparse.Namespace) -> None:
 
 
 def secrets_command(args: argparse.Namespace) -> None:
-    # What any format may mount, the proxy's TLS certificate (compose.tls.yml) included.
-    stack = describe_stack(args.project, tls=True)
-    created = ensure_secrets(stack)
+    # What any format may mount: the proxy's TLS certificate (compose.tls.yml) and the
+    # services of --ha (compose.ha.yml) included.
+    stacks = (describe_stack(args.project, tls=True), describe_stack(args.project, ha=True))
+    created = [name for stack in stacks for name in ensure_secrets(stack)]
     say(f"generated {', '.join(created)}" if created else "all secrets present")
-    for service in stack.services:
-        staged = stage_secrets(stack, service)
-        say(f"staged for {service.name}: {', '.join(str(p) for p in staged.values())}")
+    staged_for = set()
+    for stack in stacks:
+        for service in stack.services:
+            if service.name not in staged_for:
+                staged_for.add(service.name)
+                staged = stage_secrets(stack, service)
+                say(f"staged for {service.name}: {', '.join(str(p) for p in staged.values())}")
 
 
 def build_command(args: argparse.Namespace) -> None:

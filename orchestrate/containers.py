@@ -26,6 +26,7 @@ from .errors import OrchestrateError, reason
 from .secretfiles import secret_digest, stage_secrets
 from .stack import (
     CONFIG_HASH_LABEL,
+    DNS_OPTIONS,
     PROJECT_LABEL,
     REPLICA_LABEL,
     SERVICE_LABEL,
@@ -154,6 +155,7 @@ def create_container(
         restart_policy={"Name": hard.restart},
         privileged=hard.privileged,
         healthcheck=docker_healthcheck(service.healthcheck),
+        dns_opt=list(DNS_OPTIONS),
         network=networks[0],
         networking_config={networks[0]: client.api.create_endpoint_config(
             aliases=[service.name])},

@@ -112,6 +112,9 @@ class Proxy:
 
     @staticmethod
     def _csv(text: str) -> list[dict[str, str]]:
+        """A comma-separated table with a header line; none when HAProxy answered nothing."""
         lines = [line for line in text.splitlines() if line.strip()]
+        if not lines:
+            return []
         header = lines[0].split(",")
         return [dict(zip(header, line.split(","), strict=False)) for line in lines[1:]]

@@ -31,8 +31,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import OrchestrateError
-
 PROJECT_LABEL = "org.cachestack.project"
 SERVICE_LABEL = "org.cachestack.service"
 CONFIG_HASH_LABEL = "org.cachestack.config-hash"
@@ -59,6 +57,14 @@ DB_APP = "cachestack_app"  # the service's login: exactly the DML it needs, owns
 DB_STREAM = "cachestack_stream"
 REDIS_SERVICE_USER = "service"  # the users are defined in docker/redis/users.acl
 REDIS_HEALTH_USER = "health"
+REDIS_PORT = 6379
+# `up --ha`: two Redis servers, the first of which starts as the primary and the other as its
+# replica, and three Sentinels, which fail the primary over to the replica (a quorum of two
+# must find it down: docker/redis/sentinel.conf) and tell the service which is the primary.
+REDIS_SERVERS = ("redis-1", "redis-2")
+SENTINELS = ("sentinel-1", "sentinel-2", "sentinel-3")
+SENTINEL_PORT = 26379
+SENTINEL_MASTER = "cachestack"  # what the Sentinels call the primary they watch
 
 # Secret files under secrets/, one value each, and where containers find them.
 CA_CERT = "ca.crt"
@@ -136,6 +142,13 @@ class HealthCheck:
     timeout_s: float = 3.0
     retries: int = 5
     start_period_s: float = 30.0
+
+
+# How every container asks Docker's DNS for a name: with ndots set, Docker answers at once that
+# it does not know a name without a dot (a container of the stack that is down or restarting),
+# where on an internal network it otherwise lets the question time out, for 20 s, stalling
+# whoever asked: a request of the service, a Sentinel's whole event loop.
+DNS_OPTIONS = ("ndots:1",)
 
 
 @dataclass(frozen=True)
@@ -278,9 +291,13 @@ IMAGES: dict[str, ImageSpec] = {
 
 POSTGRES_CERT = Certificate("postgres", ("postgres", "localhost", "127.0.0.1"))
 REDIS_CERT = Certificate("redis", ("redis", "localhost", "127.0.0.1"))
+# Every Redis server and Sentinel of `up --ha`: clients reach each by its own name.
+REDIS_HA_CERT = Certificate("redis-ha", (*REDIS_SERVERS, *SENTINELS, "localhost", "127.0.0.1"))
 # The proxy's, with `up --tls`: for clients on this host. A file the project CA did not sign is
 # the operator's own (secrets/README.md) and is used as it is.
 PROXY_CERT = Certificate("proxy", ("localhost", "127.0.0.1"))
+# The server certificates the project CA signs; a stack has those its services mount.
+CERTIFICATES = (POSTGRES_CERT, REDIS_CERT, REDIS_HA_CERT, PROXY_CERT)
 # HAProxy serves TLS on its port when this names its certificate (docker/proxy/haproxy.cfg).
 PROXY_TLS_SETTING = "PROXY_TLS_CERT"
 # Clients verify the server's certificate and its name (verify-full, redis-py's default).
@@ -295,6 +312,7 @@ REDIS_HEALTH = (
     f"redis-cli --tls --cacert {secret_target(CA_CERT)} --user {REDIS_HEALTH_USER} "
     "-h 127.0.0.1 ping | grep -q PONG"
 )
+SENTINEL_HEALTH = REDIS_HEALTH.replace("-h 127.0.0.1", f"-h 127.0.0.1 -p {SENTINEL_PORT}")
 
 
 def _mounts(uid: int, *names: str) -> tuple[SecretMount, ...]:
@@ -373,53 +391,117 @@ def postgres_service() -> Service:
     )
 
 
-def redis_service() -> Service:
-    """Redis (docker/redis): the cache, on a TLS port only, keeping nothing across a restart."""
+def _redis_container(name: str, command: tuple[str, ...], environment: tuple[tuple[str, str], ...],
+                     secrets: tuple[str, ...], health: str, memory: int) -> Service:
+    """A container of the Redis image (docker/redis): a Redis server or a Sentinel, hardened
+    alike, with `memory` MiB."""
     return Service(
-        name="redis",
+        name=name,
         image="redis",
         user=f"{REDIS_UID}:{REDIS_UID}",
-        command=(
-            "redis-server",
-            "--port", "0",
-            "--tls-port", "6379",
-            "--tls-cert-file", secret_target(REDIS_CERT.cert),
-            "--tls-key-file", secret_target(REDIS_CERT.key),
-            "--tls-auth-clients", "no",
-            "--maxmemory", str(REDIS_MAXMEMORY),
-            "--maxmemory-policy", "allkeys-lru",
-            # Evict as much as a command needs before it runs, however long that takes; the
-            # default bounds the time and lets a burst of writes outgrow maxmemory.
-            "--maxmemory-eviction-tenacity", "100",
-            # Nothing is kept across a restart: a Redis that comes back is a new epoch for
-            # the service, whatever it would bring back (service/cache/trust.py). The image's
-            # start script gives the server its functions, its users and its working folder.
-            "--appendonly", "no",
-            "--save", "",
-        ),
-        environment=(),
-        secrets=_mounts(
-            REDIS_UID,
-            "redis_service_password",
-            "redis_health_password",
-            "redis_admin_password",
-            REDIS_CERT.cert,
-            REDIS_CERT.key,
-            CA_CERT,
-        ),
+        command=command,
+        environment=environment,
+        secrets=_mounts(REDIS_UID, *secrets),
         networks=("backend",),
         volumes=(),
-        healthcheck=HealthCheck(("CMD-SHELL", REDIS_HEALTH)),
+        healthcheck=HealthCheck(("CMD-SHELL", health)),
         hardening=Hardening(
             tmpfs=(
                 _private_tmp(REDIS_UID, "8m"),
-                # Its users and its functions' snapshot (docker/redis/cachestack-redis).
+                # Its users, its configuration and its functions' snapshot
+                # (docker/redis/cachestack-redis).
                 ("/data", f"rw,noexec,nosuid,size=8m,uid={REDIS_UID},gid={REDIS_UID},mode=0700"),
             ),
-            mem_limit=f"{REDIS_MEMORY_LIMIT // 2**20}m",
+            mem_limit=f"{memory}m",
             pids_limit=64,
         ),
     )
+
+
+def _tls_port(port: int, cert: Certificate) -> tuple[str, ...]:
+    """Listen on a TLS `port` only, with `cert`; clients show no certificate of their own."""
+    return ("--port", "0", "--tls-port", str(port), "--tls-cert-file", secret_target(cert.cert),
+            "--tls-key-file", secret_target(cert.key), "--tls-auth-clients", "no")
+
+
+def _redis_server(cert: Certificate) -> tuple[str, ...]:
+    """redis-server with `cert`, as a cache: evicting, and keeping nothing across a restart."""
+    return (
+        "redis-server",
+        *_tls_port(REDIS_PORT, cert),
+        "--maxmemory", str(REDIS_MAXMEMORY),
+        "--maxmemory-policy", "allkeys-lru",
+        # Evict as much as a command needs before it runs, however long that takes; the
+        # default bounds the time and lets a burst of writes outgrow maxmemory.
+        "--maxmemory-eviction-tenacity", "100",
+        # Nothing is kept across a restart: a Redis that comes back is a new epoch for
+        # the service, whatever it would bring back (service/cache/trust.py). The image's
+        # start script gives the server its functions, its users and its working folder.
+        "--appendonly", "no",
+        "--save", "",
+    )
+
+
+REDIS_SECRETS = ("redis_service_password", "redis_health_password", "redis_admin_password")
+
+
+def redis_service() -> Service:
+    """Redis (docker/redis): the cache, on a TLS port only, keeping nothing across a restart."""
+    return _redis_container(
+        "redis", _redis_server(REDIS_CERT), (),
+        (*REDIS_SECRETS, REDIS_CERT.cert, REDIS_CERT.key, CA_CERT), REDIS_HEALTH,
+        REDIS_MEMORY_LIMIT // 2**20)
+
+
+# What a Redis server or a Sentinel of `up --ha` holds: the users of both (replication.acl's
+# and sentinel.conf's, the replica user's password also to log in to its primary), the
+# certificate they all share, and the CA, which they check each other's certificates with.
+HA_SECRETS = (*REDIS_SECRETS, "redis_replica_password", "redis_sentinel_password",
+              REDIS_HA_CERT.cert, REDIS_HA_CERT.key, CA_CERT)
+
+
+def _sentinels_setting() -> tuple[tuple[str, str], ...]:
+    return (("REDIS_SENTINELS", ",".join(f"{name}:{SENTINEL_PORT}" for name in SENTINELS)),)
+
+
+def _ha_start() -> tuple[tuple[str, str], ...]:
+    """What the start script of a Redis server or Sentinel of `up --ha` asks: the Sentinels
+    (who is the primary now), and the servers, the first of which is the primary of the
+    stack's first start (docker/redis/cachestack-redis)."""
+    return (*_sentinels_setting(),
+            ("REDIS_SERVERS", ",".join(f"{name}:{REDIS_PORT}" for name in REDIS_SERVERS)))
+
+
+def redis_ha_server(name: str) -> Service:
+    """A Redis server of `up --ha`: the primary or its replica, as the Sentinels say. It
+    replicates over TLS, checking its primary's certificate, and announces itself by `name`,
+    which is how the Sentinels and the service reach it."""
+    return _redis_container(
+        name,
+        (*_redis_server(REDIS_HA_CERT),
+         "--tls-ca-cert-file", secret_target(CA_CERT),
+         "--tls-replication", "yes",
+         "--replica-announce-ip", name,
+         # A replica loads its primary's data from the socket, keeping what it had until the
+         # load is done: /data is too small a tmpfs for a snapshot. With one replica, the
+         # primary has nobody to wait for before it sends.
+         "--repl-diskless-sync", "yes",
+         "--repl-diskless-sync-delay", "0",
+         "--repl-diskless-load", "swapdb"),
+        _ha_start(), HA_SECRETS, REDIS_HEALTH, REDIS_MEMORY_LIMIT // 2**20)
+
+
+def sentinel_service(name: str) -> Service:
+    """A Sentinel of `up --ha` (docker/redis/sentinel.conf), on a TLS port only, speaking TLS to
+    the servers and the other Sentinels, and announcing itself by `name`."""
+    return _redis_container(
+        name,
+        ("redis-server", "--sentinel",
+         *_tls_port(SENTINEL_PORT, REDIS_HA_CERT),
+         "--tls-ca-cert-file", secret_target(CA_CERT),
+         "--tls-replication", "yes",
+         "--sentinel", "announce-ip", name),
+        _ha_start(), HA_SECRETS, SENTINEL_HEALTH, 64)
 
 
 def migrate_service() -> Service:
@@ -447,7 +529,17 @@ def migrate_service() -> Service:
     )
 
 
-def replicas_service(replicas: int) -> Service:
+def _redis_location(ha: bool) -> tuple[tuple[str, str], ...]:
+    """Where the service finds Redis: the one server, or (--ha) the primary the Sentinels
+    name (the URL gives the user and the TLS settings)."""
+    host = REDIS_SERVERS[0] if ha else "redis"
+    url = (("REDIS_URL", f"rediss://{REDIS_SERVICE_USER}@{host}:{REDIS_PORT}/0?{REDIS_TLS}"),)
+    if not ha:
+        return url
+    return (*url, *_sentinels_setting(), ("REDIS_SENTINEL_MASTER", SENTINEL_MASTER))
+
+
+def replicas_service(replicas: int, ha: bool = False) -> Service:
     """The user service itself (the root Dockerfile), `replicas` containers of it, as the
     runtime role; it publishes no port: the proxy reaches it on the frontend network."""
     return Service(
@@ -458,7 +550,7 @@ def replicas_service(replicas: int) -> Service:
         environment=(
             ("DATABASE_URL", _database_url(DB_APP)),
             ("DATABASE_PASSWORD_FILE", secret_target("postgres_app_password")),
-            ("REDIS_URL", f"rediss://{REDIS_SERVICE_USER}@redis:6379/0?{REDIS_TLS}"),
+            *_redis_location(ha),
             ("REDIS_PASSWORD_FILE", secret_target("redis_service_password")),
             ("API_TOKENS_FILE", secret_target(API_TOKENS)),
             ("TMPDIR", "/tmp"),
@@ -487,11 +579,12 @@ STREAM_METRICS_PORT = 9101
 STREAM_READERS = 2  # Postgres lets one read the slot; the other takes over when it stops
 
 
-def stream_service() -> Service:
+def stream_service(ha: bool = False) -> Service:
     """The change stream (`python -m service stream`): two readers that take turns on the
     users table's replication slot, invalidating the cache for every change whoever made it,
-    as the stream role (a REPLICATION login, over TLS) and the service's Redis user."""
-    replicas = replicas_service(STREAM_READERS)
+    as the stream role (a REPLICATION login, over TLS) and the service's Redis user, which
+    they find as the service does (with `ha`, through the Sentinels)."""
+    replicas = replicas_service(STREAM_READERS, ha)
     return dataclasses.replace(
         replicas,
         name="stream",
@@ -570,17 +663,15 @@ def prometheus_service(port: int) -> Service:
 
 
 def postgres_services(ha: bool) -> tuple[Service, ...]:
-    """The database: one Postgres."""
-    if ha:
-        raise OrchestrateError("--ha: a highly available Postgres is not built yet")
+    """The database: one Postgres (with --ha too, until its Patroni cluster is built)."""
     return (postgres_service(),)
 
 
 def redis_services(ha: bool) -> tuple[Service, ...]:
-    """The cache: one Redis."""
-    if ha:
-        raise OrchestrateError("--ha: a highly available Redis is not built yet")
-    return (redis_service(),)
+    """The cache: one Redis; with `ha`, a primary, its replica and three Sentinels."""
+    if not ha:
+        return (redis_service(),)
+    return (*map(redis_ha_server, REDIS_SERVERS), *map(sentinel_service, SENTINELS))
 
 
 def describe_stack(
@@ -592,7 +683,7 @@ def describe_stack(
     with a `monitoring_port`, Prometheus published there; with `ha`, Postgres and Redis
     highly available. Its services start in this order."""
     services = (*postgres_services(ha), *redis_services(ha), migrate_service(),
-                replicas_service(replicas), stream_service(), proxy_service(port, tls))
+                replicas_service(replicas, ha), stream_service(ha), proxy_service(port, tls))
     if monitoring_port is not None:
         services += (prometheus_service(monitoring_port),)
     mounted = dict.fromkeys(m.secret for s in services for m in s.secrets)
@@ -603,7 +694,7 @@ def describe_stack(
                   Network("edge", internal=False)),
         volumes=tuple(v for s in services for v, _ in s.volumes),
         secrets=tuple(mounted),
-        certificates=(POSTGRES_CERT, REDIS_CERT) + ((PROXY_CERT,) if tls else ()),
+        certificates=tuple(c for c in CERTIFICATES if c.cert in mounted),
         images={key: IMAGES[key] for key in dict.fromkeys(s.image for s in services)},
     )
 

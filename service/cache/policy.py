@@ -349,7 +349,7 @@ class UserCache:
         try:
             self._write(puts, token)
         except CacheUnavailable:
-            self.trust.write_lost(epoch)
+            self.trust.write_lost(epoch, lambda: self._write(puts, token))
 
     def _write(self, puts: list[Put], token: str) -> None:
         """One WRITE: store or delete `puts`, dropping their leases, and announce every user

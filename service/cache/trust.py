@@ -5,8 +5,11 @@ So what it holds belongs to an epoch (docs/design.md, "Epochs"), and a worker us
 under the epoch it believes current, which every function of the library checks. A new
 epoch begins, and every entry of the old one becomes unreachable at once, whenever commands
 may have been lost or may still arrive late:
-- a Redis that is another run (a restart, a replica promoted by a failover): the epoch
-  function compares the epoch with the server's run_id on every new connection;
+- a Redis that is another run (a restart, a replica promoted by a failover), or that the
+  Sentinels name the primary in a newer configuration than the epoch's (a server promoted
+  again, which missed what was written on the one promoted in between): the epoch function
+  compares the epoch with the server's run_id and the Sentinels' configuration on every new
+  connection;
 - a write whose write-through failed (its invalidation may be lost, or late): the writer
   waits, before it answers, until the epoch has moved on, or until every worker has stopped
   trusting Redis (HEARTBEAT);
@@ -32,7 +35,7 @@ import redis
 
 from .. import metrics
 from ..postgres.pool import first_line
-from ..wire.client import RedisClient
+from ..wire.client import RedisClient, configuration_of
 from .breaker import Breaker
 from .keys import Keys
 from .scripts import EPOCH, OTHER_EPOCH
@@ -75,6 +78,8 @@ class Trust:
         self._epoch: Epoch | None = None  # None until one is settled
         # The epoch of a gap (lost or late commands): the next one settled must be another.
         self._gap = ""
+        # The Sentinels' configuration the primary was last found in (0 without Sentinels).
+        self._configuration = 0
         self._recovering = threading.Lock()
         redis_client.on_connect = self._settle_on
 
@@ -174,18 +179,25 @@ class Trust:
         except (redis.RedisError, OSError) as exc:
             raise CacheUnavailable(str(exc)) from None
 
-    def write_lost(self, epoch: Epoch) -> None:
-        """A write-through of `epoch` failed: wait until Redis moved on from that epoch, or
-        until every worker stopped trusting it (a worker that did not hear Redis for
-        HEARTBEAT uses none of it), so that once the write is acknowledged no read anywhere
-        finds what it should have changed."""
-        self.lost(epoch, "a write-through failed")
+    def write_lost(self, epoch: Epoch, write: Callable[[], object]) -> None:
+        """A write-through of `epoch` failed: once an epoch past that one is settled, `write()`
+        it again there, so that once the write is acknowledged no read anywhere finds what it
+        should have changed. Moving past `epoch` alone is not enough: the epoch settled may be
+        one another worker began earlier and filled with the old value (on a promoted replica,
+        say, while this one still wrote to the old primary). Gives up when Redis cannot be
+        written for HEARTBEAT: by then every worker has stopped trusting it (a worker that did
+        not hear Redis for HEARTBEAT uses none of it)."""
         deadline = time.monotonic() + HEARTBEAT + SETTLE_MARGIN
-        while time.monotonic() < deadline:
+        while True:
+            self.lost(epoch, "a write-through failed")
             try:
                 self._recover()
+                epoch = self.epoch
+                write()
                 return
-            except (redis.RedisError, OSError):
+            except (CacheUnavailable, redis.RedisError, OSError):
+                if time.monotonic() >= deadline:
+                    return
                 time.sleep(SETTLE_POLL)
 
     def _recover(self) -> None:
@@ -201,17 +213,20 @@ class Trust:
 
     def _settle_on(self, connection: redis.Connection) -> None:
         """On every new connection, before anything else: settle the epoch (a server of
-        another run, or one past a gap, gets a new one) and use it."""
+        another run or of an earlier Sentinel configuration, or one past a gap, gets a new
+        one) and use it."""
         names = self.names
+        self._configuration = configuration_of(connection)
         connection.send_command("FCALL", EPOCH, 1, names.epoch, self._gap,
-                                secrets.token_hex(4))
+                                secrets.token_hex(4), self._configuration)
         self._use(connection.read_response().decode())
 
     def _adopt(self, epoch: str) -> None:
         """A function said the epoch in use is not current: `epoch` is (or, empty, none is)."""
         if not epoch:  # a Redis that lost everything: settle a new one
             epoch = self._through_breaker(lambda: self.redis.call(
-                EPOCH, [self.names.epoch], [self._gap, secrets.token_hex(4)])).decode()
+                EPOCH, [self.names.epoch],
+                [self._gap, secrets.token_hex(4), self._configuration])).decode()
         self._use(epoch)
 
     def _use(self, name: str) -> None:

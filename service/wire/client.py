@@ -15,12 +15,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from redis.connection import parse_url
 from redis.credentials import CredentialProvider
-from redis.sentinel import Sentinel, SentinelConnectionPool
+from redis.sentinel import (
+    MasterNotFoundError,
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+)
 
 from ..settings import RedisSettings
 from .listener import InvalidationListener
@@ -47,11 +52,78 @@ class _LoginNow(CredentialProvider):
         return (self._password(),)
 
 
+class Primary(NamedTuple):
+    """The primary the Sentinels name, and their configuration it is the primary of: an epoch
+    of theirs that grows with every failover."""
+
+    host: str
+    port: int
+    configuration: int
+
+
+def newest_primary(states: Iterable[dict[str, Any]], name: str) -> Primary:
+    """The primary in the newest configuration that Sentinels know of (what each says of the
+    primary called `name`, as redis-py parses SENTINEL MASTERS): one that has not heard of a
+    failover yet still names the old primary. None while one of those that know the newest is
+    failing the primary over or has found it down (the old primary may answer until it is made
+    a replica, and must not be written to beside the new one): MasterNotFoundError."""
+    newest: list[dict[str, Any]] = []
+    for state in states:
+        if newest and state["config-epoch"] < newest[0]["config-epoch"]:
+            continue
+        if newest and state["config-epoch"] > newest[0]["config-epoch"]:
+            newest = []
+        newest.append(state)
+    if not newest:
+        raise MasterNotFoundError(f"no Sentinel answers for {name!r}")
+    if any(state["is_odown"] or "failover_in_progress" in state["flags"] for state in newest):
+        raise MasterNotFoundError(f"the Sentinels are failing {name!r} over")
+    addresses = {(state["ip"], state["port"]) for state in newest}
+    if len(addresses) > 1:
+        raise MasterNotFoundError(f"the Sentinels name {len(addresses)} primaries for {name!r}")
+    return Primary(newest[0]["ip"], newest[0]["port"], newest[0]["config-epoch"])
+
+
+class _Sentinels(Sentinel):
+    """redis-py's Sentinel, but the primary is asked of every Sentinel, and it is the one of
+    the newest configuration (newest_primary), not the first answer."""
+
+    def discover_master(self, service_name: str) -> Primary:
+        states = []
+        for sentinel in self.sentinels:
+            try:
+                state = sentinel.sentinel_masters().get(service_name)
+            except (redis.ConnectionError, redis.TimeoutError):
+                continue
+            if state:
+                states.append(state)
+        return newest_primary(states, service_name)
+
+
+class _PrimaryConnection(SentinelManagedConnection):
+    """A connection to the primary the Sentinels name, which keeps their configuration."""
+
+    configuration = 0
+
+    def connect_to(self, address: Primary) -> None:
+        self.configuration = address.configuration
+        super().connect_to((address.host, address.port))
+
+
+class _PrimarySSLConnection(_PrimaryConnection, redis.SSLConnection):
+    pass
+
+
+def configuration_of(connection: redis.connection.AbstractConnection) -> int:
+    """The Sentinels' configuration a connection's primary was found in; 0 without Sentinels."""
+    return connection.configuration if isinstance(connection, _PrimaryConnection) else 0
+
+
 def _connection_pool(settings: RedisSettings) -> redis.ConnectionPool:
     """The pool that makes every connection: the URL's address, TLS and user, and the password
     file's password at each login when there is one (instead of the URL's). With Sentinels,
-    each connection goes to the primary they name when it connects; they are asked over TLS
-    when the URL says so, and as the same user."""
+    each connection goes to the primary they name when it connects (newest_primary); they are
+    asked over TLS when the URL says so, and as the same user."""
     options = parse_url(settings.url)
     if settings.password is not None:
         options.pop("password", None)
@@ -69,10 +141,11 @@ def _connection_pool(settings: RedisSettings) -> redis.ConnectionPool:
     login = {name: options[name] for name in ("username", "password", "credential_provider")
              if name in options}
     tls = {name: value for name, value in options.items() if name.startswith("ssl_")}
-    sentinels = Sentinel([_address(sentinel) for sentinel in settings.sentinels],
-                         sentinel_kwargs={**common, **login, **tls, "ssl": ssl})
-    return SentinelConnectionPool(settings.sentinel_master, sentinels, ssl=ssl, **common,
-                                  **options)
+    sentinels = _Sentinels([_address(sentinel) for sentinel in settings.sentinels],
+                           sentinel_kwargs={**common, **login, **tls, "ssl": ssl})
+    connection_class = _PrimarySSLConnection if ssl else _PrimaryConnection
+    return SentinelConnectionPool(settings.sentinel_master, sentinels, **common, **options,
+                                  connection_class=connection_class)
 
 
 def _address(host_port: str) -> tuple[str, int]:

@@ -24,6 +24,7 @@ from orchestrate.secretfiles import STAGE_ROOT
 from orchestrate.stack import (
     DEFAULT_MONITORING_PORT,
     DEFAULT_PROJECT,
+    DNS_OPTIONS,
     IMAGES,
     MAX_REPLICAS,
     PROJECT_LABEL,
@@ -45,6 +46,9 @@ STACK = describe_stack()
 SERVICES = [s.name for s in STACK.services]
 MONITORED = describe_stack(monitoring_port=DEFAULT_MONITORING_PORT)  # `up --monitoring`
 TLS = describe_stack(tls=True)  # `up --tls`
+HA = describe_stack(ha=True)  # `up --ha`
+# The Redis servers and Sentinels of `up --ha`, which take the place of the one Redis.
+HA_REDIS = [s.name for s in HA.services if s.image == "redis"]
 # Kubernetes has its own proxy: the Service object balances over the pods that are ready.
 K8S_SERVICES = [name for name in SERVICES if name != "proxy"]
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
@@ -237,6 +241,40 @@ def test_compose_tls_override_is_up_tls(
         compose["services"][name]["networks"])
 
 
+@pytest.fixture(scope="module")
+def compose_ha() -> dict[str, Any]:
+    """compose.ha.yml needs docker compose v2 (its !reset and !override tags); -p, because v2
+    sets COMPOSE_PROJECT_NAME to the folder's name otherwise."""
+    return render(tool("docker"), "compose", "-p", DEFAULT_PROJECT, "-f", "docker-compose.yml",
+                  "-f", "compose.ha.yml", "config")
+
+
+@pytest.mark.parametrize("name", HA_REDIS)
+def test_compose_ha_override_runs_the_redis_of_up_ha(compose_ha: dict[str, Any],
+                                                     name: str) -> None:
+    service = HA.service(name)
+    assert compose_view(compose_ha, name) == expected(service)
+    svc = compose_ha["services"][name]
+    assert rendered_timing(svc["healthcheck"]) == health_timing(service.healthcheck)
+    assert svc["labels"] == {**HA.labels(), SERVICE_LABEL: name}
+    assert svc["restart"] == service.hardening.restart
+    assert svc["pids_limit"] == service.hardening.pids_limit
+    assert svc["dns_opt"] == list(DNS_OPTIONS)
+    assert list(svc["networks"]) == list(service.networks)
+    assert_staged(compose_ha, service)
+
+
+def test_compose_ha_override_replaces_redis_and_points_its_clients_at_the_sentinels(
+        compose_ha: dict[str, Any]) -> None:
+    assert "redis" not in compose_ha["services"]
+    for name in ("service", "stream"):
+        assert compose_ha["services"][name]["environment"] == dict(HA.service(name).environment)
+    migrate = [s.name for s in HA.services].index("migrate")
+    assert {name: wait["condition"] for name, wait in
+            compose_ha["services"]["migrate"]["depends_on"].items()} == {
+        s.name: "service_healthy" for s in HA.services[:migrate]}
+
+
 @pytest.mark.parametrize("key", sorted(MONITORED.images))
 def test_compose_builds_every_image_once_as_the_orchestrator_does(
     compose: dict[str, Any], key: str
@@ -383,6 +421,40 @@ def test_swarm_tls_override_is_up_tls(
             name: REPO / SECRETS_DIR / name for name in TLS.secrets}
     else:
         assert swarm_tls["services"][name] == swarm["services"][name]
+
+
+@pytest.fixture(scope="module")
+def swarm_ha() -> dict[str, Any]:
+    return render(tool("docker"), "stack", "config", "-c", "stack.yml", "-c", "stack.ha.yml")
+
+
+@pytest.mark.parametrize("name", HA_REDIS)
+def test_swarm_ha_override_runs_the_redis_of_up_ha(swarm_ha: dict[str, Any], name: str) -> None:
+    service = HA.service(name)
+    assert swarm_view(swarm_ha, name) == expected(service)
+    svc = swarm_ha["services"][name]
+    assert rendered_timing(svc["healthcheck"]) == health_timing(service.healthcheck)
+    assert svc["deploy"]["restart_policy"]["condition"] == "any"
+    assert svc["deploy"]["replicas"] == service.replicas
+    assert svc["deploy"]["update_config"]["order"] == service.update_order
+    assert svc["deploy"]["resources"]["limits"]["pids"] == service.hardening.pids_limit
+    assert svc["networks"] == {network: None for network in service.networks}
+    assert svc["labels"] == {**HA.labels(), SERVICE_LABEL: name}
+    assert swarm_secrets(svc) == {(m.secret, m.target, m.uid, m.gid, m.mode)
+                                  for m in service.secrets}
+
+
+def test_swarm_ha_override_leaves_redis_no_task_and_points_its_clients_at_the_sentinels(
+        swarm_ha: dict[str, Any]) -> None:
+    assert swarm_ha["services"]["redis"]["deploy"]["replicas"] == 0
+    for name in ("service", "stream"):
+        assert swarm_ha["services"][name]["environment"] == dict(HA.service(name).environment)
+    assert {name: Path(s["file"]) for name, s in swarm_ha["secrets"].items()}.items() >= {
+        name: REPO / SECRETS_DIR / name for name in HA.secrets}.items()
+    # Each server and Sentinel writes its own files to /data: a volume each.
+    data = {next(m["source"] for m in swarm_ha["services"][name]["volumes"]
+                 if m["target"] == "/data") for name in HA_REDIS}
+    assert len(data) == len(HA_REDIS)
 
 
 def test_swarm_networks_volumes_and_secret_files_agree(swarm: dict[str, Any]) -> None:

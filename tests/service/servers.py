@@ -220,6 +220,41 @@ class SentinelGroup:
                 return next(node for node in self.nodes if node.port == int(port))
         raise RuntimeError("no Sentinel runs")
 
+    def restart(self, node: RedisServer) -> None:
+        """Start a killed server again as the stack's do (docker/redis/cachestack-redis): the
+        replica of the primary the Sentinels name, or the primary if they name it."""
+        primary = self.primary()
+        node.replica_of = None if primary is node else primary.port
+        node.start()
+
+    def stale_sentinel(self, primary: RedisServer) -> tuple[str, subprocess.Popen]:
+        """A fourth Sentinel (its host:port, and its process) that names `primary` in the
+        first configuration of all and hears of nothing after it: it cannot log in to the
+        servers (a wrong password), so no other Sentinel reaches it, and it never finds the
+        primary down. As a Sentinel looks that is cut off from the others."""
+        port = free_port()
+        conf = Path(self.nodes[0].dir, "sentinel-stale.conf")
+        text = render(SENTINEL_TEMPLATE, self.passwords)
+        text = text.replace("@PRIMARY@ 6379", f"127.0.0.1 {primary.port}")
+        text = text.replace(f"auth-pass cachestack {self.passwords['sentinel']}",
+                            "auth-pass cachestack not-the-password")
+        conf.write_text(text + "sentinel down-after-milliseconds cachestack 3600000\n"
+                        f"port {port}\nbind 127.0.0.1\n")
+        process = subprocess.Popen(["redis-server", str(conf), "--sentinel"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        address = f"127.0.0.1:{port}"
+        wait_until(lambda: redis.Redis(port=port, username="admin",
+                                       password=self.passwords["admin"]).ping(), 10,
+                   "the stale Sentinel")
+        return address, process
+
+    def fail_over(self) -> RedisServer:
+        """Have the Sentinels promote the replica now (SENTINEL FAILOVER); the new primary."""
+        old = self.primary()
+        self.sentinel().execute_command("SENTINEL", "FAILOVER", "cachestack")
+        wait_until(lambda: self.primary() is not old, 15, "the Sentinels to fail over")
+        return self.primary()
+
     def kill_sentinel(self, number: int) -> None:
         process = self.sentinel_processes[number]
         if process:

@@ -6,11 +6,14 @@ answer) while the primary is killed, hangs, or a Sentinel or two are gone."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
+import redis
 import requests
 
 from bench.consistency import Faults, run_checker
@@ -62,7 +65,7 @@ def failed_over(group: SentinelGroup, old: RedisServer) -> Callable[[], None]:
 
     def restart() -> None:
         wait_until(lambda: group.primary() is not old, FAILED_OVER_WITHIN, "a failover")
-        old.start()
+        group.restart(old)
 
     return restart
 
@@ -118,14 +121,90 @@ def test_the_service_answers_with_sentinels_gone(
         if sentinels_killed == 1:
             wait_until(lambda: group.primary() is not old, FAILED_OVER_WITHIN, "a failover")
             wait_until(lambda: cache_status(service.url, user) == "HIT", 10, "a HIT")
-            old.start()
+            group.restart(old)
         else:
             for _ in range(20):
                 assert cache_status(service.url, user) in ("BYPASS", "MISS", "HIT")
                 time.sleep(0.25)
             assert group.primary() is old  # five seconds on, no Sentinel promoted the replica
-            old.start()
+            group.restart(old)
             wait_until(lambda: cache_status(service.url, user) == "HIT", 10, "a HIT")
     finally:
         for number in range(sentinels_killed):
             group.start_sentinel(number)
+
+
+def reads_until(url: str, user: dict, done: Callable[[], bool] = lambda: True,
+                seconds: float = 15) -> list[dict]:
+    """Read `user` by id until `done()` holds and a read after that was a HIT; every answer's
+    data."""
+    answers, deadline = [], time.monotonic() + seconds
+    while True:
+        finished = done()
+        response = requests.get(f"{url}/users/{user['id']}", timeout=10)
+        assert response.status_code == 200, response.text
+        answers.append(response.json()["data"])
+        if finished and response.headers["X-Cache"] == "HIT":
+            return answers
+        assert time.monotonic() < deadline, f"no HIT within {seconds} s: {answers}"
+        time.sleep(0.05)
+
+
+def served_by(server: RedisServer) -> bool:
+    """Whether the service holds connections to `server` (its user's clients there). False
+    when the admin's own connection was just closed: the Sentinels close every client's
+    connection to a server they reconfigure."""
+    try:
+        return any(client["user"] == "service" for client in server.client().client_list())
+    except redis.ConnectionError:
+        return False
+
+
+def test_a_primary_promoted_again_after_missing_writes_begins_a_new_epoch(
+        service: ServiceProcess, group: SentinelGroup) -> None:
+    """The primary hangs, its replica is promoted and takes writes; the old primary comes back
+    a primary still in its own eyes (the Sentinels make it a replica seconds later), and is
+    promoted again before that. It is the same run of Redis as before, with the entries of
+    the epoch it had, and it missed the writes made meanwhile: that epoch is not current."""
+    user = create(service.url, "again")
+    reads_until(service.url, user)
+    old = group.primary()
+    os.kill(old.process.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: group.primary() is not old, FAILED_OVER_WITHIN, "a failover")
+        new = group.primary()
+        reads_until(service.url, user, lambda: served_by(new))
+        changed = requests.patch(f"{service.url}/users/{user['id']}", timeout=10,
+                                 json={"display_name": "written meanwhile"})
+        assert changed.status_code == 200, changed.text
+    finally:
+        os.kill(old.process.pid, signal.SIGCONT)
+    wait_until(lambda: old.client().role()[0] == b"master" and any(
+        replica["port"] == old.port and not replica["is_sdown"]
+        for replica in group.sentinel().sentinel_slaves("cachestack")), 10,
+               "the Sentinels to hear from the old primary again")
+    assert group.fail_over() is old
+    answers = reads_until(service.url, user, lambda: served_by(old) and not served_by(new))
+    assert all(answer == changed.json()["data"] for answer in answers), answers
+
+
+def test_a_sentinel_that_missed_a_failover_is_not_followed(
+        database_url: str, owner_url: str, group: SentinelGroup) -> None:
+    """A Sentinel cut off from the others names the primary of an older configuration (here,
+    a server that has been a replica since); the service, which asks it first, finds the
+    primary of the newest configuration all the same."""
+    old = group.primary()
+    group.fail_over()
+    wait_until(lambda: old.client().role()[0] == b"slave", 15, "the old primary a replica")
+    stale, process = group.stale_sentinel(old)
+    empty_database(owner_url)
+    service = ServiceProcess({"DATABASE_URL": database_url, "REDIS_URL": group.url,
+                              "REDIS_SENTINELS": f"{stale},{group.sentinels}",
+                              "CACHE_COOLDOWN_SECONDS": "0.5"})
+    try:
+        user = create(service.url, "newest")
+        assert reads_until(service.url, user, seconds=10)[-1] == user
+    finally:
+        service.close()
+        process.kill()
+        process.wait()

@@ -63,15 +63,20 @@ end
 -- epoch: the epoch to use now. KEYS[1] the epoch key; ARGV[1] an epoch the caller lived
 -- through a gap in (commands of it may have been lost, or may still arrive late), which must
 -- not be current when this returns, or '' for none; ARGV[2] a fresh random name, used when a
--- new epoch must begin. An epoch is '<run_id>:<name>': one of another run of Redis (a
--- restart, or a replica promoted in a failover) is never current.
+-- new epoch must begin; ARGV[3] the Sentinels' configuration the caller found this server
+-- the primary in (0 without Sentinels; it grows with every failover). An epoch is
+-- '<run_id>:<configuration>:<name>': one of another run of Redis (a restart, or a replica
+-- promoted in a failover), or of an earlier configuration (a server promoted again, which
+-- missed what was written on the one promoted in between), is never current.
 local function epoch(keys, args)
   local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+  local configuration = tonumber(args[3] or '0')
   local current = redis.call('GET', keys[1])
-  if current and current ~= args[1] and string.find(current, run_id .. ':', 1, true) == 1 then
-    return current
+  if current and current ~= args[1] then
+    local run, since = string.match(current, '^(%x+):(%d+):')
+    if run == run_id and tonumber(since) >= configuration then return current end
   end
-  local new = run_id .. ':' .. args[2]
+  local new = run_id .. ':' .. configuration .. ':' .. args[2]
   redis.call('SET', keys[1], new)
   return new
 end
