@@ -249,9 +249,12 @@ class SentinelGroup:
         return address, process
 
     def fail_over(self) -> RedisServer:
-        """Have the Sentinels promote the replica now (SENTINEL FAILOVER); the new primary."""
+        """Have the Sentinels promote the replica now (SENTINEL FAILOVER); the new primary. A
+        replica that came back lately is refused (NOGOODSLAVE) until the Sentinel's next look at
+        it finds it in sync: asked again until accepted."""
         old = self.primary()
-        self.sentinel().execute_command("SENTINEL", "FAILOVER", "cachestack")
+        wait_until(lambda: self.sentinel().execute_command("SENTINEL", "FAILOVER", "cachestack"),
+                   30, "a replica the Sentinels may promote", interval=0.5)
         wait_until(lambda: self.primary() is not old, 15, "the Sentinels to fail over")
         return self.primary()
 
