@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from . import audit, backup, bench, engine, images, record, rotate
+from . import audit, backup, bench, engine, images, patroni, record, rotate
 from .containers import project_containers
 from .errors import OrchestrateError
 from .output import say, step
@@ -93,9 +93,11 @@ def status_command(args: argparse.Namespace) -> None:
     stack = (settings or Settings(tls=True)).stack(args.project)
     for row in engine.status(stack):
         say(
-            "{service:<9} {container:<28} {id:<12} {state:<10} {health:<10} {ports:<16} "
+            "{service:<10} {container:<28} {id:<12} {state:<10} {health:<10} {ports:<16} "
             "{proxy:<6} {by:<11} {image}".format(**row)
         )
+    for line in patroni.status_lines(engine.connect(), args.project):
+        say(line)
     for warning in expiring_certificates(stack):
         say(f"warning: {warning}")
 
@@ -188,3 +190,14 @@ def audit_command(args: argparse.Namespace) -> int:
     say(f"project {args.project}: {audit.summary(found)}")
     return 1 if sum(found.values()) else 0
 
+
+
+def switchover_command(args: argparse.Namespace) -> None:
+    existing(args.project)
+    if not recorded_settings(args).ha:
+        raise OrchestrateError(f"project {args.project} has one Postgres, not a Patroni "
+                               "cluster: a switchover needs `up --ha`")
+    started = time.monotonic()
+    former, new = patroni.switchover(engine.connect(), args.project, args.to)
+    say(f"project {args.project}: {new} leads, {former} is its replica "
+        f"({time.monotonic() - started:.1f}s)")
