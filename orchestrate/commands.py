@@ -10,6 +10,7 @@ the stack as it was brought up, whatever defaults the options have.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -116,18 +117,23 @@ def smoke_command(args: argparse.Namespace) -> None:
 
 
 def secrets_command(args: argparse.Namespace) -> None:
-    # What any format may mount, the proxy's TLS certificate (compose.tls.yml) included.
-    stack = describe_stack(args.project, tls=True)
-    created = ensure_secrets(stack)
+    # What any format may mount: the proxy's TLS certificate (compose.tls.yml) and the members
+    # of the highly available database (compose.ha.yml) included.
+    stacks = [describe_stack(args.project, tls=True, ha=ha) for ha in (False, True)]
+    created = [name for stack in stacks for name in ensure_secrets(stack)]
     say(f"generated {', '.join(created)}" if created else "all secrets present")
-    for service in stack.services:
+    services = {service.name: (stack, service) for stack in stacks for service in stack.services}
+    for stack, service in services.values():
         staged = stage_secrets(stack, service)
         say(f"staged for {service.name}: {', '.join(str(p) for p in staged.values())}")
 
 
 def build_command(args: argparse.Namespace) -> None:
-    # Every image compose may run, Prometheus's (its profile monitoring) included.
-    stack = describe_stack(args.project, monitoring_port=DEFAULT_MONITORING_PORT)
+    # Every image compose may run, Prometheus's (its profile monitoring) and the highly
+    # available database's (compose.ha.yml) included.
+    single, ha = (describe_stack(args.project, monitoring_port=DEFAULT_MONITORING_PORT, ha=ha)
+                  for ha in (False, True))
+    stack = dataclasses.replace(single, images={**single.images, **ha.images})
     with step("images"):
         refs = images.resolve_images(engine.connect(), stack, args.images or "auto")
         for key, ref in refs.items():

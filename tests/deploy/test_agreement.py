@@ -33,6 +33,7 @@ from orchestrate.stack import (
     SERVICE_LABEL,
     HealthCheck,
     Service,
+    Stack,
     describe_stack,
 )
 from service import probe
@@ -45,6 +46,9 @@ STACK = describe_stack()
 SERVICES = [s.name for s in STACK.services]
 MONITORED = describe_stack(monitoring_port=DEFAULT_MONITORING_PORT)  # `up --monitoring`
 TLS = describe_stack(tls=True)  # `up --tls`
+HA = describe_stack(ha=True)  # `up --ha`
+# What `up --ha` changes: the database's services, and the URLs of those that reach it.
+HA_SERVICES = [s.name for s in HA.services if s.name not in SERVICES or s != STACK.service(s.name)]
 # Kubernetes has its own proxy: the Service object balances over the pods that are ready.
 K8S_SERVICES = [name for name in SERVICES if name != "proxy"]
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
@@ -140,14 +144,14 @@ def image_name(ref: str) -> str:
     return ref.rsplit(":", 1)[0]
 
 
-def start_order() -> dict[str, dict[str, str]]:
+def start_order(stack: Stack = STACK) -> dict[str, dict[str, str]]:
     """What each service waits for, by the orchestrator's rule (engine.realise): a task waits
     until the services before it are healthy, and the services after a task wait for it to
     have succeeded."""
     waits: dict[str, dict[str, str]] = {}
     before: list[str] = []
     task = None
-    for service in STACK.services:
+    for service in stack.services:
         if service.once:
             waits[service.name] = {name: "service_healthy" for name in before}
             before, task = [], service.name
@@ -173,11 +177,13 @@ def compose_view(doc: dict[str, Any], name: str) -> View:
         "command": unescape(svc["command"]),
         "environment": svc.get("environment", {}),
         "secrets": sorted(f"{SECRETS_TARGET_DIR}/{s['target']}" for s in svc.get("secrets", [])),
-        "data": sorted(tuple(v.split(":")[:2]) for v in svc["volumes"] if not v.startswith("/"))
-        if "volumes" in svc
-        else [],
+        # Compose v2 writes volumes in their long form.
+        "data": sorted(tuple(v.split(":")[:2]) if isinstance(v, str) else (v["source"], v["target"])
+                       for v in svc.get("volumes", [])
+                       if not (v if isinstance(v, str) else v["source"]).startswith("/")),
         "health": unescape(svc["healthcheck"]["test"]) if "healthcheck" in svc else None,
-        "ports": [int(p.split(":")[2].split("/")[0]) for p in svc.get("ports", [])],
+        "ports": [int(p.split(":")[2].split("/")[0]) if isinstance(p, str) else p["target"]
+                  for p in svc.get("ports", [])],
         "read_only": svc["read_only"],
         "cap_drop": svc["cap_drop"],
         "memory": to_bytes(svc["mem_limit"]),
@@ -206,6 +212,43 @@ def test_compose_agrees(compose: dict[str, Any], name: str) -> None:
     waits = {dep: how["condition"] for dep, how in svc.get("depends_on", {}).items()}
     assert waits == start_order()[name]
     assert svc.get("scale", 1) == service.replicas
+
+
+@pytest.fixture(scope="module")
+def compose_ha() -> dict[str, Any]:
+    """`up --ha` as compose.ha.yml renders it: Compose v2 (its `!override`)."""
+    return render(tool("docker"), "compose", "--project-name", DEFAULT_PROJECT, "-f",
+                  "docker-compose.yml", "-f", "compose.ha.yml", "config")
+
+
+@pytest.mark.parametrize("name", HA_SERVICES)
+def test_compose_ha_override_is_up_ha(compose_ha: dict[str, Any], name: str) -> None:
+    """-f compose.ha.yml runs what `up --ha` runs in place of the one Postgres, as the
+    orchestrator runs it, and points the service and `migrate` at every member."""
+    service = HA.service(name)
+    assert compose_view(compose_ha, name) == expected(service)
+    svc = compose_ha["services"][name]
+    if service.healthcheck:
+        assert rendered_timing(svc["healthcheck"]) == health_timing(service.healthcheck)
+    assert sorted(svc["tmpfs"]) == sorted(f"{p}:{o}" for p, o in service.hardening.tmpfs)
+    assert svc["pids_limit"] == service.hardening.pids_limit
+    assert svc["restart"] == service.hardening.restart
+    assert ("no-new-privileges:true" in svc["security_opt"]) == service.hardening.no_new_privileges
+    assert sorted(svc["networks"]) == sorted(service.networks)
+    assert svc["labels"] == {**STACK.labels(), SERVICE_LABEL: name}
+    assert_staged(compose_ha, service)
+    waits = {dep: how["condition"] for dep, how in svc.get("depends_on", {}).items()}
+    assert waits == start_order(HA)[name]
+
+
+def test_compose_ha_runs_no_other_postgres(compose_ha: dict[str, Any]) -> None:
+    """The one Postgres is left to a profile nothing starts; the rest is as without it."""
+    assert set(compose_ha["services"]) == {s.name for s in HA.services}
+    assert {n.name: n.internal for n in HA.networks} == {
+        name: bool(net.get("internal")) for name, net in compose_ha["networks"].items()}
+    assert sorted(compose_ha["volumes"]) == sorted(HA.volumes)
+    for name in set(SERVICES) - set(HA_SERVICES) - {"postgres"}:
+        assert compose_view(compose_ha, name) == expected(HA.service(name))
 
 
 def assert_staged(compose: dict[str, Any], service: Service) -> None:
@@ -383,6 +426,40 @@ def test_swarm_tls_override_is_up_tls(
             name: REPO / SECRETS_DIR / name for name in TLS.secrets}
     else:
         assert swarm_tls["services"][name] == swarm["services"][name]
+
+
+@pytest.fixture(scope="module")
+def swarm_ha() -> dict[str, Any]:
+    return render(tool("docker"), "stack", "config", "-c", "stack.yml", "-c", "stack.ha.yml")
+
+
+@pytest.mark.parametrize("name", HA_SERVICES)
+def test_swarm_ha_override_is_up_ha(swarm_ha: dict[str, Any], name: str) -> None:
+    """-c stack.ha.yml runs what `up --ha` runs, each member a service of one task, and
+    points the service and `migrate` at every member."""
+    service = HA.service(name)
+    assert swarm_view(swarm_ha, name) == expected(service)
+    svc = swarm_ha["services"][name]
+    if service.healthcheck:
+        assert rendered_timing(svc["healthcheck"]) == health_timing(service.healthcheck)
+    assert svc["deploy"]["replicas"] == service.replicas
+    if not service.once:
+        assert svc["deploy"]["update_config"]["order"] == service.update_order
+    assert svc["deploy"]["resources"]["limits"]["pids"] == service.hardening.pids_limit
+    assert sorted(svc["networks"]) == sorted(service.networks)
+    assert svc["labels"] == {**STACK.labels(), SERVICE_LABEL: name}
+    assert swarm_secrets(svc) == {(m.secret, m.target, m.uid, m.gid, m.mode)
+                                  for m in service.secrets}
+
+
+def test_swarm_ha_runs_no_task_of_the_other_postgres(swarm_ha: dict[str, Any]) -> None:
+    """Swarm keeps the services of every file it is given: the one Postgres runs no task."""
+    assert swarm_ha["services"]["postgres"]["deploy"]["replicas"] == 0
+    assert set(swarm_ha["services"]) == {s.name for s in HA.services} | {"postgres"}
+    assert {n.name for n in HA.networks} == set(swarm_ha["networks"])
+    assert set(HA.volumes) <= set(swarm_ha["volumes"])
+    assert {name: Path(s["file"]) for name, s in swarm_ha["secrets"].items()} == {
+        name: REPO / SECRETS_DIR / name for name in dict.fromkeys((*STACK.secrets, *HA.secrets))}
 
 
 def test_swarm_networks_volumes_and_secret_files_agree(swarm: dict[str, Any]) -> None:
