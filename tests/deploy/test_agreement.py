@@ -24,8 +24,10 @@ from orchestrate.secretfiles import STAGE_ROOT
 from orchestrate.stack import (
     DEFAULT_MONITORING_PORT,
     DEFAULT_PROJECT,
+    ETCD_MEMBERS,
     IMAGES,
     MAX_REPLICAS,
+    PATRONI_MEMBERS,
     PROJECT_LABEL,
     PROXY_TLS_SETTING,
     SECRETS_DIR,
@@ -508,7 +510,7 @@ def k8s_health(container: dict[str, Any]) -> list[str] | None:
     return ["CMD-SHELL", command[2]] if command[:2] == ["sh", "-c"] else ["CMD", *command]
 
 
-def k8s_view(objects: list[dict[str, Any]], name: str) -> View:
+def k8s_view(objects: list[dict[str, Any]], name: str, stack: Stack = STACK) -> View:
     workload = workload_of(objects, name)
     pod = workload["spec"]["template"]["spec"]
     container = container_of(objects, name)
@@ -525,10 +527,11 @@ def k8s_view(objects: list[dict[str, Any]], name: str) -> View:
     data = {o["metadata"]["name"]: o["data"] for o in objects if o["kind"] == "Secret"}
     keys = sorted(key for secret in secret_names for key in data[secret])
     environment = {e["name"]: e["value"] for e in container.get("env", [])}
-    if name == "postgres":
+    if "PGDATA" in environment:
         # A fresh volume claim may hold lost+found, which initdb refuses: data go one level down.
-        assert environment.pop("PGDATA").startswith(dict(STACK.service(name).environment)["PGDATA"])
-        environment["PGDATA"] = dict(STACK.service(name).environment)["PGDATA"]
+        wanted = dict(stack.service(name).environment)["PGDATA"]
+        assert environment.pop("PGDATA").startswith(wanted)
+        environment["PGDATA"] = wanted
     security = pod["securityContext"]
     return {
         "image": image_name(container["image"]),
@@ -603,24 +606,32 @@ def test_kubernetes_service_stands_where_the_proxy_does(k8s_objects: list[dict[s
         p.container for p in proxy.ports]
 
 
-def egress(k8s_objects: list[dict[str, Any]], name: str) -> set[tuple[str, int]]:
-    """Where the NetworkPolicies let the pods of workload `name` open connections: (the app
-    name of the peer pods, or "dns" for the cluster's DNS, port)."""
-    labels = workload_of(k8s_objects, name)["spec"]["template"]["metadata"]["labels"]
-    allowed = set()
-    for policy in (o for o in k8s_objects if o["kind"] == "NetworkPolicy"):
+def servers_named(url: str) -> set[tuple[str, int]]:
+    """(host, port) of each server a URL names, libpq's multi-host URLs included."""
+    hosts = urlsplit(url).netloc.rpartition("@")[2].split(",")
+    return {(host.rpartition(":")[0], int(host.rpartition(":")[2])) for host in hosts}
+
+
+def admitted(objects: list[dict[str, Any]], labels: dict[str, str], way: str
+             ) -> set[tuple[str, int]]:
+    """Who the NetworkPolicies let connect to pods with `labels` (way="ingress"), or where they
+    let those pods connect (way="egress"): (the peers' app name or component, or "dns", port)."""
+    peers = "from" if way == "ingress" else "to"
+    found = set()
+    for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):
         selector = policy["spec"]["podSelector"].get("matchLabels", {})
         if not all(labels.get(k) == v for k, v in selector.items()):
             continue
-        for rule in policy["spec"].get("egress", []):
-            assert rule.get("to") and rule.get("ports"), f"{policy['metadata']['name']}: open"
-            for peer in rule["to"]:
+        for rule in policy["spec"].get(way, []):
+            assert rule.get(peers) and rule.get("ports"), f"{policy['metadata']['name']}: open"
+            for peer in rule[peers]:
+                match = peer.get("podSelector", {}).get("matchLabels", {})
                 kube_dns = peer.get("namespaceSelector", {}).get("matchLabels") == {
                     "kubernetes.io/metadata.name": "kube-system"}
-                app = "dns" if kube_dns else peer["podSelector"]["matchLabels"][
-                    "app.kubernetes.io/name"]
-                allowed |= {(app, port["port"]) for port in rule["ports"]}
-    return allowed
+                who = ("dns" if kube_dns else match.get("app.kubernetes.io/name")
+                       or match["app.kubernetes.io/component"])
+                found |= {(who, port["port"]) for port in rule["ports"]}
+    return found
 
 
 @pytest.mark.parametrize("name", K8S_SERVICES)
@@ -637,7 +648,55 @@ def test_kubernetes_pods_reach_only_the_servers_their_settings_name(
         if "://" in setting.get("value", "")
         for url in [urlsplit(setting["value"])]
     }
-    assert egress(k8s_objects, name) == {("dns", 53)} | named
+    labels = workload_of(k8s_objects, name)["spec"]["template"]["metadata"]["labels"]
+    assert admitted(k8s_objects, labels, "egress") == {("dns", 53)} | named
+
+
+@pytest.mark.parametrize("name", HA_SERVICES)
+def test_kubernetes_ha_overlay_is_up_ha(k8s_ha_objects: list[dict[str, Any]], name: str) -> None:
+    """k8s/overlays/ha/ runs what `up --ha` runs: each member a StatefulSet of one pod, the
+    service and `migrate` pointed at every member."""
+    service = HA.service(name)
+    assert k8s_view(k8s_ha_objects, name, HA) == expected(service)
+    workload = workload_of(k8s_ha_objects, name)
+    pod = workload["spec"]["template"]["spec"]
+    assert {m.gid for m in service.secrets} == {pod["securityContext"]["fsGroup"]}
+    assert pod["automountServiceAccountToken"] is False
+    if not service.once:
+        assert workload["spec"]["replicas"] == service.replicas
+
+
+def test_kubernetes_ha_needs_no_access_to_the_kubernetes_api(
+        k8s_ha_objects: list[dict[str, Any]]) -> None:
+    """Patroni keeps its state in etcd, not in the Kubernetes API: no pod holds a token, and
+    there is no role to grant. And the one Postgres is gone."""
+    kinds = {o["kind"] for o in k8s_ha_objects}
+    assert not kinds & {"ServiceAccount", "Role", "RoleBinding", "ClusterRole",
+                        "ClusterRoleBinding"}
+    workloads = [o for o in k8s_ha_objects if o["kind"] in ("Deployment", "StatefulSet")]
+    assert all(w["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+               for w in workloads)
+    assert {c["name"] for w in workloads for c in containers_of(w)} == {
+        s.name for s in HA.services if s.name != "proxy"}
+
+
+def test_kubernetes_ha_members_reach_each_other_and_etcd_only(
+        k8s_ha_objects: list[dict[str, Any]]) -> None:
+    """The service pods reach each member's Postgres (and nothing of Patroni's or etcd's);
+    the members reach each other's Postgres and REST API, and etcd; etcd its peers."""
+    def labels(name: str) -> dict[str, str]:
+        return workload_of(k8s_ha_objects, name)["spec"]["template"]["metadata"]["labels"]
+
+    url = dict(HA.service("service").environment)["DATABASE_URL"]
+    assert admitted(k8s_ha_objects, labels("service"), "egress") == {
+        ("dns", 53), ("redis", 6379), *servers_named(url)}
+    member, etcd = labels(PATRONI_MEMBERS[0]), labels(ETCD_MEMBERS[0])
+    assert admitted(k8s_ha_objects, member, "ingress") == {
+        ("service", 5432), ("patroni", 5432), ("patroni", 8008)}
+    assert admitted(k8s_ha_objects, member, "egress") == {
+        ("dns", 53), ("patroni", 5432), ("patroni", 8008), ("etcd", 2379)}
+    assert admitted(k8s_ha_objects, etcd, "ingress") == {("patroni", 2379), ("etcd", 2380)}
+    assert admitted(k8s_ha_objects, etcd, "egress") == {("dns", 53), ("etcd", 2380)}
 
 
 def test_kubernetes_ingress_serves_tls_with_the_proxys_certificate(
@@ -717,6 +776,10 @@ def test_secrets_in_k8s_are_generated_from_the_same_files() -> None:
     kustomization = yaml.safe_load((REPO / "k8s" / "kustomization.yaml").read_text())
     files = dict(f.split("=") for g in kustomization["secretGenerator"] for f in g["files"])
     assert sorted(files.values()) == sorted(f"{SECRETS_DIR}/{name}" for name in TLS.secrets)
+    overlay = yaml.safe_load((REPO / "k8s" / "overlays" / "ha" / "kustomization.yaml").read_text())
+    files = dict(f.split("=") for g in overlay["secretGenerator"] for f in g["files"])
+    assert sorted(files.values()) == sorted(
+        f"{SECRETS_DIR}/{name}" for name in describe_stack(tls=True, ha=True).secrets)
     assert all(key == Path(path).name for key, path in files.items()
                if key not in ("tls.crt", "tls.key"))
     assert run("git", "check-ignore", "-q", "k8s/secrets/x", check=False).returncode == 0
