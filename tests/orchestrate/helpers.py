@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -141,3 +143,20 @@ def until(condition: Callable[[], bool], what: str, seconds: float = 120) -> Non
     while not condition():
         assert time.monotonic() < deadline, f"no {what} within {seconds:.0f} s"
         time.sleep(0.1)
+
+
+def kill_main_process(container: Container) -> float:
+    """SIGKILL the container's main process from the host, as a crash would (the restart
+    policy applies; `docker kill` would count as a manual stop); returns when."""
+    container.reload()
+    os.kill(container.attrs["State"]["Pid"], signal.SIGKILL)
+    return time.monotonic()
+
+
+def absent(postgres: Container, ids: list[int]) -> list[int]:
+    """Those of `ids` that no row of users has, asked of `postgres`."""
+    if not ids:
+        return []
+    listed = ",".join(map(str, ids))
+    rows = psql(postgres, f"SELECT id FROM users WHERE id = ANY('{{{listed}}}'::bigint[])")
+    return sorted(set(ids) - {int(row[0]) for row in rows})

@@ -5,8 +5,6 @@ requests each costs. Tests run in file order on one stack."""
 from __future__ import annotations
 
 import io
-import os
-import signal
 import tarfile
 import time
 from typing import Any
@@ -19,7 +17,7 @@ from orchestrate.secretfiles import api_token
 from orchestrate.stack import REPLICA_LABEL, SERVICE_LABEL, describe_stack
 from tests.steady_load import SteadyLoad
 
-from .helpers import Project, until
+from .helpers import Project, kill_main_process, until
 
 
 def running(client: docker.DockerClient, project: Project, service: str) -> list[Any]:
@@ -39,14 +37,6 @@ def derived_image(client: docker.DockerClient, base: str, tag: str) -> str:
     context.seek(0)
     image, _ = client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True)
     return image.id
-
-
-def kill_main_process(container: Any) -> float:
-    """SIGKILL the container's main process from the host, as a crash would (the restart
-    policy applies; `docker kill` would count as a manual stop); returns when."""
-    container.reload()
-    os.kill(container.attrs["State"]["Pid"], signal.SIGKILL)
-    return time.monotonic()
 
 
 def test_new_code_replaces_the_replicas_one_by_one_without_a_failed_request(
