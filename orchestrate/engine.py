@@ -226,6 +226,7 @@ def realise(
                 for started in waiting:
                     wait_running(containers[started.name][0], started)
                 waiting = []
+                patroni.wait_led(client, stack.project)
                 say(f"{stack.container_name(service.name)}: running {' '.join(service.command)}")
                 run_task(client, stack, service, ref)
             elif service.update_order == "start-first":

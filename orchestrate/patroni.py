@@ -190,6 +190,14 @@ def before_replacing(client: docker.DockerClient, project: str, service: Service
     container.stop(timeout=STOP_GRACE_S)
 
 
+def wait_led(client: docker.DockerClient, project: str) -> None:
+    """Until the cluster (if the project has one) has a leader with a synchronous standby:
+    before that, a commit is on one member only."""
+    if running_members(client, project):
+        wait_for(client, project, "the Patroni cluster has no leader with a synchronous standby",
+                 lambda ms: any(leads(ms, m.name) for m in ms))
+
+
 def wait_rejoined(client: docker.DockerClient, project: str, name: str) -> None:
     """Until the member `name` streams from the leader again, and the leader has a
     synchronous standby (the member a next switchover hands over to)."""
