@@ -37,6 +37,9 @@ class Outcome:
     cached_answered: int
     longest_write_gap: float  # seconds with no write acknowledged
     created: list[int]  # acknowledged creates no delete touched
+    # The display name each user must have in the database at the end: that of its last
+    # write, where that write was acknowledged and began after every other was acknowledged.
+    final: dict[int, str]
 
     @property
     def cached_share(self) -> float:
@@ -179,4 +182,20 @@ class UnderLoad:
         return Outcome(sum(history.statuses.values()), violations, failures, statuses,
                        len(self._cached_results),
                        sum(1 for status in self._cached_results if status == 200),
-                       gap / NS, sorted(history.live | set(self._created)))
+                       gap / NS, sorted(history.live | set(self._created)),
+                       final_states(history.writes))
+
+
+def final_states(writes: list) -> dict[int, str]:
+    """The display name of each user whose last write surely came last (see Outcome)."""
+    by_user: dict[int, list] = collections.defaultdict(list)
+    for write in writes:
+        if write.user_id is not None:
+            by_user[write.user_id].append(write)
+    final = {}
+    for user_id, theirs in by_user.items():
+        last = max(theirs, key=lambda w: w.ack)
+        others = [w for w in theirs if w is not last]
+        if last.ack != FOREVER and last.state and all(w.ack < last.start for w in others):
+            final[user_id] = last.state["display_name"]
+    return final

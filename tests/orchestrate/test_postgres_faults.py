@@ -13,7 +13,7 @@ from orchestrate import patroni
 from orchestrate.secretfiles import api_token
 from tests.outage import Outcome, UnderLoad
 
-from .helpers import Project, absent, container, kill_main_process, until
+from .helpers import Project, absent, container, kill_main_process, not_as_written, until
 
 PAUSE_S = 20  # how long Postgres stops answering: the fault itself, not a wait
 
@@ -25,7 +25,9 @@ def judged(docker_client: docker.DockerClient, project: Project, load: UnderLoad
     print(f"{what}: {outcome.summary()}")
     assert outcome.violations == [], outcome.violations[:5]
     assert outcome.failures == [], outcome.failures[:5]
-    assert absent(patroni.database(docker_client, project.name), outcome.created) == []
+    database = patroni.database(docker_client, project.name)
+    assert absent(database, outcome.created) == []
+    assert not_as_written(database, outcome.final) == []
     return outcome
 
 
