@@ -7,11 +7,15 @@ names the write that produced it. Writes whose order the client cannot know (the
 treated conservatively: the read may return any of them. Usage:
 
     python bench/consistency.py [--url URL [--token-file F]] [--operations N] [--clients C]
-                                [--seed S]
+                                [--seed S] [--fault kill|pause [--redis-container NAME]]
+                                [--outside [--outside-dsn DSN] [--lag S]]
 
-Without --url it starts its own Redis, a fresh Postgres database and `python -m service` with its
-default (fastest) settings. A service that asks for API tokens gets the first one of --token-file
-(an API_TOKENS_FILE). Importable: `run_checker(base_url, operations, clients, seed, headers)`.
+Without --url it starts its own Redis, a fresh Postgres database, `python -m service` with its
+default (fastest) settings and its change stream (`python -m service stream`). A service that
+asks for API tokens gets the first one of --token-file (an API_TOKENS_FILE). --outside also
+changes rows by plain SQL behind the service's back (with --url, as --outside-dsn's role); each
+such change must be seen by every read that starts --lag seconds after its commit.
+Importable: `run_checker(base_url, operations, clients, seed, headers, faults, outside)`.
 Exit status 1 when there is a violation or a server error.
 """
 
@@ -21,6 +25,7 @@ import argparse
 import collections
 import contextlib
 import itertools
+import json
 import os
 import random
 import signal
@@ -32,6 +37,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -39,6 +45,10 @@ FOREVER = 2**63  # the acknowledgement time of a write whose outcome is unknown
 POOL = 40  # usernames and emails in play: small, so that creates and renames collide
 RECENT = 80  # clients pick ids among the most recently created ones
 FIRST_UNBORN = 2**53  # far above any id a test's or a bench's database has handed out
+OUTSIDE_ROWS = 16  # rows the outside writer inserts, then changes by plain SQL
+OUTSIDE_READS = 0.3  # the share of reads that ask for them, once there are some
+OUTSIDE_EVERY = 0.02  # seconds between the outside writer's updates
+LAG_BOUND = 1.0  # seconds an outside change may take to reach the cache (the stream's bound)
 MIX = (("create", 0.10), ("update", 0.20), ("delete", 0.03), ("read_id", 0.30),
        ("read_username", 0.17), ("read_email", 0.18))
 
@@ -102,6 +112,10 @@ class History:
         self.errors: list[str] = []
         self.statuses: collections.Counter = collections.Counter()
         self.names = [f"{tag}_{i}" for i in range(POOL)]
+        # Rows only the outside writer changes (OutsideWriter): what clients read of them
+        # can have come from nowhere but Postgres's change stream.
+        self.outside_ids: list[int] = []
+        self.outside_names = [f"{tag}_o{i}" for i in range(OUTSIDE_ROWS * 2)]
 
     def record(self, kind: str, status: int | str, item: Write | Read | None) -> None:
         with self.lock:
@@ -127,6 +141,20 @@ class History:
         if rng.random() < unborn:
             return max(recent) + rng.randint(1, 3)
         return rng.choice(live or recent)
+
+    def pick_read_id(self, rng: random.Random) -> int:
+        """An id to read: now and then one of the outside writer's rows."""
+        with self.lock:
+            outside = self.outside_ids[:]
+        if outside and rng.random() < OUTSIDE_READS:
+            return rng.choice(outside)
+        return self.pick_id(rng, unborn=0.1)
+
+    def pick_read_name(self, rng: random.Random) -> str:
+        with self.lock:
+            outside = bool(self.outside_ids)
+        return rng.choice(self.outside_names if outside and rng.random() < OUTSIDE_READS
+                          else self.names)
 
 
 def any_case(rng: random.Random, text: str) -> str:
@@ -207,17 +235,96 @@ class Client:
         self.history.record(kind, status, item)
 
     def read_id(self) -> None:
-        user_id = self.history.pick_id(self.rng, unborn=0.1)
+        user_id = self.history.pick_read_id(self.rng)
         self._read("read_id", "id", user_id, f"/users/{user_id}", None)
 
     def read_username(self) -> None:
-        name = self.rng.choice(self.history.names)
+        name = self.history.pick_read_name(self.rng)
         self._read("read_username", "username", name, "/users",
                    {"username": any_case(self.rng, name)})
 
     def read_email(self) -> None:
-        email = f"{self.rng.choice(self.history.names)}@example.com"
+        email = f"{self.history.pick_read_name(self.rng)}@example.com"
         self._read("read_email", "email", email, "/users", {"email": any_case(self.rng, email)})
+
+
+
+
+@dataclass(frozen=True)
+class Outside:
+    """A writer the service never hears from: plain SQL UPDATEs on `dsn` (an operator's psql,
+    a batch job), one every `every` seconds, each of a display name (a unique token) and now
+    and then a username. Only Postgres's change stream tells the cache, so a change counts as
+    acknowledged `lag` seconds after its commit."""
+
+    dsn: str
+    lag: float = LAG_BOUND
+    every: float = OUTSIDE_EVERY
+
+
+class OutsideWriter:
+    """The thread that makes an Outside's changes while the clients run."""
+
+    def __init__(self, outside: Outside, history: History, rng: random.Random) -> None:
+        self.outside, self.history, self.rng = outside, history, rng
+        self.tokens = (f"o-{n}" for n in itertools.count())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outside", daemon=True)
+
+    def __enter__(self) -> OutsideWriter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import psycopg2
+
+        conn = psycopg2.connect(self.outside.dsn)
+        conn.autocommit = True
+        try:
+            for name in self.history.outside_names[:OUTSIDE_ROWS]:
+                self._change(conn, "INSERT INTO users (username, email, display_name) "
+                             "VALUES (%s, %s, %s)", (name, f"{name}@example.com",
+                                                     next(self.tokens)))
+            while not self._stop.wait(self.outside.every):
+                changes = {"display_name": next(self.tokens)}
+                if self.rng.random() < 0.3:
+                    name = self.rng.choice(self.history.outside_names)
+                    changes.update(username=name, email=f"{name}@example.com")
+                with self.history.lock:
+                    user_id = self.rng.choice(self.history.outside_ids)
+                self._change(conn, "UPDATE users SET "
+                             + ", ".join(f"{column} = %s" for column in changes)
+                             + " WHERE id = %s", (*changes.values(), user_id))
+        finally:
+            conn.close()
+
+    def _change(self, conn: Any, statement: str, args: tuple) -> None:
+        """Run one INSERT or UPDATE and record it as a write acknowledged the lag after its
+        commit; a new row is one for the clients to read."""
+        import psycopg2
+
+        from service.model import UserRow
+        from service.postgres.statements import USER_COLUMNS
+
+        start = time.monotonic_ns()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"{statement} RETURNING {USER_COLUMNS}", args)
+                row = cur.fetchone()
+        except psycopg2.errors.UniqueViolation:  # a name another of its rows has
+            self.history.record("outside", 409, None)
+            return
+        state = json.loads(UserRow(*row).public_json)
+        ack = time.monotonic_ns() + int(self.outside.lag * 1e9)
+        self.history.record("outside", 200, Write(start, ack, state["id"], state,
+                                                  {"display_name": state["display_name"]}))
+        if statement.startswith("INSERT"):
+            with self.history.lock:
+                self.history.outside_ids.append(state["id"])
 
 
 class Checker:
@@ -323,6 +430,7 @@ class Faults:
             raise ValueError(f"no such fault: {mode} (one of {', '.join(FAULTS)})")
         self.mode, self._pid, self._restart, self._pause = mode, pid, restart, pause
         self.done = 0
+        self.failed: Exception | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="faults", daemon=True)
 
@@ -333,8 +441,16 @@ class Faults:
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         self._thread.join()
+        if self.failed is not None:  # not the service's doing: the run proves nothing
+            raise RuntimeError(f"the faults stopped: {self.failed!r}") from self.failed
 
     def _run(self) -> None:
+        try:
+            self._make_faults()
+        except Exception as exc:  # noqa: BLE001 - reported by __exit__
+            self.failed = exc
+
+    def _make_faults(self) -> None:
         wait = FAULT_EVERY / 4
         while not self._stop.wait(wait):
             pid = self._pid()
@@ -352,10 +468,10 @@ class Faults:
 
 def run_checker(base_url: str, operations: int = 20_000, clients: int = 32,
                 seed: int = 1, headers: dict[str, str] | None = None,
-                faults: Faults | None = None) -> Report:
+                faults: Faults | None = None, outside: Outside | None = None) -> Report:
     """Run `operations` random operations from `clients` threads against base_url, each request
-    with `headers` (an Authorization header, say), while `faults` happen to Redis, then
-    check."""
+    with `headers` (an Authorization header, say), while `faults` happen to Redis and an
+    `outside` writer changes rows behind the service's back, then check."""
     history = History(f"k{uuid.uuid4().hex[:8]}")
     rng = random.Random(seed)
     threads = []
@@ -365,7 +481,8 @@ def run_checker(base_url: str, operations: int = 20_000, clients: int = 32,
                         headers or {})
         threads.append(threading.Thread(target=client.run, args=(share,), daemon=True))
     started = time.monotonic()
-    with faults or contextlib.nullcontext():
+    writer = OutsideWriter(outside, history, random.Random(rng.random())) if outside else None
+    with faults or contextlib.nullcontext(), writer or contextlib.nullcontext():
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -410,7 +527,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-container",
                         help="with --url and --fault: the stack's Redis container (its restart "
                         "policy starts it again)")
+    parser.add_argument("--outside", action="store_true",
+                        help=f"also update rows by plain SQL, one every {OUTSIDE_EVERY:g} s")
+    parser.add_argument("--outside-dsn", help="with --url and --outside: the database to update "
+                        "them in (libpq URL of a role that may)")
+    parser.add_argument("--lag", type=float, default=LAG_BOUND,
+                        help="seconds an outside change may take to be seen "
+                        f"(default {LAG_BOUND:g})")
     args = parser.parse_args(argv)
+    if args.url and args.outside and not args.outside_dsn:
+        parser.error("--outside with --url needs --outside-dsn")
     if args.url:
         headers = {}
         if args.token_file:
@@ -421,22 +547,26 @@ def main(argv: list[str] | None = None) -> int:
             if not args.redis_container:
                 parser.error("--fault with --url needs --redis-container")
             faults = Faults(args.fault, container_pid(args.redis_container))
+        outside = Outside(args.outside_dsn, args.lag) if args.outside else None
         report = run_checker(args.url, args.operations, args.clients, args.seed, headers,
-                             faults)
+                             faults, outside)
     else:
         from processes import Processes, drop_database, recreate_database
 
         with tempfile.TemporaryDirectory(prefix="cachestack-consistency-") as tmp, \
                 Processes(tmp) as processes:
             try:
-                recreate_database("bench_consistency")
-                base, _ = processes.start_service("bench_consistency",
-                                              f"redis://127.0.0.1:{processes.start_redis()}/0")
-                print(f"service {base} (default settings), {args.clients} clients", flush=True)
+                owner_url = recreate_database("bench_consistency")
+                redis_url = f"redis://127.0.0.1:{processes.start_redis()}/0"
+                base, _ = processes.start_service("bench_consistency", redis_url)
+                processes.start_stream("bench_consistency", redis_url)
+                print(f"service {base} (default settings) and its stream, {args.clients} "
+                      "clients", flush=True)
                 faults = args.fault and Faults(args.fault, lambda: processes.pid("redis"),
                                                lambda: processes.restart("redis"))
+                outside = Outside(owner_url, args.lag) if args.outside else None
                 report = run_checker(base, args.operations, args.clients, args.seed,
-                                     faults=faults or None)
+                                     faults=faults or None, outside=outside)
             finally:
                 processes.close()
                 drop_database("bench_consistency")

@@ -33,6 +33,9 @@ from service.cache.scripts import LIBRARY
 PG_URL = os.environ.get("BENCH_PG_URL", "postgresql://cachestack:cachestack@127.0.0.1:5432")
 APP_PG_URL = os.environ.get("BENCH_APP_PG_URL",
                             "postgresql://cachestack_app:cachestack_app@127.0.0.1:5432")
+# The change stream's role (LOGIN REPLICATION); it also drops the bench databases' slots.
+STREAM_PG_URL = os.environ.get("BENCH_STREAM_PG_URL",
+                               "postgresql://cachestack_stream:cachestack_stream@127.0.0.1:5432")
 # The Express reference's sources (server.js, schema.sql, package.json), outside this repository.
 PEER_SOURCE = Path(os.environ.get("BENCH_PEER_SOURCE", "/work/shared/peers/express-seed"))
 
@@ -74,13 +77,21 @@ class Processes:
         self.procs.append((name, proc))
         return proc
 
+    def stop(self, name: str) -> None:
+        """Stop the newest process started under `name` (SIGTERM, as an orchestrator would)."""
+        proc = dict(self.procs)[name]
+        _signal_group(proc, signal.SIGTERM)
+        proc.wait(10)
+
     def pid(self, name: str) -> int:
         """The process id of the newest process started under `name`."""
         return dict(self.procs)[name].pid
 
     def restart(self, name: str) -> None:
-        """Start `name` again, as it was started (after it died: the consistency checker's
-        faults kill Redis)."""
+        """Start `name` again, as it was started, once the one before has gone (the
+        consistency checker's faults kill Redis: until the killed one is reaped, its port may
+        still answer)."""
+        dict(self.procs)[name].wait(10)
         self._starts[name]()
 
     def log_tail(self, name: str, lines: int = 20) -> str:
@@ -181,6 +192,21 @@ class Processes:
         self.wait_http(name, f"{base}/readyz")
         return base, proc
 
+    def start_stream(self, database: str, redis_url: str) -> subprocess.Popen:
+        """`python -m service stream` on DATABASE (migrated) as BENCH_STREAM_PG_URL's role,
+        invalidating the cache at `redis_url`; returns once it reads the database's slot."""
+        self._starts["stream"] = lambda: self.start_stream(database, redis_url)
+        proc = self.spawn("stream", [sys.executable, "-m", "service", "stream", "--port", "0"],
+                          cwd=ROOT, env={"DATABASE_URL": f"{STREAM_PG_URL}/{database}",
+                                         "REDIS_URL": redis_url,
+                                         "STREAM_SLOT": stream_slot(database)})
+        deadline = time.monotonic() + 30
+        while not _slot_read(database):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the stream did not start:\n{self.log_tail('stream')}")
+            time.sleep(0.05)
+        return proc
+
     def start_peer(self, peer_dir: Path, database_url: str, redis_url: str) -> str:
         """The Express reference server (npm-installed in peer_dir); returns its base URL."""
         if not (peer_dir / "node_modules").is_dir():
@@ -219,7 +245,49 @@ def recreate_database(name: str) -> str:
 
 
 def drop_database(name: str) -> None:
+    """Drop database NAME, its change stream's slot first (Postgres refuses otherwise)."""
+    deadline = time.monotonic() + 10
+    while _stream_query("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                        "WHERE slot_name = %s AND NOT active", stream_slot(name)) or \
+            _stream_query("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
+                          stream_slot(name)):
+        if time.monotonic() > deadline:  # a reader still has it
+            raise RuntimeError(f"the slot of {name} is still read")
+        time.sleep(0.1)
     _administer(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def stream_slot(database: str) -> str:
+    """The replication slot of DATABASE's change stream (slots are the cluster's: one each)."""
+    return f"bench_{database}"
+
+
+def _stream_query(sql: str, *args: object) -> list[tuple]:
+    conn = psycopg2.connect(f"{STREAM_PG_URL}/postgres")
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
+def _slot_read(database: str) -> bool:
+    return bool(_stream_query("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND "
+                              "active", stream_slot(database)))
+
+
+def stream_caught_up(database: str, timeout: float = 60) -> float:
+    """Wait until DATABASE's stream has confirmed everything committed so far; returns the
+    seconds that took."""
+    started = time.monotonic()
+    [(target,)] = _stream_query("SELECT pg_current_wal_lsn()")
+    while not _stream_query("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND "
+                            "confirmed_flush_lsn >= %s", stream_slot(database), target):
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"the stream of {database} is behind after {timeout} s")
+        time.sleep(0.01)
+    return time.monotonic() - started
 
 
 def tree_memory(pid: int) -> tuple[int, int, int]:

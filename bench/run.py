@@ -1,7 +1,7 @@
 """Side-by-side wrk benchmark: our service, the Express reference and a constant-JSON baseline.
 
 Usage: python bench/run.py [--duration S] [--rounds N] [--tls-rounds N] [--audit-off-rounds N]
-                           [--only hit|miss|create] [--users N]
+                           [--stream-off-rounds N] [--only hit|miss|create] [--users N]
 
 Starts its own redis-server (no persistence), our service (`python -m service`, default settings,
 an API token required as in the stack) and the Express peer on fresh databases of the local
@@ -12,13 +12,17 @@ hits all three alike. A second instance of ours, "ours+tls", has TLS on both of 
 sslmode=require, which the host's Postgres answers with its own certificate) and runs right after
 ours in the first --tls-rounds rounds; a third, "ours-noaudit", has the consistency auditor off
 (CACHE_AUDIT_PER_SECOND=0) and runs in the first --audit-off-rounds rounds, to show what the
-auditor costs. Medians are reported with the targets (bench/README.md, "Targets").
+auditor costs. Ours runs with its change stream (`python -m service stream`), as deployed;
+"ours-nostream" is ours with the stream stopped, in the first --stream-off-rounds rounds (the
+stream then catches up before the next round), to show what the stream costs. Medians are
+reported with the targets (bench/README.md, "Targets").
 Every process it starts is stopped on the way out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -27,14 +31,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import psycopg2
 import redis
 import requests
-from processes import PEER_SOURCE, Processes, drop_database, recreate_database, tree_memory
+from processes import (
+    PEER_SOURCE,
+    Processes,
+    drop_database,
+    recreate_database,
+    stream_caught_up,
+    tree_memory,
+)
 
 from orchestrate.bench.wrk import SCRIPT
 
@@ -46,7 +58,8 @@ OURS_DB, PEER_DB = "bench", "seedpeer"
 TARGETS = {
     "hit_vs_ref": 3.0, "miss_vs_ref": 1.25, "create_vs_ref": 1.2, "create_p99_ms": 10.0,
     "miss_tls_vs_plain": 0.9, "create_tls_vs_plain": 0.9, "hit_audit_vs_noaudit": 0.97,
-    "hit_vs_baseline": 0.8, "hit_p99_ms": 5.0, "memory_mb": 150.0,
+    "create_stream_vs_nostream": 0.95, "hit_vs_baseline": 0.8, "hit_p99_ms": 5.0,
+    "memory_mb": 150.0,
 }
 # The host's Postgres offers TLS, and libpq's default (prefer) would take it: ours says which.
 PLAIN_DATABASE, TLS_DATABASE = "?sslmode=disable", "?sslmode=require"
@@ -106,13 +119,17 @@ def no_counters() -> tuple[int, int]:
     return 0, 0
 
 
+def wrk_argv(base: str, args: list[str], duration: float) -> list[str]:
+    """wrk with load.lua (orchestrate/bench), its arguments `args`, for `duration` seconds."""
+    return ["wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{duration:g}s", "--latency",
+            "-s", str(SCRIPT), base, "--", *args]
+
+
 def wrk(base: str, args: list[str], duration: int, counters: Counters = no_counters) -> Round:
-    """Run wrk once with load.lua; read the figures from the script's BENCH line."""
+    """Run wrk once; read the figures from the script's BENCH line."""
     before = counters()
-    out = subprocess.run(
-        ["wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{duration}s", "--latency",
-         "-s", str(SCRIPT), base, "--", *args],
-        capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(wrk_argv(base, args, duration), capture_output=True, text=True,
+                         check=True).stdout
     after = counters()
     line = next(x for x in out.splitlines() if x.startswith("BENCH "))
     figures = json.loads(line[len("BENCH "):])
@@ -171,11 +188,24 @@ def prewarm(session: requests.Session, base: str, paths_file: str) -> None:
 
 # Which database and path files each server uses; the variants of ours share its database, so
 # their creates get names of their own.
-SIDES = {"ours": "ours", "ours+tls": "ours", "ours-noaudit": "ours", "reference": "peer"}
-CREATE_TAGS = {"ours": "r", "ours+tls": "s", "ours-noaudit": "a", "reference": "r"}
-# Each variant of ours, reported as a ratio to ours: the key of its targets, and its label.
-VARIANTS = {"ours+tls": ("tls_vs_plain", "ours+tls/ours"),
-            "ours-noaudit": ("audit_vs_noaudit", "ours/ours-noaudit")}
+SIDES = {"ours": "ours", "ours+tls": "ours", "ours-noaudit": "ours", "ours-nostream": "ours",
+         "reference": "peer"}
+CREATE_TAGS = {"ours": "r", "ours+tls": "s", "ours-noaudit": "a", "ours-nostream": "n",
+               "reference": "r"}
+
+
+class Variant(NamedTuple):
+    """A variant of ours, reported as a ratio: the key of its targets, its label, and whether
+    it is ours with something off (the ratio is then ours to it, else it to ours)."""
+
+    key: str
+    label: str
+    off: bool
+
+
+VARIANTS = {"ours+tls": Variant("tls_vs_plain", "ours+tls/ours", off=False),
+            "ours-noaudit": Variant("audit_vs_noaudit", "ours/ours-noaudit", off=True),
+            "ours-nostream": Variant("stream_vs_nostream", "ours/ours-nostream", off=True)}
 
 
 @dataclass
@@ -187,6 +217,8 @@ class Targets:
     rounds: int
     variant_rounds: dict[str, int]  # variant of ours -> in how many of the first rounds it runs
     headers: dict[str, str]
+    # What a server's rounds run inside (ours-nostream: the stream stopped), if anything.
+    around: dict[str, Callable[[], contextlib.AbstractContextManager]]
     cold_offset: dict[str, int] = field(default_factory=lambda: {"ours": 0, "peer": 0})
 
     def _servers(self, number: int) -> list[str]:
@@ -212,7 +244,9 @@ class Targets:
                 if name == "hit":
                     prewarm(session, base, self.files[f"{SIDES[who]}_hot"])
                 counted = self.counters[who] if name != "create" else no_counters
-                result = wrk(base, self._wrk_args(name, who, number), self.duration, counted)
+                with self.around.get(who, contextlib.nullcontext)():
+                    result = wrk(base, self._wrk_args(name, who, number), self.duration,
+                                 counted)
                 if name == "miss":
                     self.cold_offset[SIDES[who]] += result.used + THREADS
                 series[who].rounds.append(result)
@@ -222,6 +256,18 @@ class Targets:
             series["baseline"].rounds.append(result)
             print(f"  {name} round {number + 1} baseline  {result.rps:9.0f} req/s", flush=True)
         return series
+
+
+@contextlib.contextmanager
+def stream_stopped(processes: Processes, redis_url: str) -> Iterator[None]:
+    """Ours without its change stream; afterwards it is started again and catches up, so that
+    the next round pays nothing for what this one wrote."""
+    processes.stop("stream")
+    try:
+        yield
+    finally:
+        processes.start_stream(OURS_DB, redis_url)
+        stream_caught_up(OURS_DB, timeout=600)
 
 
 def verdict(ok: bool) -> str:
@@ -251,12 +297,11 @@ def report(results: dict[str, dict[str, Series]], memory: tuple[int, int, int]) 
             target = TARGETS["hit_vs_baseline"]
             line += f" (target >= {target}x: {verdict(ours / base >= target)})"
         print(line)
-        for variant, (key, label) in VARIANTS.items():
+        for variant, (key, label, off) in VARIANTS.items():
             if variant not in series:
                 continue
             other = series[variant].median("rps")
-            # The ratio is the variant's to ours, but for the auditor, which ours has on.
-            ratio = ours / other if variant == "ours-noaudit" else other / ours
+            ratio = ours / other if off else other / ours
             line = (f"{name:8} {label} = {ratio:.2f}x "
                     f"({len(series[variant].rounds)} round(s) of {variant})")
             target = TARGETS.get(f"{name}_{key}")
@@ -286,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="rounds of each workload that also run ours+tls (default 1; 0: none)")
     parser.add_argument("--audit-off-rounds", type=int, default=1,
                         help="rounds of each workload that also run ours-noaudit (default 1)")
+    parser.add_argument("--stream-off-rounds", type=int, default=1,
+                        help="rounds of each workload that also run ours-nostream (default 1)")
     parser.add_argument("--peer-dir", type=Path, default=Path("/tmp/express-seed"),
                         help="where the Express peer is (copied and npm-installed if missing)")
     args = parser.parse_args(argv)
@@ -298,10 +345,12 @@ def main(argv: list[str] | None = None) -> int:
         (work / "api_tokens").write_text(token + "\n")
         os.environ["BENCH_TOKEN_FILE"] = str(work / "api_tokens")  # for wrk's load.lua
         redis_port = processes.start_redis()
+        ours_redis = f"redis://127.0.0.1:{redis_port}/0"
         ours_db, peer_db = recreate_database(OURS_DB), recreate_database(PEER_DB)
         try:
-            ours, service = processes.start_service(OURS_DB, f"redis://127.0.0.1:{redis_port}/0",
-                                                database_options=PLAIN_DATABASE, env=guarded)
+            ours, service = processes.start_service(OURS_DB, ours_redis,
+                                                    database_options=PLAIN_DATABASE, env=guarded)
+            processes.start_stream(OURS_DB, ours_redis)
             peer = processes.start_peer(args.peer_dir, peer_db, f"redis://127.0.0.1:{redis_port}/1")
             bases = {"ours": ours, "reference": peer}
             if args.tls_rounds:
@@ -313,18 +362,24 @@ def main(argv: list[str] | None = None) -> int:
                     OURS_DB, f"redis://127.0.0.1:{redis_port}/2", name="service-noaudit",
                     database_options=PLAIN_DATABASE,
                     env={**guarded, "CACHE_AUDIT_PER_SECOND": "0"})
+            if args.stream_off_rounds:
+                bases["ours-nostream"] = ours
             started = time.monotonic()
             files = seed(ours_db, peer_db, args.users, work)
+            stream_caught_up(OURS_DB, timeout=600)
             print(f"seeded {args.users} users per server in {time.monotonic() - started:.1f} s; "
                   + ", ".join(f"{who} {base}" for who, base in bases.items()), flush=True)
             counters = {who: metrics_counters(base) for who, base in bases.items()}
             counters["reference"] = redis_counters(redis.Redis(port=redis_port))
-            variant_rounds = {"ours+tls": args.tls_rounds, "ours-noaudit": args.audit_off_rounds}
+            variant_rounds = {"ours+tls": args.tls_rounds, "ours-noaudit": args.audit_off_rounds,
+                              "ours-nostream": args.stream_off_rounds}
             targets = Targets(bases, counters, files, args.duration, args.rounds,
                               {who: n for who, n in variant_rounds.items() if who in bases},
-                              {"Authorization": f"Bearer {token}"})
+                              {"Authorization": f"Bearer {token}"},
+                              {"ours-nostream": lambda: stream_stopped(processes, ours_redis)})
             for who, base in bases.items():  # warm up every server, untimed
-                wrk(base, ["paths", files[f"{SIDES[who]}_hot"], str(THREADS)], 3)
+                if who != "ours-nostream":  # ours itself
+                    wrk(base, ["paths", files[f"{SIDES[who]}_hot"], str(THREADS)], 3)
             results = {name: targets.scenario(name) for name in workloads}
             memory = tree_memory(service.pid)
             report(results, memory)

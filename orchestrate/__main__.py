@@ -177,7 +177,8 @@ COMMANDS: dict[str, tuple[str, Handler, Callable[[argparse.ArgumentParser], None
     "up": ("build, run, check and smoke-test; replace changed replicas one by one",
            commands.up_command, up_options),
     "down": ("remove the project's resources", commands.down_command, down_options),
-    "status": ("containers, health, ports; certificates about to expire",
+    "status": ("containers, health, ports; whether the change stream is read, and how far "
+               "behind; certificates about to expire",
                commands.status_command, no_options),
     "logs": ("last log lines", commands.logs_command, logs_options),
     "smoke": ("run the smoke checks only", commands.smoke_command, no_options),

@@ -14,7 +14,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from . import audit, backup, bench, engine, images, patroni, record, rotate
+from . import audit, backup, bench, engine, images, patroni, record, rotate, stream
 from .containers import project_containers
 from .errors import OrchestrateError
 from .output import say, step
@@ -99,6 +99,9 @@ def status_command(args: argparse.Namespace) -> None:
         )
     for line in patroni.status_lines(engine.connect(), args.project):
         say(line)
+    # Where a stack the orchestrator did not bring up serves, it cannot know.
+    if settings and any(service.name == "stream" for service in stack.services):
+        say(f"change stream: {stream.describe(stack)}")
     for warning in expiring_certificates(stack):
         say(f"warning: {warning}")
 

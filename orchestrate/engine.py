@@ -230,7 +230,9 @@ def realise(
                 say(f"{stack.container_name(service.name)}: running {' '.join(service.command)}")
                 run_task(client, stack, service, ref)
             elif service.update_order == "start-first":
-                proxy = running_proxy(client, stack)
+                # The proxy takes part only for what it balances (the stream's readers it never
+                # sees).
+                proxy = running_proxy(client, stack) if service.rotation_path else None
                 containers[service.name] = rollout.roll_out(client, stack, service, ref, proxy)
             else:
                 container, action = ensure_container(client, stack, service, ref)

@@ -56,6 +56,7 @@ from .stack import (
     CA_CERT,
     DB_APP,
     DB_OWNER,
+    DB_STREAM,
     ETCD_MEMBERS,
     PATRONI_MEMBERS,
     PROXY_CERT,
@@ -67,7 +68,7 @@ from .stack import (
 )
 
 ROLES = {"postgres_password": "postgres", "postgres_owner_password": DB_OWNER,
-         "postgres_app_password": DB_APP}
+         "postgres_app_password": DB_APP, "postgres_stream_password": DB_STREAM}
 REDIS_USERS = {"redis_service_password": REDIS_SERVICE_USER,
                "redis_health_password": REDIS_HEALTH_USER, "redis_admin_password": "admin"}
 ROTATABLE = (*ROLES, *REDIS_USERS, API_TOKENS, CA_CERT)

@@ -8,16 +8,18 @@ The code that realises it with the Docker SDK lives in `orchestrate.engine`; ima
 
 Who may do what:
 - Postgres: the superuser `postgres` logs in only through the local socket inside its
-  container; from the network only the owner role (migrations) and the runtime role (the
-  service) may log in, to the stack's database only, with SCRAM over TLS (docker/postgres).
+  container; from the network only the owner role (migrations), the runtime role (the
+  service) and the stream role (the change stream's readers) may log in, to the stack's
+  database only, with SCRAM over TLS (docker/postgres).
 - Redis: the `default` user is off; the service, the health check and operators each have a
   user of their own (docker/redis/users.acl); it listens on a TLS port only.
 - HTTP: every /users route needs a bearer token from secrets/api_tokens.
 
 Networks: only what publishes a port on the host (the proxy, Prometheus) is on a network with
-a route out (`edge`); the replicas, which hold the database's and Redis's credentials, and the
-stores are on internal networks only (`frontend`: the proxy, the replicas and Prometheus;
-`backend`: the replicas, the stores and `migrate`).
+a route out (`edge`); the replicas and the stream's readers, which hold the database's and
+Redis's credentials, and the stores are on internal networks only (`frontend`: the proxy, the
+replicas, the readers' metrics and Prometheus; `backend`: the replicas, the readers, the
+stores and `migrate`).
 
 Resource names: containers `<project>-<service>`, networks and volumes `<project>_<name>`;
 every container, network and volume carries the label `org.cachestack.project=<project>`.
@@ -51,6 +53,8 @@ PROMETHEUS_UID = 65534  # nobody, as in the official image
 DB_NAME = "cachestack"
 DB_OWNER = "cachestack_owner"  # owns the database and its tables; runs the migrations
 DB_APP = "cachestack_app"  # the service's login: exactly the DML it needs, owns nothing
+# The change stream's login: REPLICATION, to read its slot, and SELECT on what it looks up.
+DB_STREAM = "cachestack_stream"
 REDIS_SERVICE_USER = "service"  # the users are defined in docker/redis/users.acl
 REDIS_HEALTH_USER = "health"
 
@@ -340,7 +344,8 @@ POSTGRES_SETTINGS = (
 
 # What the roles of docker/postgres/roles.sql need, the single Postgres's and every Patroni
 # member's: their names, and the passwords it sets.
-POSTGRES_ROLE_SECRETS = ("postgres_password", "postgres_owner_password", "postgres_app_password")
+POSTGRES_ROLE_SECRETS = ("postgres_password", "postgres_owner_password", "postgres_app_password",
+                         "postgres_stream_password")
 
 
 def _roles_environment() -> tuple[tuple[str, str], ...]:
@@ -348,6 +353,7 @@ def _roles_environment() -> tuple[tuple[str, str], ...]:
         ("CACHESTACK_DATABASE", DB_NAME),
         ("CACHESTACK_OWNER_ROLE", DB_OWNER),
         ("CACHESTACK_APP_ROLE", DB_APP),
+        ("CACHESTACK_STREAM_ROLE", DB_STREAM),
     )
 
 
@@ -453,6 +459,7 @@ def migrate_service(ha: bool = False) -> Service:
             ("DATABASE_URL", _database_url(DB_OWNER, ha)),
             ("DATABASE_PASSWORD_FILE", secret_target("postgres_owner_password")),
             ("DATABASE_APP_ROLE", DB_APP),
+            ("DATABASE_STREAM_ROLE", DB_STREAM),
         ),
         secrets=_mounts(SERVICE_UID, "postgres_owner_password", CA_CERT),
         networks=("backend",),
@@ -496,6 +503,40 @@ def replicas_service(replicas: int, ha: bool = False) -> Service:
         rotation_path="/healthz",
         replicas=replicas,
         update_order="start-first",
+    )
+
+
+# Where each reader of the change stream serves its metrics, on the frontend network, for
+# Prometheus alone: nothing publishes it.
+STREAM_METRICS_PORT = 9101
+STREAM_READERS = 2  # Postgres lets one read the slot; the other takes over when it stops
+
+
+def stream_service(ha: bool = False) -> Service:
+    """The change stream (`python -m service stream`): two readers that take turns on the
+    users table's replication slot, invalidating the cache for every change whoever made it,
+    as the stream role (a REPLICATION login, over TLS) and the service's Redis user."""
+    replicas = replicas_service(STREAM_READERS, ha)
+    return dataclasses.replace(
+        replicas,
+        name="stream",
+        command=("python", "-m", "service", "stream", "--host", "0.0.0.0"),
+        environment=(
+            ("DATABASE_URL", _database_url(DB_STREAM, ha)),
+            ("DATABASE_PASSWORD_FILE", secret_target("postgres_stream_password")),
+            *((name, value) for name, value in replicas.environment
+              if name.startswith("REDIS_")),
+            ("PORT", str(STREAM_METRICS_PORT)),
+        ),
+        secrets=_mounts(SERVICE_UID, "postgres_stream_password", "redis_service_password",
+                        CA_CERT),
+        # Alive while it answers; ready once it has taken its turn on the slot (a new epoch
+        # begun, if one was due): `up` starts the next reader, and the proxy, only then.
+        healthcheck=HealthCheck(("CMD", "python", "-m", "service.probe", "/metrics"),
+                                interval_s=5.0),
+        hardening=Hardening(tmpfs=(_private_tmp(SERVICE_UID, "16m"),), pids_limit=64),
+        ready_path="/readyz",
+        rotation_path=None,
     )
 
 
@@ -701,7 +742,7 @@ def describe_stack(
     with a `monitoring_port`, Prometheus published there; with `ha`, Postgres and Redis
     highly available. Its services start in this order."""
     services = (*postgres_services(ha), *redis_services(ha), migrate_service(ha),
-                replicas_service(replicas, ha), proxy_service(port, tls))
+                replicas_service(replicas, ha), stream_service(ha), proxy_service(port, tls))
     if monitoring_port is not None:
         services += (prometheus_service(monitoring_port),)
     mounted = dict.fromkeys(m.secret for s in services for m in s.secrets)

@@ -60,12 +60,15 @@ ensure_role cachestack CREATEDB
 ensure_role cachestack_owner NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
 ensure_role cachestack_app NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
 ensure_role cachestack_stream REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS
-test_db_owner=$(sql "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'cachestack_test'")
-if [[ -n $test_db_owner && $test_db_owner != cachestack_owner ]]; then  # test data only
-  sql "DROP DATABASE cachestack_test WITH (FORCE)" >/dev/null
-  test_db_owner=
-fi
-[[ -n $test_db_owner ]] || as_postgres createdb -O cachestack_owner cachestack_test
+# The test database starts empty on every run (test data only): a database another checkout
+# migrated could hold a schema this one does not know. Its replication slots go first (Postgres
+# will not drop a database a slot reads).
+sql "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+     WHERE database = 'cachestack_test' AND active_pid IS NOT NULL" >/dev/null
+sql "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+     WHERE database = 'cachestack_test'" >/dev/null
+sql "DROP DATABASE IF EXISTS cachestack_test WITH (FORCE)" >/dev/null
+as_postgres createdb -O cachestack_owner cachestack_test
 
 # Redis: the tests start private redis-server processes; only the binary is needed.
 # Docker: the orchestrator, compose and swarm tests need a running engine.

@@ -39,7 +39,8 @@ CACHE_INCONSISTENCIES = Counter(
 STREAM_CHANGES = Counter("stream_changes", "Row changes of users applied to the cache")
 STREAM_LAG = Histogram(
     "stream_lag_seconds",
-    "From a transaction's commit to the cache's invalidation of its changes",
+    "From a transaction's commit to the cache's invalidation of its changes (of each batch "
+    "applied, its oldest transaction's)",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 STREAM_NEW_EPOCHS = Counter(

@@ -1,21 +1,25 @@
 -- The roles of cachestack's database, run by cachestack-postgres at every start, as the
 -- superuser over a private socket, before the server accepts network logins. Idempotent.
 -- psql variables: database, owner (runs the migrations, owns the tables), app (the runtime
--- role the service logs in as; its table privileges are set by `python -m service migrate`).
+-- role the service logs in as), stream (the change stream's reader: it may read replication
+-- slots, nothing else; `python -m service migrate` sets the table privileges of both).
 
 -- A statement that fails must not write a password into the server log.
 SET log_min_error_statement = panic;
 \set superuser_password `cat /run/secrets/postgres_password`
 \set owner_password `cat /run/secrets/postgres_owner_password`
 \set app_password `cat /run/secrets/postgres_app_password`
+\set stream_password `cat /run/secrets/postgres_stream_password`
 
 SELECT format('CREATE ROLE %I', name)
-  FROM (VALUES (:'owner'), (:'app')) AS wanted (name)
+  FROM (VALUES (:'owner'), (:'app'), (:'stream')) AS wanted (name)
  WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = name) \gexec
 ALTER ROLE :"owner" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
       PASSWORD :'owner_password';
 ALTER ROLE :"app" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
       PASSWORD :'app_password';
+ALTER ROLE :"stream" LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS
+      PASSWORD :'stream_password';
 ALTER ROLE postgres PASSWORD :'superuser_password';
 
 SELECT format('CREATE DATABASE %I OWNER %I', :'database', :'owner')

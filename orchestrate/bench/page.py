@@ -27,8 +27,8 @@ NOTES = (
     "mode.",
     "Hit %: reads answered by the near cache or Redis; bypass %: reads answered by Postgres "
     "alone because Redis was out of reach or slower than CACHE_TIMEOUT_MS. Queries: SQL "
-    "statements the service sent to Postgres per request (the cache auditor's samples add a "
-    "few). CPU: the service's containers' CPU time per request; memory: theirs after the run, "
+    "statements the service sent to Postgres per request (a /readyz check adds one). CPU: the "
+    "service's containers' CPU time per request; memory: theirs after the run, "
     "summed over the replicas.",
 )
 FOOTNOTE = ("proxy: the stack's replicas through its proxy. cache on, near cache off, cache off: "

@@ -1,8 +1,8 @@
 """The value the cache keeps for a user id, one format for Redis, the near caches and the
-auditor (lua/entry.lua reads its version): `<version> <json>` for a user, `<version> ` for a
-deleted one (a tombstone), `0 ` for an id nobody has. The JSON is the exact body the API
-sends (model.UserRow.public_json). Pointers (`username:`, `email:`) hold an id or '' for
-nobody instead (keys.py)."""
+auditor (the Lua library, lua/cachestack.lua, reads its version): `<version> <json>` for a
+user, `<version> ` for a deleted one (a tombstone), `0 ` for an id nobody has. The JSON is
+the exact body the API sends (model.UserRow.public_json). Pointers (`username:`, `email:`)
+hold an id or '' for nobody instead (keys.py)."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ FILL_WAIT = LEASE_MS / 1000 + FILL_POLL_LAST
 
 HIT, MISS, BYPASS = "HIT", "MISS", "BYPASS"
 
-__all__ = ["BYPASS", "HIT", "MISS", "Answer", "CacheUnavailable", "UserCache"]
+__all__ = ["BYPASS", "HIT", "MISS", "Answer", "CacheUnavailable", "Changed", "UserCache"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +55,18 @@ class Answer:
 
     status: str
     user: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Changed:
+    """A user as a change made it, told by the change stream: its id, its entry's version now
+    (a deleted user's is its tombstone's), the lookups that find it now and those that no
+    longer do."""
+
+    user_id: str
+    version: int
+    lookups: tuple[Lookup, ...]
+    former: tuple[Lookup, ...]
 
 
 def _user_key(user_id: int | str) -> str:
@@ -76,8 +88,11 @@ class UserCache:
         self.redis = redis_client
 
         def listen() -> InvalidationListener:
+            # Without a near cache (the change stream's process) there is nothing for users'
+            # changes to make old: only new epochs (and flushes) are heard.
             names = self.trust.names
-            return redis_client.invalidation_listener([names.changes, names.epoch])
+            prefixes = [names.changes, names.epoch] if settings.near_size else [names.epoch]
+            return redis_client.invalidation_listener(prefixes)
 
         self.watch = Watch(listen, lambda: self.trust.names)
         self.trust = Trust(redis_client, self.watch, settings.cooldown, self._namespace)
@@ -292,13 +307,23 @@ class UserCache:
                     for field in ("username", "email")]
         self._write_through([tombstone, *pointers], token)
 
-    def invalidate(self, users: Sequence[tuple[int | str, Sequence[Lookup]]]) -> None:
+    def invalidate(self, changes: Sequence[Changed]) -> None:
         """Forget what changes made by anyone (the change stream) made invalid, as the write
-        path forgets it: each user's entry and the pointers under `lookups` (values the user
-        had before and has after), with their leases, and every near cache is told. When
-        Redis fails, it is trusted again only in a new epoch; CacheUnavailable is raised."""
-        puts = [Put(key, Mode.DELETE, 0, "") for user_id, lookups in users
-                for key in (_user_key(user_id), *map(_lookup_key, lookups))]
+        path forgets it, but for what the write-through of the same change stores: each
+        user's entry unless it holds the change's version or a later one, the pointers under
+        the values the user has now unless they lead to it, those under the values it had
+        before; every lease on them, but that a user's lease is left marked with the version,
+        so that the write-through of this change (or a later one) still stores; and every
+        near cache is told. When Redis fails, it is trusted again only in a new epoch;
+        CacheUnavailable is raised."""
+        puts = []
+        for change in changes:
+            # Its TTL is its mark's on the entry's lease (the Lua library's `write`).
+            puts.append(Put(_user_key(change.user_id), Mode.DELETE_OLDER, LEASE_MS,
+                            b"%d " % change.version))
+            puts += [Put(_lookup_key(lookup), Mode.DELETE_OTHER, 0, change.user_id)
+                     for lookup in change.lookups]
+            puts += [Put(_lookup_key(lookup), Mode.DELETE, 0, "") for lookup in change.former]
         epoch = self.trust.epoch
         try:
             self._write(puts, "")

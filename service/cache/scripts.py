@@ -31,6 +31,9 @@ class Mode(StrEnum):
     STORE_UNLESS_OLDER = "store-unless-older"  # users' entries: a version never goes back
     STORE = "store"  # pointers, username:<lower> and email:<lower>
     DELETE = "delete"
+    # The change stream's: what the write-through of the same change stored stays.
+    DELETE_OLDER = "delete-older"  # users' entries below a version
+    DELETE_OTHER = "delete-other"  # pointers to anyone but the changed user
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import select
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,7 +24,9 @@ import psycopg2.extras
 from ..settings import PostgresSettings
 from .pool import DatabaseUnavailable, first_line
 
-PUBLICATION = "cachestack_users"  # made by migration 004, as the table's owner
+# Made by migrations 004 and 005, as the table's owner: users' updates, deletes and truncates,
+# and the inserts of every writer but the service.
+PUBLICATIONS = "cachestack_users,cachestack_inserts"
 # A reader that stops answering is let go after this, so that another can take the slot.
 SENDER_TIMEOUT = "10s"
 STATUS_INTERVAL = 1.0  # seconds between the reader's reports of its position
@@ -37,11 +40,12 @@ class ChangeStream:
     """One reader's session on the slot."""
 
     def __init__(self, settings: PostgresSettings, slot: str,
-                 publication: str = PUBLICATION) -> None:
+                 publication: str = PUBLICATIONS) -> None:
         self._settings = settings
         self._slot, self._publication = slot, publication
         self._conn: Any = None
         self._cursor: Any = None
+        self._confirmed = 0  # the last position confirmed in this session
         # The server it reads: '<system identifier>:<timeline>' (IDENTIFY_SYSTEM). A failover
         # promotes a replica onto a new timeline; a server made anew has another identifier.
         self.source = ""
@@ -50,6 +54,7 @@ class ChangeStream:
         """Take the slot and start reading it; True when it had to be made anew (a gap: the
         changes before now are lost to it). Raises SlotBusy or DatabaseUnavailable."""
         self.close()
+        self._confirmed = 0
         try:
             self._conn = psycopg2.connect(
                 self._settings.url, connection_factory=psycopg2.extras.LogicalReplicationConnection,
@@ -87,28 +92,37 @@ class ChangeStream:
             slot_name=self._slot, decode=False, status_interval=STATUS_INTERVAL,
             options={"proto_version": "1", "publication_names": self._publication})
 
-    def messages(self, timeout: float) -> Iterator[bytes]:
-        """The messages that arrive within `timeout` seconds, then those already waiting.
-        Raises DatabaseUnavailable when the session breaks."""
+    def messages(self, timeout: float, linger: float = 0.0) -> Iterator[bytes]:
+        """The messages that arrive within `timeout` seconds, then those that follow within
+        `linger` seconds of the first. Raises DatabaseUnavailable when the session breaks."""
         try:
             message = self._cursor.read_message()
             if message is None:
                 select.select([self._cursor], [], [], timeout)
                 message = self._cursor.read_message()
+            until = time.monotonic() + linger
             while message is not None:
                 yield message.payload
                 message = self._cursor.read_message()
+                while message is None and (left := until - time.monotonic()) > 0:
+                    select.select([self._cursor], [], [], left)
+                    message = self._cursor.read_message()
         except psycopg2.Error as exc:
             raise DatabaseUnavailable(f"change stream: {first_line(exc)}") from None
 
     def confirm(self, lsn: int | None = None) -> None:
         """Tell Postgres that everything up to `lsn` (by default, all it sent so far, when
-        nothing read is left to apply) was applied: it need not be kept or sent again."""
+        nothing read is left to apply) was applied: it need not be kept or sent again. Only a
+        position past the last one confirmed is sent (an idle reader's would otherwise call
+        for the server's answer, then answer that, without end)."""
+        lsn = self._cursor.wal_end if lsn is None else lsn
+        if lsn <= self._confirmed:
+            return
         try:
-            self._cursor.send_feedback(flush_lsn=lsn if lsn is not None else
-                                       self._cursor.wal_end, reply=lsn is None)
+            self._cursor.send_feedback(flush_lsn=lsn, force=True)
         except psycopg2.Error as exc:
             raise DatabaseUnavailable(f"change stream: {first_line(exc)}") from None
+        self._confirmed = lsn
 
     def close(self) -> None:
         if self._conn is not None:

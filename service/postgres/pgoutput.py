@@ -67,6 +67,10 @@ class Truncate:
 Message = Relation | Begin | Commit | RowChange | Truncate
 
 
+# The integers of the protocol, by struct format: network byte order.
+_LAYOUTS = {fmt: struct.Struct(">" + fmt) for fmt in ("b", "h", "H", "i", "I", "q", "Q")}
+
+
 class _Reader:
     """Reads one message front to back; DecodeError when it ends too soon."""
 
@@ -81,7 +85,8 @@ class _Reader:
         return part
 
     def int(self, fmt: str) -> int:
-        return struct.unpack(">" + fmt, self.take(struct.calcsize(fmt)))[0]
+        layout = _LAYOUTS[fmt]
+        return layout.unpack(self.take(layout.size))[0]
 
     def string(self) -> str:
         end = self.data.find(b"\0", self.at)

@@ -97,7 +97,10 @@ class Database:
         self._statement_timeout = settings.statement_timeout_ms / 1000 + ANSWER_MARGIN_SECONDS
         self._connect_args = {
             "async_": True,
-            "options": f"-c statement_timeout={settings.statement_timeout_ms} -c timezone=UTC",
+            # cachestack.writer: the change stream is not sent the rows this session inserts
+            # (migration 005): the write-through of each does what the stream would.
+            "options": f"-c statement_timeout={settings.statement_timeout_ms} -c timezone=UTC "
+                       "-c cachestack.writer=service",
             "application_name": name,
         }
         self._prepare = ";".join(f"PREPARE {name} AS {sql}"

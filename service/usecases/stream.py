@@ -18,11 +18,10 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
-from collections.abc import Sequence
 
 from .. import metrics
 from ..cache.keys import Lookup
-from ..cache.policy import CacheUnavailable, UserCache
+from ..cache.policy import CacheUnavailable, Changed, UserCache
 from ..postgres.changes import ChangeStream, SlotBusy
 from ..postgres.pgoutput import UNCHANGED, Commit, Decoder, RowChange, Truncate
 from ..postgres.pool import DatabaseUnavailable
@@ -34,21 +33,47 @@ POINTER_FIELDS = ("username", "email")
 BATCH = 256  # rows whose invalidations go to Redis in one call (a bound on memory too)
 RETRY_SECONDS = 1.0
 WAIT_SECONDS = 1.0  # how long a read waits for a message
+# How long a read gathers what follows its first message before applying it: many small
+# transactions (the service's own creates, one after another) then cost one call to Redis
+# and one confirmation, not one each, for a few milliseconds of lag.
+LINGER_SECONDS = 0.005
 
 
 class Unmappable(Exception):
     """A change the stream cannot turn into keys: only a new epoch covers it."""
 
 
-def keys_of(change: RowChange) -> tuple[str, Sequence[Lookup]]:
-    """The user a change touched, and the lookups it made invalid: its username and email
-    before and after."""
-    rows = [row for row in (change.old, change.new) if row is not None]
-    if change.kind == "update" and (change.old is None or UNCHANGED in change.old.values()):
-        raise Unmappable("an update without the row it replaced (REPLICA IDENTITY FULL?)")
-    lookups = {Lookup.of(field, row[field]) for row in rows for field in POINTER_FIELDS
-               if isinstance(row.get(field), str)}
-    return str(rows[0]["id"]), sorted(lookups, key=lambda lookup: (lookup.field, lookup.value))
+def changed(change: RowChange) -> Changed:
+    """The user a change touched, as it left it: its version (a deleted user's tombstone's,
+    one above its last, as the write path's), the lookups of the values it has and those of
+    the values it had."""
+    if change.kind != "insert" and (change.old is None or UNCHANGED in change.old.values()
+                                    or not isinstance(change.old.get("version"), str)):
+        raise Unmappable(f"a change ({change.kind}) without the row it replaced "
+                         "(REPLICA IDENTITY FULL?)")
+    row = change.new if change.new is not None else change.old
+    lookups = _lookups(change.new)
+    version = int(row["version"]) + (change.new is None)
+    return Changed(str(row["id"]), version, tuple(lookups), tuple(_lookups(change.old) - lookups))
+
+
+def _lookups(row: dict[str, object] | None) -> set[Lookup]:
+    return {Lookup.of(field, row[field]) for field in POINTER_FIELDS
+            if row is not None and isinstance(row.get(field), str)}
+
+
+class Batch:
+    """What was read but not yet applied: the changes' keys, and the commits they complete
+    (the first one's time: the longest any of them waited)."""
+
+    def __init__(self) -> None:
+        self.pending: list[Changed] = []
+        self.last_commit: Commit | None = None
+        self.first_commit_at: datetime.datetime | None = None
+
+    def committed(self, commit: Commit) -> None:
+        self.last_commit = commit
+        self.first_commit_at = self.first_commit_at or commit.committed_at
 
 
 class StreamReader:
@@ -58,6 +83,9 @@ class StreamReader:
         self.stream = stream
         self.cache = cache
         self.reading = False  # it has the slot and is up to date with what it read
+        # It has taken its turn: it reads (its start checks done, a new epoch begun if one was
+        # due), or found that another reader has the slot. What its readiness says.
+        self.settled = False
         self._problem = ""
 
     def run(self, stop: threading.Event) -> None:
@@ -71,11 +99,13 @@ class StreamReader:
                     self._begin_anew(f"postgres is now {self.stream.source}")
                     self.cache.source(self.stream.source, replace=True)
                 self._say("")
-                self.reading = True
+                self.reading = self.settled = True
                 self._read(stop)
             except SlotBusy:
+                self.settled = True
                 self._say("another reader has the slot; waiting to take over")
             except (DatabaseUnavailable, CacheUnavailable) as exc:
+                self.settled = False
                 self._say(f"change stream stopped: {exc}")
             finally:
                 self.reading = False
@@ -84,38 +114,45 @@ class StreamReader:
 
     def _read(self, stop: threading.Event) -> None:
         decoder = Decoder()
-        pending: list[tuple[str, Sequence[Lookup]]] = []
+        batch = Batch()
         while not stop.is_set():
             idle = True
-            for payload in self.stream.messages(WAIT_SECONDS):
+            for payload in self.stream.messages(WAIT_SECONDS, LINGER_SECONDS):
                 idle = False
                 message = decoder.decode(payload)
                 if isinstance(message, RowChange) and message.relation.name == TABLE:
                     try:
-                        pending.append(keys_of(message))
+                        batch.pending.append(changed(message))
                     except Unmappable as exc:
-                        pending.clear()
+                        batch.pending.clear()
                         self._begin_anew(str(exc))
-                    if len(pending) >= BATCH:
-                        self._apply(pending)
                 elif isinstance(message, Truncate) and any(
                         relation.name == TABLE for relation in message.relations):
-                    pending.clear()
+                    batch.pending.clear()
                     self._begin_anew(f"{TABLE} was truncated")
                 elif isinstance(message, Commit):
-                    self._apply(pending)
-                    self.stream.confirm(message.end_lsn)
-                    metrics.STREAM_LAG.observe(max(0.0, (
-                        datetime.datetime.now(datetime.UTC) - message.committed_at)
-                        .total_seconds()))
+                    batch.committed(message)
+                if len(batch.pending) >= BATCH:
+                    self._apply(batch)
+            # What was waiting is read: apply it, then confirm the commits it completed (one
+            # call to Redis and one confirmation for many small transactions under load).
+            self._apply(batch)
             if idle:
                 self.stream.confirm()  # everything sent so far is applied
 
-    def _apply(self, pending: list[tuple[str, Sequence[Lookup]]]) -> None:
-        if pending:
-            self.cache.invalidate(pending)
-            metrics.STREAM_CHANGES.inc(len(pending))
-            pending.clear()
+    def _apply(self, batch: Batch) -> None:
+        """Invalidate what is pending, then confirm the last commit seen: changes reach the
+        slot's reader only once their transaction committed, so every change up to it is
+        applied."""
+        if batch.pending:
+            self.cache.invalidate(batch.pending)
+            metrics.STREAM_CHANGES.inc(len(batch.pending))
+            batch.pending.clear()
+        if batch.last_commit is not None:
+            self.stream.confirm(batch.last_commit.end_lsn)
+            metrics.STREAM_LAG.observe(max(0.0, (datetime.datetime.now(datetime.UTC)
+                                                 - batch.first_commit_at).total_seconds()))
+            batch.last_commit = batch.first_commit_at = None
 
     def _begin_anew(self, why: str) -> None:
         log.warning("change stream: %s; the cache begins a new epoch", why)

@@ -595,6 +595,41 @@ def test_kubernetes_pods_ask_to_be_scraped_where_prometheus_scrapes_the_replicas
     assert discovery["names"] == ["service"]
 
 
+def test_prometheus_scrapes_every_reader_of_the_change_stream_where_it_serves_metrics(
+    k8s_objects: list[dict[str, Any]],
+) -> None:
+    """docker/prometheus/prometheus.yml finds the readers by their name on the frontend network,
+    which Prometheus shares with them, at the port they serve metrics on (PORT); pods say the
+    same with the prometheus.io annotations. Nothing publishes that port."""
+    stream = MONITORED.service("stream")
+    port = int(dict(stream.environment)["PORT"])
+    config = yaml.safe_load((REPO / "docker" / "prometheus" / "prometheus.yml").read_text())
+    [job] = [j for j in config["scrape_configs"] if j["job_name"] == stream.name]
+    [discovery] = job["dns_sd_configs"]
+    assert (discovery["names"], discovery["port"]) == ([stream.name], port)
+    assert "frontend" in set(stream.networks) & set(MONITORED.service("prometheus").networks)
+    assert stream.ports == ()
+    annotations = workload_of(k8s_objects, stream.name)["spec"]["template"]["metadata"][
+        "annotations"]
+    assert (annotations["prometheus.io/scrape"], int(annotations["prometheus.io/port"]),
+            annotations["prometheus.io/path"]) == ("true", port, job.get("metrics_path",
+                                                                       "/metrics"))
+    # A rolling update of the pods waits for each new reader to take its turn, as `up` does.
+    readiness = container_of(k8s_objects, stream.name)["readinessProbe"]["httpGet"]
+    assert (readiness["path"], readiness["port"]) == (stream.ready_path, "metrics")
+
+
+def test_the_stream_logs_in_as_the_role_postgres_admits_and_migrate_grants_to() -> None:
+    """One role name in three places: the readers' DATABASE_URL, the Postgres image's
+    CACHESTACK_STREAM_ROLE (its login, its pg_hba line) and migrate's DATABASE_STREAM_ROLE
+    (its SELECT rights)."""
+    reader = urlsplit(dict(STACK.service("stream").environment)["DATABASE_URL"])
+    assert reader.password is None and "sslmode=verify-full" in reader.query
+    assert (reader.username
+            == dict(STACK.service("postgres").environment)["CACHESTACK_STREAM_ROLE"]
+            == dict(STACK.service("migrate").environment)["DATABASE_STREAM_ROLE"])
+
+
 def test_kubernetes_service_stands_where_the_proxy_does(k8s_objects: list[dict[str, Any]]) -> None:
     proxy = STACK.service("proxy")
     service = next(o for o in k8s_objects if o["kind"] == "Service"
@@ -682,17 +717,19 @@ def test_kubernetes_ha_needs_no_access_to_the_kubernetes_api(
 
 def test_kubernetes_ha_members_reach_each_other_and_etcd_only(
         k8s_ha_objects: list[dict[str, Any]]) -> None:
-    """The service pods reach each member's Postgres (and nothing of Patroni's or etcd's);
-    the members reach each other's Postgres and REST API, and etcd; etcd its peers."""
+    """The service pods and the change stream's reach each member's Postgres (and nothing of
+    Patroni's or etcd's); the members reach each other's Postgres and REST API, and etcd; etcd
+    its peers."""
     def labels(name: str) -> dict[str, str]:
         return workload_of(k8s_ha_objects, name)["spec"]["template"]["metadata"]["labels"]
 
-    url = dict(HA.service("service").environment)["DATABASE_URL"]
-    assert admitted(k8s_ha_objects, labels("service"), "egress") == {
-        ("dns", 53), ("redis", 6379), *servers_named(url)}
+    for client in ("service", "stream"):
+        url = dict(HA.service(client).environment)["DATABASE_URL"]
+        assert admitted(k8s_ha_objects, labels(client), "egress") == {
+            ("dns", 53), ("redis", 6379), *servers_named(url)}
     member, etcd = labels(PATRONI_MEMBERS[0]), labels(ETCD_MEMBERS[0])
     assert admitted(k8s_ha_objects, member, "ingress") == {
-        ("service", 5432), ("patroni", 5432), ("patroni", 8008)}
+        ("service", 5432), ("stream", 5432), ("patroni", 5432), ("patroni", 8008)}
     assert admitted(k8s_ha_objects, member, "egress") == {
         ("dns", 53), ("patroni", 5432), ("patroni", 8008), ("etcd", 2379)}
     assert admitted(k8s_ha_objects, etcd, "ingress") == {("patroni", 2379), ("etcd", 2380)}
@@ -747,7 +784,7 @@ def test_the_proxy_finds_the_replicas_by_the_service_name() -> None:
     and has a slot for as many replicas as `up --replicas` allows."""
     config = (REPO / "docker" / "proxy" / "haproxy.cfg").read_text()
     [template] = re.findall(r"server-template \w+ 1-(\d+) (\w+):(\d+)", config)
-    replicated = [s for s in STACK.services if s.update_order == "start-first"]
+    replicated = [s for s in STACK.services if s.rotation_path]
     listens = [int(s.command[s.command.index("--port") + 1]) for s in replicated]
     assert [(name, int(port)) for _, name, port in [template]] == [
         (s.name, port) for s, port in zip(replicated, listens, strict=True)]

@@ -16,7 +16,10 @@ from .helpers import SECRET_NAMES
 NAMESPACE = "cachestack"
 K8S_VERSION = "1.32.0"  # the kubectl installed here
 SECRET_DIR = "/run/secrets"
-WORKLOADS = {"postgres": "StatefulSet", "redis": "StatefulSet", "service": "Deployment"}
+WORKLOADS = {"postgres": "StatefulSet", "redis": "StatefulSet", "service": "Deployment",
+             "stream": "Deployment"}
+# The pods that log in to Postgres and Redis: the service's, and the change stream's readers.
+CLIENTS = ("service", "stream")
 HA_MEMBERS = (*PATRONI_MEMBERS, *ETCD_MEMBERS)  # k8s/overlays/ha/: a StatefulSet each
 
 Obj = dict[str, Any]
@@ -210,10 +213,9 @@ def test_network_policies_deny_by_default(k8s_objects: list[Obj]) -> None:
 
 
 @pytest.mark.parametrize(("app", "port"), [("postgres", 5432), ("redis", 6379)])
-def test_only_the_service_pods_reach_the_backends(
+def test_only_the_service_and_stream_pods_reach_the_backends(
     k8s_objects: list[Obj], app: str, port: int
 ) -> None:
-    service_labels = _labels(k8s_objects, "service")
     rules = [
         rule
         for policy in find(k8s_objects, "NetworkPolicy")
@@ -227,13 +229,18 @@ def test_only_the_service_pods_reach_the_backends(
         for peer in rule["from"]:
             assert set(peer) == {"podSelector"}, f"{app}: only pods of this namespace"
             selector = peer["podSelector"]["matchLabels"]
-            assert all(service_labels.get(k) == v for k, v in selector.items())
-            assert selector.get("app.kubernetes.io/name") == "service"
-    egress = [
-        rule
-        for policy in find(k8s_objects, "NetworkPolicy")
-        if _selects(policy, service_labels)
-        for rule in policy["spec"].get("egress", [])
-        if any(p["port"] == port for p in rule["ports"])
-    ]
-    assert egress, f"the service pods may open connections to {app}:{port}"
+            client = selector.get("app.kubernetes.io/name")
+            assert client in CLIENTS, f"{app} admits {client}"
+            assert all(_labels(k8s_objects, client).get(k) == v for k, v in selector.items())
+    for client in CLIENTS:
+        admitted = [rule for rule in rules for peer in rule["from"]
+                    if peer["podSelector"]["matchLabels"].get("app.kubernetes.io/name") == client]
+        assert admitted, f"{app} admits the {client} pods"
+        egress = [
+            rule
+            for policy in find(k8s_objects, "NetworkPolicy")
+            if _selects(policy, _labels(k8s_objects, client))
+            for rule in policy["spec"].get("egress", [])
+            if any(p["port"] == port for p in rule["ports"])
+        ]
+        assert egress, f"the {client} pods may open connections to {app}:{port}"

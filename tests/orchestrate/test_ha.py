@@ -125,23 +125,30 @@ def test_up_ha_makes_a_synchronous_cluster_and_status_shows_it(
     assert [m.name for m in cluster.values() if m.role == patroni.SYNC_STANDBY][0] in names
 
 
+def logical_slots(postgres: Container, where: str = "true") -> set[str]:
+    return {row[0] for row in psql(postgres, "SELECT slot_name FROM pg_replication_slots "
+                                             f"WHERE slot_type = 'logical' AND {where}")}
+
+
+def stream_read_on_the_leader(client: docker.DockerClient, project: Project) -> None:
+    """Until a reader of the change stream reads its slot on whichever member leads."""
+    until(lambda: STREAM_SLOT in logical_slots(patroni.database(client, project.name), "active"),
+          "the change stream read on the leader", 60)
+
+
 def test_patroni_leaves_the_change_streams_slot_alone(
         docker_client: docker.DockerClient, ha: Project) -> None:
     """The stream's readers make its slot on the leader. Patroni drops the slots it does not
     manage whenever it (re)starts Postgres, as the former leader of a switchover does, but this
-    one it keeps (ignore_slots)."""
+    one it keeps (ignore_slots); the readers follow the lead to the new leader."""
+    stream_read_on_the_leader(docker_client, ha)
     leader = with_role(docker_client, ha, patroni.LEADER)
-    for slot in (STREAM_SLOT, "stranger"):
-        psql(leader, f"SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')")
+    psql(leader, "SELECT pg_create_logical_replication_slot('stranger', 'pgoutput')")
     assert ha.run("switchover").returncode == 0
-
-    def slots() -> set[str]:
-        return {row[0] for row in psql(leader, "SELECT slot_name FROM pg_replication_slots "
-                                               "WHERE slot_type = 'logical'")}
-
-    until(lambda: "stranger" not in slots(), "Patroni's clean-up of the stranger", 60)
-    assert slots() == {STREAM_SLOT}
-    psql(leader, f"SELECT pg_drop_replication_slot('{STREAM_SLOT}')")
+    until(lambda: "stranger" not in logical_slots(leader), "Patroni's clean-up of the stranger", 60)
+    assert logical_slots(leader) == {STREAM_SLOT}
+    stream_read_on_the_leader(docker_client, ha)
+    psql(leader, f"SELECT pg_drop_replication_slot('{STREAM_SLOT}')")  # the former leader's copy
 
 
 def test_nothing_of_patroni_or_etcd_answers_the_service_without_credentials(
@@ -194,6 +201,8 @@ def test_the_leader_killed(docker_client: docker.DockerClient, ha: Project) -> N
     outcome = judged(docker_client, ha, load, "leader's main process killed")
     assert outcome.longest_write_gap <= WRITE_OUTAGE_S
     settled(docker_client, ha)
+    stream_read_on_the_leader(docker_client, ha)
+    assert "change stream: live" in ha.run("status").stdout
 
 
 def test_the_leader_paused_comes_back_as_a_replica(

@@ -47,7 +47,8 @@ def containers(client: docker.DockerClient, project: Project) -> dict[str, Any]:
     return {c.name.removeprefix(f"{project.name}-"): c for c in found}
 
 
-RUNNING = ["postgres", "proxy", "redis", "service-1", "service-2"]  # after the first `up`
+# After the first `up`: the replicas and the change stream's readers are numbered.
+RUNNING = ["postgres", "proxy", "redis", "service-1", "service-2", "stream-1", "stream-2"]
 
 
 def test_up_passes_smoke_and_prints_url(stack: Project) -> None:
@@ -88,7 +89,8 @@ def test_status_shows_every_container_healthy_and_the_replicas_in_service(
             break
         time.sleep(1)
     assert result.returncode == 0
-    rows = {line.split()[1].removeprefix(f"{stack.name}-"): line.split() for line in lines}
+    rows = {line.split()[1].removeprefix(f"{stack.name}-"): line.split() for line in lines
+            if not line.startswith("change stream:")}
     assert sorted(rows) == RUNNING, lines
     assert all(row[3:5] == ["running", "healthy"] for row in rows.values()), lines
     assert rows["proxy"][5] == f"127.0.0.1:{stack.port}"
@@ -158,7 +160,7 @@ def test_up_again_keeps_every_container(docker_client: docker.DockerClient, stac
     result = stack.run("up")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count(": unchanged (") == 3, result.stdout  # postgres, redis, proxy
-    assert result.stdout.count(": up to date (") == 2, result.stdout  # the replicas
+    assert result.stdout.count(": up to date (") == 4, result.stdout  # replicas, readers
     assert {n: c.id for n, c in containers(docker_client, stack).items()} == before
 
 
@@ -178,8 +180,9 @@ def test_changed_config_recreates_only_that_container(
     engine.realise(docker_client, described, refs, {})
     after = containers(docker_client, stack)
     # The replicas were replaced one by one (new numbers); nothing else was touched.
-    assert sorted(after) == ["postgres", "proxy", "redis", "service-3", "service-4"]
-    for name in ("postgres", "redis", "proxy"):
+    assert sorted(after) == ["postgres", "proxy", "redis", "service-3", "service-4",
+                             "stream-1", "stream-2"]
+    for name in ("postgres", "redis", "proxy", "stream-1", "stream-2"):
         assert after[name].id == before[name].id, name
     for name in ("service-3", "service-4"):
         assert after[name].labels[CONFIG_HASH_LABEL] != (

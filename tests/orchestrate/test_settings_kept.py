@@ -52,7 +52,7 @@ def assert_kept(client: docker.DockerClient, kept: Kept) -> None:
     """The stack is as `up` brought it up: its proxy on its port, speaking TLS only, Prometheus
     on its port, one replica, and every container on the image `up` made."""
     found = containers(client, kept.project.name)
-    assert sorted(found) == ["postgres", "prometheus", "proxy", "redis", "service"], found
+    assert sorted(found) == ["postgres", "prometheus", "proxy", "redis", "service", "stream"], found
     [proxy], [prometheus] = found["proxy"], found["prometheus"]
     assert bindings(proxy) == [("127.0.0.1", str(kept.project.port))]
     assert bindings(prometheus) == [("127.0.0.1", str(kept.monitoring_port))]

@@ -25,13 +25,16 @@ from tests.support import require
 from .helpers import (
     ApiTokens,
     app_for,
+    drop_slot,
     migrate,
+    new_slot_name,
     private_redis,
     role_of,
     running_and_empty,
     serve,
+    stream_url_for,
 )
-from .servers import RedisServer, ServiceProcess, TlsFiles
+from .servers import RedisServer, ServiceProcess, TlsFiles, wait_until
 
 DEFAULT_DATABASE_URL = "postgresql://cachestack_app:cachestack_app@127.0.0.1:5432/cachestack_test"
 DEFAULT_OWNER_URL = "postgresql://cachestack_owner:cachestack_owner@127.0.0.1:5432/cachestack_test"
@@ -59,6 +62,20 @@ def database_url(owner_url: str) -> str:
                     "TEST_DATABASE_URL")
     migrate(owner_url, role_of(url))
     return url
+
+
+@pytest.fixture(scope="session")
+def stream_url(database_url: str) -> str:
+    """The stream's role on the test database."""
+    return stream_url_for(database_url)
+
+
+@pytest.fixture
+def slot(stream_url: str) -> Iterator[str]:
+    """A replication slot of this test's own, dropped after."""
+    name = new_slot_name()
+    yield name
+    wait_until(lambda: drop_slot(stream_url, name), 10, f"slot {name} to be dropped")
 
 
 @pytest.fixture(scope="session")

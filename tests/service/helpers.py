@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from service.settings import CacheSettings, PostgresSettings, RedisSettings
 from service.web.routes import users_of
 from tests.support import require
 
-from .servers import ROOT, RedisServer, ServiceProcess, TlsFiles
+from .servers import ROOT, RedisServer, ServiceProcess, TlsFiles, wait_until
 
 # -- the database -------------------------------------------------------------------
 
@@ -275,6 +276,58 @@ def late_update(app: Flask, user_id: int, changes: dict) -> Callable[[], None]:
     token = users.cache.lease_for_write(user_id)
     change = statements.update_user(users.database, user_id, changes)
     return lambda: users.cache.updated(change, token)
+
+
+# -- the change stream ---------------------------------------------------------------
+
+
+def stream_url_for(database_url: str) -> str:
+    """The stream's role (LOGIN REPLICATION) on the test database."""
+    return os.environ.get("TEST_STREAM_DATABASE_URL") or re.sub(
+        r"//[^@]+@", "//cachestack_stream:cachestack_stream@", database_url)
+
+
+def new_slot_name() -> str:
+    """A replication slot name of one test's own (slots belong to the whole cluster)."""
+    return f"cachestack_test_{uuid.uuid4().hex[:8]}"
+
+
+def drop_slot(url: str, name: str) -> bool:
+    """Drop the slot unless a reader has it; True once it is gone."""
+    rows = query(url, "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (name,))
+    if rows and not rows[0][0]:
+        query(url, "SELECT pg_drop_replication_slot(%s)", (name,))
+    return not query(url, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (name,))
+
+
+def stream_process(stream_url: str, redis_url: str, slot: str,
+                   port: int = 0) -> subprocess.Popen:
+    """`python -m service stream`, as deployed, its /readyz and metrics at `port`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "service", "stream", "--port", str(port)],
+        env={**os.environ, "DATABASE_URL": stream_url, "REDIS_URL": redis_url,
+             "STREAM_SLOT": slot}, cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+
+
+def reading(stream_url: str, slot: str) -> int | None:
+    """The process id of the reader that has the slot (its application_name says it)."""
+    rows = query(stream_url, "SELECT application_name FROM pg_replication_slots JOIN "
+                 "pg_stat_replication ON pid = active_pid WHERE slot_name = %s", (slot,))
+    return int(rows[0][0].split()[-1]) if rows else None
+
+
+def streaming(stream_url: str, redis_url: str) -> Iterator[subprocess.Popen]:
+    """A stream process on a slot of its own, once it reads it; killed, its slot dropped."""
+    slot = new_slot_name()
+    process = stream_process(stream_url, redis_url, slot)
+    try:
+        wait_until(lambda: reading(stream_url, slot) is not None, 30, "the stream to read")
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+        wait_until(lambda: drop_slot(stream_url, slot), 10, f"slot {slot} to be dropped")
 
 
 # -- the command line -----------------------------------------------------------------

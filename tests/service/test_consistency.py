@@ -1,8 +1,9 @@
 """The consistency checker (bench/consistency.py) in its CI size, against the default,
 fastest configuration of the multi-worker server (with an API token, as deployed): no read
-that starts after a write is acknowledged may return older data. Also while Redis, out of
-memory, evicts keys (any of the service's: rows, pointers, tombstones, "nobody" entries,
-leases) throughout the run."""
+that starts after a write is acknowledged may return older data. Also while Redis crashes or
+hangs, while Redis, out of memory, evicts keys (any of the service's: rows, pointers,
+tombstones, "nobody" entries, leases) throughout the run, and while rows change by plain SQL
+behind the service's back (seen through the change stream within its lag bound)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench.consistency import Faults, run_checker
+from bench.consistency import OUTSIDE_ROWS, Faults, Outside, run_checker
 
-from .helpers import ApiTokens, counter, private_redis, serve
+from .helpers import ApiTokens, counter, private_redis, serve, streaming
 from .servers import RedisServer, ServiceProcess
 
 OPERATIONS = 2_000
 CLIENTS = 32
 HEADROOM = 2**20  # bytes of maxmemory above what Redis used when the run began
+# Seconds within which the change stream must bring an outside change to every reader: far
+# more than its lag on a loaded machine (bench/RESULTS.md), far less than the run.
+STREAM_LAG = 0.5
 # Few and large, so that most keys Redis samples to evict are the service's.
 FILLER = b"x" * 65536
 
@@ -132,3 +136,30 @@ def test_no_stale_read_while_redis_evicts_throughout(
     assert sum(pressure.evicted.values()) > 100, pressure.evicted
     # Redis evicted rather than refused writes (OOM): the cache was never bypassed.
     assert counter(service_on_evicting_redis.url, "cache_errors_total") == errors_before
+
+
+@pytest.fixture(scope="module")
+def streamed_redis() -> Iterator[RedisServer]:
+    yield from private_redis()
+
+
+@pytest.fixture(scope="module")
+def streamed_service(database_url: str, owner_url: str, stream_url: str,
+                     streamed_redis: RedisServer) -> Iterator[ServiceProcess]:
+    """The server, and its change stream (`python -m service stream`) on the same Redis."""
+    for service in serve(database_url, owner_url, streamed_redis):
+        for _ in streaming(stream_url, streamed_redis.url):
+            yield service
+
+
+def test_no_read_misses_a_change_made_by_plain_sql_once_the_stream_had_time(
+        streamed_service: ServiceProcess, owner_url: str) -> None:
+    """The checker's outside writer inserts rows and changes them by plain SQL (as the
+    database's owner), while the clients read them by id, username and email: every read that
+    starts STREAM_LAG after a commit sees it. (Twice the operations: the run must outlast the
+    lag many times over for a stale read to be caught.)"""
+    report = run_checker(streamed_service.url, 2 * OPERATIONS, CLIENTS, seed=20261208,
+                         outside=Outside(owner_url, lag=STREAM_LAG))
+    assert report.statuses["outside 200"] > OUTSIDE_ROWS, report.summary()
+    assert report.reads_checked > OPERATIONS // 3
+    assert report.ok, report.summary()

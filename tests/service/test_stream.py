@@ -5,72 +5,57 @@ reader runs in this process (a thread), or as `python -m service stream` when it
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 
 import psycopg2
 import pytest
+import requests
 from flask import Flask
 
 from service.cache.policy import UserCache
 from service.postgres import statements
-from service.postgres.changes import ChangeStream
+from service.postgres.changes import PUBLICATIONS, ChangeStream
+from service.postgres.pgoutput import Decoder, RowChange
 from service.postgres.pool import Database
 from service.process.config import Settings
 from service.settings import PostgresSettings, RedisSettings
 from service.usecases.stream import StreamReader
 from service.web.routes import users_of
 from service.wire.client import RedisClient
+from tests.support import free_port
 
 from .helpers import (
     Read,
     create,
+    drop_slot,
     empty_database,
+    finish,
     keys,
+    late_update,
+    new_slot_name,
+    parked_reader,
     private_redis,
     query,
     read,
+    reading,
     running_and_empty,
     settings_for,
+    stream_process,
 )
-from .servers import ROOT, RedisServer, wait_until
+from .servers import RedisServer, wait_until
 
 SEEN_WITHIN = 3.0  # seconds: far more than the stream's lag, which bench/ measures
 
 
 @pytest.fixture(scope="module")
-def stream_url(database_url: str) -> str:
-    """The stream's role on the test database."""
-    return os.environ.get("TEST_STREAM_DATABASE_URL") or re.sub(
-        r"//[^@]+@", "//cachestack_stream:cachestack_stream@", database_url)
-
-
-@pytest.fixture(scope="module")
 def stream_redis() -> Iterator[RedisServer]:
     yield from private_redis()
-
-
-@pytest.fixture
-def slot(stream_url: str) -> Iterator[str]:
-    """A replication slot of this test's own (slots belong to the whole cluster), dropped after."""
-    name = f"cachestack_test_{uuid.uuid4().hex[:8]}"
-    yield name
-    wait_until(lambda: drop_slot(stream_url, name), 10, f"slot {name} to be dropped")
-
-
-def drop_slot(url: str, name: str) -> bool:
-    """Drop the slot unless a reader has it; True once it is gone."""
-    rows = query(url, "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (name,))
-    if rows and not rows[0][0]:
-        query(url, "SELECT pg_drop_replication_slot(%s)", (name,))
-    return not query(url, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (name,))
 
 
 class Reader:
@@ -182,6 +167,57 @@ def test_a_delete_and_an_insert_under_a_name_cached_as_nobody_are_seen(
     seen(lambda: len(read(client, "/users?username=bob").data) == 1, "the insert")
 
 
+def test_the_services_own_writes_stay_cached_once_the_stream_applied_them(
+        app: Flask, stream_url: str, stream_redis: RedisServer, slot: str) -> None:
+    """The stream reads the service's own writes too, after their write-through stored them:
+    a change whose version the cache holds already (two rows with the same version are the
+    same row) leaves that entry, a tombstone and the pointers to the user alone, so a read
+    after a write is still a hit."""
+    Reader(stream_url, stream_redis.url, slot).start().close()  # the slot keeps what follows
+    client = app.test_client()
+    user = create(client)
+    assert client.patch(f"/users/{user['id']}", json={"display_name": "own"}).status_code == 200
+    gone = create(client, "carol", "carol@example.org")
+    assert client.delete(f"/users/{gone['id']}").status_code == 204
+    reader = Reader(stream_url, stream_redis.url, slot).start()  # it reads them only now
+    try:
+        caught_up(stream_url, slot)
+        paths = [f"/users/{user['id']}", "/users?username=alice", "/users?email=alice@example.org"]
+        assert [read(client, path).cache for path in paths] == ["HIT"] * 3
+        assert read(client, paths[0]).data["display_name"] == "own"
+        assert read(client, f"/users/{gone['id']}")[::2] == ("HIT", 404)
+    finally:
+        reader.close()
+
+
+def test_the_services_own_creates_are_not_sent_to_the_stream(
+        app: Flask, stream_url: str, owner_url: str) -> None:
+    """Their write-through did what the stream would (migration 005): of a create through the
+    service and an INSERT by plain SQL, the stream is sent the INSERT only; updates and
+    deletes are sent whoever makes them."""
+    conn = psycopg2.connect(stream_url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            slot = new_slot_name()
+            cur.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput', true)",
+                        (slot,))
+            client = app.test_client()
+            ours = create(client, "ours", "ours@example.org")
+            sql(owner_url, "INSERT INTO users (username, email) VALUES ('theirs', 'th@x.org')")
+            patched = client.patch(f"/users/{ours['id']}", json={"display_name": "o"})
+            assert patched.status_code == 200
+            cur.execute("SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, "
+                        "'proto_version', '1', 'publication_names', %s)", (slot, PUBLICATIONS))
+            decoder = Decoder()
+            changes = [message for (data,) in cur.fetchall()
+                       if isinstance(message := decoder.decode(bytes(data)), RowChange)]
+    finally:
+        conn.close()
+    assert [(c.kind, (c.new or c.old)["username"]) for c in changes] == [
+        ("insert", "theirs"), ("update", "ours")]
+
+
 def test_a_burst_of_updates_to_one_row_ends_at_its_last(
         app: Flask, reader: Reader, owner_url: str) -> None:
     user = create(app.test_client())
@@ -200,6 +236,56 @@ def caught_up(stream_url: str, slot: str) -> None:
     wait_until(lambda: query(stream_url, "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM "
                              "pg_replication_slots WHERE slot_name = %s", (now, slot))[0][0],
                SEEN_WITHIN * 3, "the reader to confirm what was committed")
+
+
+def test_a_write_through_that_comes_after_the_stream_applied_its_change_still_stores(
+        app: Flask, reader: Reader, stream_url: str, slot: str) -> None:
+    """The stream is quick: it often applies a write's change before the write-through comes,
+    or an earlier change of the same user while a write is under way. Either way it leaves
+    its mark of that version on the user's lease, and the write-through, finding no newer
+    mark, stores, so the next reads are hits."""
+    client = app.test_client()
+    user = create(client)
+    renamed = client.patch(f"/users/{user['id']}", json={"username": "alicia"})
+    assert renamed.status_code == 200
+    gone = create(client, "bob", "bob@example.org")
+    assert client.delete(f"/users/{gone['id']}").status_code == 204
+    caught_up(stream_url, slot)
+    for path in (f"/users/{user['id']}", "/users?username=alicia", "/users?email=alice@example.org",
+                 f"/users/{gone['id']}"):
+        assert read(client, path).cache == "HIT", path
+
+
+def test_a_fill_of_the_row_read_before_an_outside_change_is_not_stored(
+        app: Flask, reader: Reader, owner_url: str, stream_url: str, slot: str,
+        stream_redis: RedisServer) -> None:
+    """A reader reads the row from Postgres, then an outside UPDATE commits and the stream
+    applies it, then the reader fills: its lease now bears the stream's mark, so the old row
+    is not stored, and the next read sees the change."""
+    user = create(app.test_client())
+    path = f"/users/{user['id']}"
+    caught_up(stream_url, slot)
+    stream_redis.client().delete(keys(app).user(user["id"]))  # so the reader below fills
+    thread, release, _ = parked_reader(app, path)
+    sql(owner_url, "UPDATE users SET display_name = 'outside' WHERE id = %s", user["id"])
+    caught_up(stream_url, slot)
+    finish(thread, release)
+    assert read(app.test_client(), path).data["display_name"] == "outside"
+
+
+def test_a_write_through_older_than_the_change_the_stream_applied_is_not_stored(
+        app: Flask, reader: Reader, owner_url: str, stream_url: str, slot: str) -> None:
+    """The service commits an update, then an outside UPDATE of the same row commits and the
+    stream applies both before the service's write-through comes: the stream's mark is of a
+    later version than the write-through's, which deletes instead of storing its row."""
+    user = create(app.test_client())
+    path = f"/users/{user['id']}"
+    caught_up(stream_url, slot)
+    write_through = late_update(app, user["id"], {"display_name": "ours"})
+    sql(owner_url, "UPDATE users SET display_name = 'outside' WHERE id = %s", user["id"])
+    caught_up(stream_url, slot)
+    write_through()
+    assert read(app.test_client(), path).data["display_name"] == "outside"
 
 
 def test_one_statement_changing_10000_rows_is_applied_in_bounded_batches(
@@ -274,21 +360,6 @@ def test_a_change_committed_while_redis_is_down_is_applied_when_it_is_back(
     caught_up(stream_url, slot)
 
 
-def stream_process(stream_url: str, redis_url: str, slot: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "service", "stream", "--port", "0"],
-        env={**os.environ, "DATABASE_URL": stream_url, "REDIS_URL": redis_url,
-             "STREAM_SLOT": slot}, cwd=ROOT, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
-
-
-def reading(stream_url: str, slot: str) -> int | None:
-    """The process id of the reader that has the slot (its application_name says it)."""
-    rows = query(stream_url, "SELECT application_name FROM pg_replication_slots JOIN "
-                 "pg_stat_replication ON pid = active_pid WHERE slot_name = %s", (slot,))
-    return int(rows[0][0].split()[-1]) if rows else None
-
-
 def test_a_reader_killed_mid_stream_is_taken_over_and_nothing_is_missed(
         app: Flask, stream_url: str, stream_redis: RedisServer, owner_url: str,
         slot: str) -> None:
@@ -315,6 +386,55 @@ def test_a_reader_killed_mid_stream_is_taken_over_and_nothing_is_missed(
         for process in readers:
             process.kill()
             process.wait()
+
+
+def scraped(port: int) -> dict[str, float]:
+    """The reader's metrics, by name (without labels)."""
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def readiness(port: int) -> requests.Response:
+    """/readyz of the reader listening on `port`, once it listens."""
+    wait_until(lambda: requests.get(f"http://127.0.0.1:{port}/metrics", timeout=1).ok, 10,
+               "the reader's metrics")
+    return requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+
+
+def test_a_reader_is_ready_once_it_has_taken_its_turn_and_its_gauges_say_which(
+        app: Flask, stream_url: str, stream_redis: RedisServer, slot: str) -> None:
+    """Ready: it reads (its start checks done), or another reader has the slot; not ready
+    while it cannot reach Postgres. Its gauges say whether it reads and how far behind the slot
+    is."""
+    ports = [free_port(), free_port()]
+    first = stream_process(stream_url, stream_redis.url, slot, ports[0])
+    try:
+        wait_until(lambda: readiness(ports[0]).status_code == 200, 10, "the first reader")
+        second = stream_process(stream_url, stream_redis.url, slot, ports[1])
+        try:
+            wait_until(lambda: readiness(ports[1]).status_code == 200, 10, "the second reader")
+            assert [readiness(port).json() for port in ports] == [
+                {"reading": True}, {"reading": False}]
+            gauges = [scraped(port) for port in ports]
+            assert [g["stream_reading"] for g in gauges] == [1.0, 0.0]
+            assert all(g["stream_behind_bytes"] >= 0 for g in gauges), gauges
+        finally:
+            second.kill()
+            second.wait()
+    finally:
+        first.kill()
+        first.wait()
+    port = free_port()
+    nowhere = stream_process(re.sub(r"@[^/]+/", f"@127.0.0.1:{free_port()}/", stream_url),
+                             stream_redis.url, slot, port)
+    try:
+        refused = readiness(port)
+        assert refused.status_code == 503 and refused.json() == {"reading": False}
+        assert math.isnan(scraped(port)["stream_behind_bytes"])
+    finally:
+        nowhere.kill()
+        nowhere.wait()
 
 
 def test_a_postgres_other_than_the_one_the_cache_was_filled_from_begins_a_new_epoch(

@@ -9,19 +9,50 @@
 -- entry of an older epoch is never read, and a command of one is never applied.
 --
 -- A user's entry is '<version> <json>', '<version> ' for a deleted user or '0 ' for an id
--- nobody has (service/cache/entry.py). A put writes one entry in one of three modes
+-- nobody has (service/cache/entry.py). A put writes one entry in one of five modes
 -- (service/cache/scripts.py, Mode): 'store-unless-older' (SET, unless the key holds a higher
--- version; no version counts as 0), 'store' (SET whatever it holds) or 'delete' (DEL).
+-- version; no version counts as 0), 'store' (SET whatever it holds), 'delete' (DEL), and the
+-- change stream's 'delete-older' (DEL, unless the key holds this version or a higher one:
+-- the write-through of the same change got there first) and 'delete-other' (DEL, unless the
+-- key holds exactly this value: a pointer to the changed user).
 
 local function version(value) return tonumber(string.match(value, '^(%d+) ')) or 0 end
 
+-- Whether a key already holds what a change the stream reports left there.
+local function current_for(mode, current, value)
+  if mode == 'delete-older' then return version(current) >= version(value) end
+  return current == value
+end
+
 local function put(key, mode, ttl, value)
   if mode == 'delete' then redis.call('DEL', key) return end
+  if mode == 'delete-older' or mode == 'delete-other' then
+    local current = redis.call('GET', key)
+    if not (current and current_for(mode, current, value)) then redis.call('DEL', key) end
+    return
+  end
   if mode == 'store-unless-older' then
     local current = redis.call('GET', key)
     if current and version(current) > version(value) then return end
   end
   redis.call('SET', key, value, 'PX', ttl)
+end
+
+-- A lease holds a reader's or a writer's token, or the change stream's mark 'stream <version>':
+-- what it leaves on the entry of a user it reported changed to that version. The mark stops
+-- every fill begun before it (its token is gone), but not the write-through of that change or
+-- of a later one, and any reader may take its place.
+local function stream_mark(lease)
+  return lease and tonumber(string.match(lease, '^stream (%d+)$'))
+end
+
+local function take_lease(key, token, ms)
+  if redis.call('SET', key, token, 'NX', 'PX', ms) then return true end
+  if stream_mark(redis.call('GET', key)) then
+    redis.call('SET', key, token, 'PX', ms)
+    return true
+  end
+  return false
 end
 
 local function other_epoch(keys, args)
@@ -55,7 +86,7 @@ local function read(keys, args)
   if stale then return stale end
   local value = redis.call('GET', keys[2])
   if value then return {'hit', value} end
-  if redis.call('SET', keys[3], args[2], 'NX', 'PX', args[3]) then return {'lease'} end
+  if take_lease(keys[3], args[2], args[3]) then return {'lease'} end
   return {'busy'}
 end
 
@@ -79,7 +110,7 @@ local function follow(keys, args)
       return {'hit', row}
     end
   end
-  if redis.call('SET', keys[3], args[2], 'NX', 'PX', args[3]) then return {'lease'} end
+  if take_lease(keys[3], args[2], args[3]) then return {'lease'} end
   return {'busy'}
 end
 
@@ -97,26 +128,33 @@ local function fill(keys, args)
   return 1
 end
 
--- write: a write-through (or the auditor's repair): write n entries, delete every lease on
--- them, and announce each user it changed to the near caches. KEYS[2..n+1] the entries,
--- KEYS[n+2..2n+1] their leases in the same order, KEYS[2n+2..] changed:<id> of each user
--- among the entries, set and deleted at once (the near caches' listeners hear of it,
--- nothing is kept); ARGV[2] the writer's lease token on its user's entry ('' for none: a
+-- write: a write-through (or the auditor's repair, or the change stream's invalidation):
+-- write n entries, delete every lease on them, and announce each user it changed to the near
+-- caches. KEYS[2..n+1] the entries, KEYS[n+2..2n+1] their leases in the same order,
+-- KEYS[2n+2..] changed:<id> of each user among the entries, set and deleted at once (the near
+-- caches' listeners hear of it, nothing is kept); ARGV[2] the writer's lease token on its user's entry ('' for none: a
 -- create, a repair), ARGV[3..] mode, ttl in ms and value of each entry in turn. An entry to
--- 'store-unless-older' whose lease is no longer the writer's own is deleted instead: the
--- writer cannot know what came in between. Answers 1.
+-- 'store-unless-older' whose lease is no longer the writer's own is deleted instead (the
+-- writer cannot know what came in between), unless all that came is the stream's mark of
+-- this version or an older one. A 'delete-older' leaves the stream's mark on the entry's
+-- lease for ttl ms. Answers 1.
 local function write(keys, args)
   local stale = other_epoch(keys, args)
   if stale then return stale end
   local n = (#args - 2) / 3
   for i = 1, n do
-    local mode = args[3*i]
-    if mode == 'store-unless-older' and args[2] ~= ''
-        and redis.call('GET', keys[n+1+i]) ~= args[2] then
-      mode = 'delete'
+    local mode, ttl, value = args[3*i], args[3*i+1], args[3*i+2]
+    if mode == 'store-unless-older' and args[2] ~= '' then
+      local lease = redis.call('GET', keys[n+1+i])
+      local mark = stream_mark(lease)
+      if lease ~= args[2] and not (mark and mark <= version(value)) then mode = 'delete' end
     end
-    put(keys[1+i], mode, args[3*i+1], args[3*i+2])
-    redis.call('DEL', keys[n+1+i])
+    put(keys[1+i], mode, ttl, value)
+    if mode == 'delete-older' then
+      redis.call('SET', keys[n+1+i], 'stream ' .. version(value), 'PX', ttl)
+    else
+      redis.call('DEL', keys[n+1+i])
+    end
   end
   for i = 2*n + 2, #keys do
     redis.call('SET', keys[i], '')
