@@ -22,6 +22,7 @@ from .stack import (
     DEFAULT_PROJECT,
     DEFAULT_REPLICAS,
     MAX_REPLICAS,
+    PATRONI_MEMBERS,
 )
 
 Handler = Callable[[argparse.Namespace], int | None]
@@ -160,6 +161,13 @@ def build_options(build: argparse.ArgumentParser) -> None:
                        "run --rm setup` does)")
 
 
+def switchover_options(switchover: argparse.ArgumentParser) -> None:
+    switchover.add_argument("--to", choices=PATRONI_MEMBERS, metavar="MEMBER",
+                            help="the member that takes the lead: the synchronous standby, the "
+                            "one with every commit (the default); one of "
+                            f"{', '.join(PATRONI_MEMBERS)}")
+
+
 def no_options(command: argparse.ArgumentParser) -> None:
     pass
 
@@ -186,6 +194,8 @@ COMMANDS: dict[str, tuple[str, Handler, Callable[[argparse.ArgumentParser], None
     "rotate": ("new values for secrets, applied while the stack serves", commands.rotate_command,
                rotate_options),
     "build": ("build the images only", commands.build_command, build_options),
+    "switchover": ("hand the lead of the Patroni cluster (up --ha) to another member",
+                   commands.switchover_command, switchover_options),
 }
 
 

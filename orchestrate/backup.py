@@ -40,11 +40,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import docker
 from docker.models.containers import Container
 
-from . import rollout
-from .containers import connect, exec_input, exec_output, project_containers
+from . import patroni, rollout
+from .containers import connect, exec_input, exec_output
 from .errors import OrchestrateError
 from .output import say
 from .paths import ROOT
@@ -112,15 +111,6 @@ def sidecar(dump: Path, suffix: str) -> Path:
     return dump.with_name(dump.name + suffix)
 
 
-def _postgres(client: docker.DockerClient, project: str) -> Container:
-    found = [c for c in project_containers(client, project, "postgres")
-             if c.status == "running"]
-    if not found:
-        raise OrchestrateError(f"project {project} has no running postgres container "
-                               f"(python -m orchestrate up --project {project})")
-    return found[0]
-
-
 @contextmanager
 def _new_files() -> Iterator[list[Path]]:
     """Collects the files a run creates, and removes them (those only) if it fails."""
@@ -161,7 +151,7 @@ def backup(project: str, output: Path | None = None) -> tuple[Path, Manifest]:
     now = datetime.datetime.now(datetime.UTC)
     default = output is None
     output = _free_name(output or BACKUPS / f"{project}-{now:%Y%m%dT%H%M%SZ}.dump")
-    postgres = _postgres(connect(), project)
+    postgres = patroni.database(connect(), project)
     if default:
         BACKUPS.mkdir(mode=0o700, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial")
@@ -262,7 +252,7 @@ def restore(stack: Stack, dump: Path, manifest: Manifest) -> None:
     """Replace the stack's database with the backup in `dump`, whose `manifest` `verify` gave
     (see the module docstring)."""
     client = connect()
-    postgres = _postgres(client, stack.project)
+    postgres = patroni.database(client, stack.project)
     as_superuser(postgres, f'DROP DATABASE IF EXISTS "{STAGING}"')  # an interrupted one
     as_superuser(postgres, f'CREATE DATABASE "{STAGING}" OWNER "{DB_OWNER}" TEMPLATE template0')
     try:

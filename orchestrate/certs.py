@@ -88,8 +88,11 @@ def _subject_alt_names(hosts: list[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
-def make_server_cert(ca: KeyPair, hosts: list[str], days: int = VALID_DAYS) -> KeyPair:
-    """A server certificate for `hosts` (DNS names or IP addresses), signed by `ca`."""
+def make_server_cert(ca: KeyPair, hosts: list[str], days: int = VALID_DAYS,
+                     client: bool = False) -> KeyPair:
+    """A server certificate for `hosts` (DNS names or IP addresses), signed by `ca`; with
+    `client`, one its holder may also present as a client (the members of etcd and of
+    Patroni's cluster, to each other)."""
     ca_key = serialization.load_pem_private_key(ca.key, password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     ca_cert = x509.load_pem_x509_certificate(ca.cert)
@@ -102,7 +105,8 @@ def make_server_cert(ca: KeyPair, hosts: list[str], days: int = VALID_DAYS) -> K
         .serial_number(x509.random_serial_number())
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_subject_alt_names(hosts), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH] + (
+            [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,

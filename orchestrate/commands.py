@@ -10,10 +10,11 @@ the stack as it was brought up, whatever defaults the options have.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
-from . import audit, backup, bench, engine, images, record, rotate, sentinels, stream
+from . import audit, backup, bench, engine, images, patroni, record, rotate, sentinels, stream
 from .containers import project_containers
 from .errors import OrchestrateError
 from .output import say, step
@@ -99,6 +100,8 @@ def status_command(args: argparse.Namespace) -> None:
     if settings and settings.ha:
         for line in sentinels.status_lines(stack):
             say(line)
+    for line in patroni.status_lines(engine.connect(), args.project):
+        say(line)
     # Where a stack the orchestrator did not bring up serves, it cannot know.
     if settings and any(service.name == "stream" for service in stack.services):
         say(f"change stream: {stream.describe(stack)}")
@@ -120,23 +123,23 @@ def smoke_command(args: argparse.Namespace) -> None:
 
 
 def secrets_command(args: argparse.Namespace) -> None:
-    # What any format may mount: the proxy's TLS certificate (compose.tls.yml) and the
-    # services of --ha (compose.ha.yml) included.
-    stacks = (describe_stack(args.project, tls=True), describe_stack(args.project, ha=True))
+    # What any format may mount: the proxy's TLS certificate (compose.tls.yml) and the members
+    # of the highly available database (compose.ha.yml) included.
+    stacks = [describe_stack(args.project, tls=True, ha=ha) for ha in (False, True)]
     created = [name for stack in stacks for name in ensure_secrets(stack)]
     say(f"generated {', '.join(created)}" if created else "all secrets present")
-    staged_for = set()
-    for stack in stacks:
-        for service in stack.services:
-            if service.name not in staged_for:
-                staged_for.add(service.name)
-                staged = stage_secrets(stack, service)
-                say(f"staged for {service.name}: {', '.join(str(p) for p in staged.values())}")
+    services = {service.name: (stack, service) for stack in stacks for service in stack.services}
+    for stack, service in services.values():
+        staged = stage_secrets(stack, service)
+        say(f"staged for {service.name}: {', '.join(str(p) for p in staged.values())}")
 
 
 def build_command(args: argparse.Namespace) -> None:
-    # Every image compose may run, Prometheus's (its profile monitoring) included.
-    stack = describe_stack(args.project, monitoring_port=DEFAULT_MONITORING_PORT)
+    # Every image compose may run, Prometheus's (its profile monitoring) and the highly
+    # available database's (compose.ha.yml) included.
+    single, ha = (describe_stack(args.project, monitoring_port=DEFAULT_MONITORING_PORT, ha=ha)
+                  for ha in (False, True))
+    stack = dataclasses.replace(single, images={**single.images, **ha.images})
     with step("images"):
         refs = images.resolve_images(engine.connect(), stack, args.images or "auto")
         for key, ref in refs.items():
@@ -199,3 +202,14 @@ def audit_command(args: argparse.Namespace) -> int:
     say(f"project {args.project}: {audit.summary(found)}")
     return 1 if sum(found.values()) else 0
 
+
+
+def switchover_command(args: argparse.Namespace) -> None:
+    existing(args.project)
+    if not recorded_settings(args).ha:
+        raise OrchestrateError(f"project {args.project} has one Postgres, not a Patroni "
+                               "cluster: a switchover needs `up --ha`")
+    started = time.monotonic()
+    former, new = patroni.switchover(engine.connect(), args.project, args.to)
+    say(f"project {args.project}: {new} leads, {former} is its replica "
+        f"({time.monotonic() - started:.1f}s)")

@@ -172,15 +172,16 @@ def remove(container: Container) -> None:
     container.remove(force=True, v=True)
 
 
-def fail_if_broken(container: Container) -> str:
-    """Reload the container; raise with its logs if it died; return its health status."""
+def fail_if_broken(container: Container, restarts: int = 0) -> str:
+    """Reload the container; raise with its logs if it died (or Docker restarted it more than
+    the `restarts` times it had been before); return its health status."""
     container.reload()
     state = container.attrs["State"]
     health = (state.get("Health") or {}).get("Status", "none")
     if (
         state["Status"] in ("exited", "dead")
         or state.get("Restarting")
-        or container.attrs.get("RestartCount", 0) > 0
+        or container.attrs.get("RestartCount", 0) > restarts
     ):
         raise OrchestrateError(
             f"{container.name} stopped (status {state['Status']}, exit code "
@@ -203,7 +204,11 @@ def wait_for(container: Container, check: Callable[[str], str | None], deadline_
     container and try again: fail at once when it breaks, or with `what` and the last state
     `check` returned once `deadline_s` passed."""
     deadline = time.monotonic() + deadline_s
-    while (state := check(fail_if_broken(container))) is not None:
+    # A container kept from before may have been restarted by Docker long ago (a Postgres
+    # member that crashed and came back): only a restart while waiting counts.
+    container.reload()
+    restarts = container.attrs.get("RestartCount", 0)
+    while (state := check(fail_if_broken(container, restarts))) is not None:
         if time.monotonic() > deadline:
             raise OrchestrateError(f"{what} after {deadline_s:.0f}s ({state})",
                                    last_logs(container))

@@ -17,7 +17,7 @@ import docker
 import docker.errors
 from docker.models.containers import Container
 
-from . import images, record, rollout, smoke
+from . import images, patroni, record, rollout, smoke
 from .containers import (
     config_hash,
     connect,
@@ -43,6 +43,8 @@ from .secretfiles import (
 )
 from .stack import (
     CONFIG_HASH_LABEL,
+    ETCD_MEMBERS,
+    PATRONI_MEMBERS,
     PROJECT_LABEL,
     REPLICA_LABEL,
     SERVICE_LABEL,
@@ -135,6 +137,7 @@ def ensure_container(
                 old.start()
                 return old, "started"
             return old, "unchanged"
+        patroni.before_replacing(client, stack.project, service, old)
         remove(old)
         action = "recreated"
     name = stack.container_name(service.name)
@@ -223,6 +226,7 @@ def realise(
                 for started in waiting:
                     wait_running(containers[started.name][0], started)
                 waiting = []
+                patroni.wait_led(client, stack.project)
                 say(f"{stack.container_name(service.name)}: running {' '.join(service.command)}")
                 run_task(client, stack, service, ref)
             elif service.update_order == "start-first":
@@ -233,8 +237,14 @@ def realise(
             else:
                 container, action = ensure_container(client, stack, service, ref)
                 containers[service.name] = [container]
-                waiting.append(service)
                 say(f"{container.name}: {action} ({container.short_id}, {ref})")
+                if action == "recreated" and service.name in (*PATRONI_MEMBERS, *ETCD_MEMBERS):
+                    # One member of a cluster at a time: the next waits until this one is back.
+                    wait_running(container, service)
+                    if service.name in PATRONI_MEMBERS:
+                        patroni.wait_rejoined(client, stack.project, service.name)
+                else:
+                    waiting.append(service)
         for started in waiting:
             wait_running(containers[started.name][0], started)
         remove_orphans(client, stack)

@@ -18,6 +18,11 @@ files at every new connection and its token file when it changes, so nothing res
 - the certificates: a new CA joins the old in ca.crt, the servers get certificates of the new
   CA and reload them (pg_reload_conf, CONFIG SET tls-cert-file, and with `up --tls` the
   proxy's runtime API), then the old CA goes. An operator's own proxy certificate stays.
+  With `up --ha`, etcd reads its files only when it starts: its members restart one at a
+  time (a quorum stays) once they must trust the new CA, before any member of the Patroni
+  cluster presents a certificate of it, once for their own new certificates, and once when
+  the old CA goes; Patroni reloads on SIGHUP (its REST API's certificate and CA, and
+  Postgres's settings).
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ from collections.abc import Callable
 
 from docker.models.containers import Container
 
-from . import certs
-from .containers import connect, exec_input, project_containers
+from . import certs, patroni
+from .containers import connect, exec_input, project_containers, wait_healthy
 from .errors import OrchestrateError
 from .output import say
 from .proxy import SOCKET, Proxy
@@ -52,10 +57,13 @@ from .stack import (
     DB_APP,
     DB_OWNER,
     DB_STREAM,
+    ETCD_MEMBERS,
+    PATRONI_MEMBERS,
     PROXY_CERT,
     REDIS_HEALTH_USER,
     REDIS_SERVICE_USER,
     Stack,
+    database_hosts,
     secret_target,
 )
 
@@ -64,8 +72,9 @@ ROLES = {"postgres_password": "postgres", "postgres_owner_password": DB_OWNER,
 REDIS_USERS = {"redis_service_password": REDIS_SERVICE_USER,
                "redis_health_password": REDIS_HEALTH_USER, "redis_admin_password": "admin"}
 ROTATABLE = (*ROLES, *REDIS_USERS, API_TOKENS, CA_CERT)
-# Run in a replica, the CA on standard input: TLS handshakes with Postgres (after its
-# SSLRequest) and Redis that trust only that CA; prints whether both succeed.
+# Run in a replica, the CA on standard input and each Postgres (host:port) as an argument:
+# TLS handshakes with each Postgres (after its SSLRequest) and Redis that trust only that CA;
+# prints whether all succeed.
 PRESENTS_CERTIFICATES = """\
 import socket, ssl, sys
 context = ssl.create_default_context(cadata=sys.stdin.read())
@@ -78,7 +87,9 @@ def verified(host, port, ssl_request):
         except ssl.SSLCertVerificationError:
             return False
     return True
-print(verified("postgres", 5432, True) and verified("redis", 6379, False))
+databases = [server.rpartition(":") for server in sys.argv[1:]]
+print(all(verified(host, int(port), True) for host, _, port in databases)
+      and verified("redis", 6379, False))
 """
 # How long clients of the API get to pick up a new token before the old one is refused.
 TOKEN_GRACE_S = 3.0
@@ -97,13 +108,18 @@ class Running:
                      if c.status == "running"]
             if found:
                 self.containers[service.name] = found
-        for needed in ("postgres", "redis", "service"):
+        for needed in ("redis", "service"):
             if needed not in self.containers:
                 raise OrchestrateError(f"project {stack.project} has no running {needed}: "
                                        "rotate applies secrets to a running stack")
+        # The Postgres that takes writes (the cluster's leader), where a role changes.
+        self.database = patroni.database(client, stack.project)
 
     def one(self, service: str) -> Container:
         return self.containers[service][0]
+
+    def all_of(self, names: tuple[str, ...]) -> list[Container]:
+        return [c for name in names for c in self.containers.get(name, [])]
 
     def stage(self, secret: str) -> None:
         """Every copy of `secret` from secrets/, in place: running containers see it at once,
@@ -112,8 +128,9 @@ class Running:
             if any(m.secret == secret for m in service.secrets):
                 stage_secrets(self.stack, service)
 
-    def psql(self, script: str) -> None:
-        postgres = self.one("postgres")
+    def psql(self, script: str, postgres: Container | None = None) -> None:
+        """`script` as the superuser, on `postgres` (default: the one that takes writes)."""
+        postgres = postgres or self.database
         exec_input(postgres, ["psql", "--username=postgres", "--dbname=postgres", "--no-psqlrc",
                               "--quiet", "--set=ON_ERROR_STOP=1"],
                    postgres.attrs["Config"]["User"], [script.encode()])
@@ -188,10 +205,23 @@ def rotate_tokens(running: Running) -> None:
 
 
 def reload_servers(running: Running) -> None:
-    """Postgres and Redis read their certificate files again (for new connections)."""
-    running.psql("SELECT pg_reload_conf();\n")
+    """Postgres, etcd and Redis read their certificate files again (for new connections)."""
+    members = running.all_of(PATRONI_MEMBERS)
+    if not members:
+        running.psql("SELECT pg_reload_conf();\n")
+    for member in members:  # Patroni reloads its REST API's certificate, and Postgres
+        member.kill(signal="SIGHUP")
+    restart_etcd(running)
     running.redis_admin("CONFIG SET tls-cert-file /run/secrets/redis.crt "
                         "tls-key-file /run/secrets/redis.key")
+
+
+def restart_etcd(running: Running) -> None:
+    """etcd's members read their certificates and CA again, one at a time, each healthy (in
+    a quorum) before the next stops."""
+    for member in running.all_of(ETCD_MEMBERS):
+        member.restart(timeout=30)
+        wait_healthy(member)
 
 
 def renewed_at_proxy(running: Running) -> bool:
@@ -233,7 +263,8 @@ def present_certificates_of(running: Running, ca_cert: bytes) -> bool:
     sees them. pg_reload_conf only signals the postmaster, so until this holds a new login
     may still meet the old certificate, and the old CA must stay trusted."""
     replica = running.one("service")
-    reply = exec_input(replica, ["python", "-c", PRESENTS_CERTIFICATES],
+    databases = database_hosts(any(s.name in PATRONI_MEMBERS for s in running.stack.services))
+    reply = exec_input(replica, ["python", "-c", PRESENTS_CERTIFICATES, *databases.split(",")],
                        replica.attrs["Config"]["User"], [ca_cert]).decode().strip()
     return reply == "True"
 
@@ -243,6 +274,7 @@ def rotate_certificates(running: Running) -> None:
     ca = certs.make_ca(CA_NAME)
     write_secret(CA_CERT, old_ca + ca.cert)  # clients trust both while the servers switch
     running.stage(CA_CERT)
+    restart_etcd(running)  # before a Patroni member shows it a certificate of the new CA
     write_secret(CA_KEY, ca.key)
     for server in running.stack.certificates:
         if not operators_own(server):
@@ -257,6 +289,7 @@ def rotate_certificates(running: Running) -> None:
         "the servers did not present the new certificates")
     write_secret(CA_CERT, ca.cert)
     running.stage(CA_CERT)
+    restart_etcd(running)
 
 
 def rotate(stack: Stack, names: list[str]) -> list[str]:

@@ -101,7 +101,7 @@ def operators_own(server: Certificate) -> bool:
 
 
 def issue_certificate(ca: certs.KeyPair, server: Certificate) -> list[str]:
-    pair = certs.make_server_cert(ca, list(server.hosts))
+    pair = certs.make_server_cert(ca, list(server.hosts), client=server.client)
     write_secret(server.key, pair.key)
     write_secret(server.cert, pair.cert)
     return [server.key, server.cert]

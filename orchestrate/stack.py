@@ -123,6 +123,9 @@ class Certificate:
 
     name: str
     hosts: tuple[str, ...]
+    # Also a client certificate: the members of etcd and of the Patroni cluster (`up --ha`)
+    # present theirs to each other.
+    client: bool = False
 
     @property
     def cert(self) -> str:
@@ -280,6 +283,23 @@ IMAGES: dict[str, ImageSpec] = {
         offline_base=None,
         host_wheels=True,
     ),
+    # `up --ha`: the members of the Patroni cluster, and of etcd, where it keeps its state.
+    "patroni": ImageSpec(
+        repository="cachestack/patroni",
+        # docker/: the members take the single Postgres's roles and access rules from
+        # docker/postgres.
+        context="docker",
+        dockerfile="patroni/Dockerfile",
+        sources=("docker/patroni", "docker/postgres"),
+        base="postgres:16.15-bookworm",
+        offline_base="docker/offline/postgres",
+    ),
+    "etcd": ImageSpec(
+        repository="cachestack/etcd",
+        context="docker/etcd",
+        base="debian:12.12-slim",
+        offline_base=None,
+    ),
     # Not the stack's: the load generator of `bench` (orchestrate/bench/wrk.py).
     "wrk": ImageSpec(
         repository="cachestack/wrk",
@@ -319,8 +339,11 @@ def _mounts(uid: int, *names: str) -> tuple[SecretMount, ...]:
     return tuple(SecretMount(name, secret_target(name), uid, uid) for name in names)
 
 
-def _database_url(role: str) -> str:
-    return f"postgresql://{role}@postgres:5432/{DB_NAME}?{DATABASE_TLS}"
+def _database_url(role: str, ha: bool = False) -> str:
+    """How `role` reaches the database: with `ha`, whichever member of the Patroni cluster
+    leads (libpq tries each host and keeps the one that takes writes)."""
+    url = f"postgresql://{role}@{database_hosts(ha)}/{DB_NAME}?{DATABASE_TLS}"
+    return url + "&target_session_attrs=read-write" if ha else url
 
 
 def _private_tmp(uid: int, size: str) -> tuple[str, str]:
@@ -339,6 +362,37 @@ POSTGRES_SETTINGS = (
 )
 
 
+# What the roles of docker/postgres/roles.sql need, the single Postgres's and every Patroni
+# member's: their names, and the passwords it sets.
+POSTGRES_ROLE_SECRETS = ("postgres_password", "postgres_owner_password", "postgres_app_password",
+                         "postgres_stream_password")
+
+
+def _roles_environment() -> tuple[tuple[str, str], ...]:
+    return (
+        ("CACHESTACK_DATABASE", DB_NAME),
+        ("CACHESTACK_OWNER_ROLE", DB_OWNER),
+        ("CACHESTACK_APP_ROLE", DB_APP),
+        ("CACHESTACK_STREAM_ROLE", DB_STREAM),
+    )
+
+
+def _postgres_tmpfs() -> tuple[tuple[str, str], ...]:
+    return (
+        _private_tmp(POSTGRES_UID, "64m"),
+        (
+            "/var/run/postgresql",
+            f"rw,noexec,nosuid,size=8m,uid={POSTGRES_UID},gid={POSTGRES_UID},mode=0775",
+        ),
+    )
+
+
+# Through the local socket (peer authentication): a TCP probe would be refused by pg_hba and
+# log a FATAL line every few seconds.
+POSTGRES_HEALTH = ("CMD", "pg_isready", "-h", "/var/run/postgresql", "-U", "postgres", "-d",
+                   DB_NAME)
+
+
 def postgres_service() -> Service:
     """PostgreSQL (docker/postgres), with TLS 1.3 for the network logins of the owner and the
     runtime role; its data in the volume pgdata."""
@@ -354,40 +408,13 @@ def postgres_service() -> Service:
             "-c", f"ssl_key_file={secret_target(POSTGRES_CERT.key)}",
             *(arg for name, value in POSTGRES_SETTINGS for arg in ("-c", f"{name}={value}")),
         ),
-        environment=(
-            ("PGDATA", "/var/lib/postgresql/data"),
-            ("CACHESTACK_DATABASE", DB_NAME),
-            ("CACHESTACK_OWNER_ROLE", DB_OWNER),
-            ("CACHESTACK_APP_ROLE", DB_APP),
-            ("CACHESTACK_STREAM_ROLE", DB_STREAM),
-        ),
-        secrets=_mounts(
-            POSTGRES_UID,
-            "postgres_password",
-            "postgres_owner_password",
-            "postgres_app_password",
-            "postgres_stream_password",
-            POSTGRES_CERT.cert,
-            POSTGRES_CERT.key,
-        ),
+        environment=(("PGDATA", "/var/lib/postgresql/data"), *_roles_environment()),
+        secrets=_mounts(POSTGRES_UID, *POSTGRES_ROLE_SECRETS, POSTGRES_CERT.cert,
+                        POSTGRES_CERT.key),
         networks=("backend",),
         volumes=(("pgdata", "/var/lib/postgresql/data"),),
-        # Through the local socket (peer authentication): a TCP probe would be refused by
-        # pg_hba and log a FATAL line every few seconds.
-        healthcheck=HealthCheck(
-            ("CMD", "pg_isready", "-h", "/var/run/postgresql", "-U", "postgres", "-d", DB_NAME)
-        ),
-        hardening=Hardening(
-            tmpfs=(
-                _private_tmp(POSTGRES_UID, "64m"),
-                (
-                    "/var/run/postgresql",
-                    f"rw,noexec,nosuid,size=8m,uid={POSTGRES_UID},gid={POSTGRES_UID},mode=0775",
-                ),
-            ),
-            mem_limit="512m",
-            pids_limit=256,
-        ),
+        healthcheck=HealthCheck(POSTGRES_HEALTH),
+        hardening=Hardening(tmpfs=_postgres_tmpfs(), mem_limit="512m", pids_limit=256),
     )
 
 
@@ -504,7 +531,7 @@ def sentinel_service(name: str) -> Service:
         _ha_start(), HA_SECRETS, SENTINEL_HEALTH, 64)
 
 
-def migrate_service() -> Service:
+def migrate_service(ha: bool = False) -> Service:
     """The task that brings the schema up to date, as the owner role, before the replicas
     start."""
     return Service(
@@ -513,7 +540,7 @@ def migrate_service() -> Service:
         user=f"{SERVICE_UID}:{SERVICE_UID}",
         command=("python", "-m", "service", "migrate"),
         environment=(
-            ("DATABASE_URL", _database_url(DB_OWNER)),
+            ("DATABASE_URL", _database_url(DB_OWNER, ha)),
             ("DATABASE_PASSWORD_FILE", secret_target("postgres_owner_password")),
             ("DATABASE_APP_ROLE", DB_APP),
             ("DATABASE_STREAM_ROLE", DB_STREAM),
@@ -548,7 +575,7 @@ def replicas_service(replicas: int, ha: bool = False) -> Service:
         user=f"{SERVICE_UID}:{SERVICE_UID}",
         command=("python", "-m", "service", "--host", "0.0.0.0", "--port", "8000"),
         environment=(
-            ("DATABASE_URL", _database_url(DB_APP)),
+            ("DATABASE_URL", _database_url(DB_APP, ha)),
             ("DATABASE_PASSWORD_FILE", secret_target("postgres_app_password")),
             *_redis_location(ha),
             ("REDIS_PASSWORD_FILE", secret_target("redis_service_password")),
@@ -590,7 +617,7 @@ def stream_service(ha: bool = False) -> Service:
         name="stream",
         command=("python", "-m", "service", "stream", "--host", "0.0.0.0"),
         environment=(
-            ("DATABASE_URL", _database_url(DB_STREAM)),
+            ("DATABASE_URL", _database_url(DB_STREAM, ha)),
             ("DATABASE_PASSWORD_FILE", secret_target("postgres_stream_password")),
             *((name, value) for name, value in replicas.environment
               if name.startswith("REDIS_")),
@@ -662,9 +689,138 @@ def prometheus_service(port: int) -> Service:
     )
 
 
+# --- `up --ha`: Postgres as a Patroni cluster ---------------------------------------------
+# Three Postgres members, one leader and two streaming replicas, one of them synchronous: a
+# commit is acknowledged once it is on two members, and Patroni promotes only the synchronous
+# one, so a failover loses no acknowledged write. Patroni elects the leader through etcd, whose
+# three members keep a quorum while one is away. Clients find the leader themselves: their URL
+# names every member, and libpq keeps the one that takes writes (target_session_attrs).
+PATRONI_MEMBERS = ("postgres-1", "postgres-2", "postgres-3")
+ETCD_MEMBERS = ("etcd-1", "etcd-2", "etcd-3")
+PATRONI_CLUSTER = "cachestack"  # Patroni's scope: the cluster's name in etcd
+ETCD_UID = 999
+DB_REPLICATION = "cachestack_replication"  # streaming, and a new replica's copy
+DB_REWIND = "cachestack_rewind"  # pg_rewind of a former leader that comes back as a replica
+STREAM_SLOT = "cachestack_invalidation"  # the change stream's, which Patroni leaves alone
+# How long the leader's key in etcd lives without being renewed (the longest a dead leader
+# keeps the lead), how often each member looks at the cluster, and how long it tries etcd or
+# Postgres again before giving up (ttl >= loop_wait + 2 * retry_timeout, Patroni's rule).
+PATRONI_TTL = 10
+PATRONI_LOOP_WAIT = 2
+PATRONI_RETRY_TIMEOUT = 4
+# Patroni's synchronous mode: "on" (with no replica left, the leader takes writes alone, and
+# nobody may take over from it) or "strict" (no write without a synchronous replica).
+SYNCHRONOUS_MODE = "on"
+
+
+def database_hosts(ha: bool) -> str:
+    """host:port of each server a client may find the database on, as libpq's multi-host URLs
+    take them: the single Postgres, or every member of the Patroni cluster."""
+    return ",".join(f"{name}:5432" for name in (PATRONI_MEMBERS if ha else ("postgres",)))
+
+
+def member_certificate(name: str) -> Certificate:
+    """A member's certificate, which names it: a server's, and a client's for its peers."""
+    return Certificate(name, (name, "localhost", "127.0.0.1"), client=True)
+
+
+def etcd_service(name: str) -> Service:
+    """A member of etcd, where Patroni keeps the cluster's state: TLS only, and only clients
+    and peers with a certificate of the project CA (the Patroni members' and its own)."""
+    cert = member_certificate(name)
+    tls = (secret_target(cert.cert), secret_target(cert.key), secret_target(CA_CERT))
+    peers = ",".join(f"{member}=https://{member}:2380" for member in ETCD_MEMBERS)
+    return Service(
+        name=name,
+        image="etcd",
+        user=f"{ETCD_UID}:{ETCD_UID}",
+        command=(
+            "etcd",
+            "--name", name,
+            "--data-dir", "/var/lib/etcd/data",
+            "--listen-client-urls", "https://0.0.0.0:2379",
+            "--advertise-client-urls", f"https://{name}:2379",
+            "--listen-peer-urls", "https://0.0.0.0:2380",
+            "--initial-advertise-peer-urls", f"https://{name}:2380",
+            "--initial-cluster", peers,
+            "--initial-cluster-state", "new",
+            "--initial-cluster-token", PATRONI_CLUSTER,
+            "--client-cert-auth",
+            "--cert-file", tls[0], "--key-file", tls[1], "--trusted-ca-file", tls[2],
+            "--peer-client-cert-auth",
+            "--peer-cert-file", tls[0], "--peer-key-file", tls[1], "--peer-trusted-ca-file", tls[2],
+        ),
+        environment=(),
+        secrets=_mounts(ETCD_UID, cert.cert, cert.key, CA_CERT),
+        networks=("dcs",),
+        volumes=((f"{name}-data", "/var/lib/etcd"),),
+        # A member is healthy while the cluster has a quorum and answers it.
+        healthcheck=HealthCheck((
+            "CMD", "etcdctl", "--endpoints", "https://127.0.0.1:2379", "--cacert", tls[2],
+            "--cert", tls[0], "--key", tls[1], "endpoint", "health")),
+        hardening=Hardening(tmpfs=(_private_tmp(ETCD_UID, "8m"),), mem_limit="256m",
+                            pids_limit=128),
+    )
+
+
+def patroni_service(name: str) -> Service:
+    """A member of the Patroni cluster (docker/patroni): Postgres, with the single one's roles,
+    access rules and settings, which Patroni starts as the leader or a replica; its data in
+    the volume `<name>-data`."""
+    cert = member_certificate(name)
+    return Service(
+        name=name,
+        image="patroni",
+        user=f"{POSTGRES_UID}:{POSTGRES_UID}",
+        command=("cachestack-patroni",
+                 *(arg for setting, value in POSTGRES_SETTINGS
+                   for arg in ("-c", f"{setting}={value}"))),
+        environment=(
+            ("PGDATA", "/var/lib/postgresql/data"),
+            *_roles_environment(),
+            ("CACHESTACK_CLUSTER", PATRONI_CLUSTER),
+            ("CACHESTACK_MEMBER", name),
+            ("CACHESTACK_ETCD", ",".join(f"{member}:2379" for member in ETCD_MEMBERS)),
+            ("CACHESTACK_REPLICATION_ROLE", DB_REPLICATION),
+            ("CACHESTACK_REWIND_ROLE", DB_REWIND),
+            ("CACHESTACK_STREAM_SLOT", STREAM_SLOT),
+            ("CACHESTACK_TTL", str(PATRONI_TTL)),
+            ("CACHESTACK_LOOP_WAIT", str(PATRONI_LOOP_WAIT)),
+            ("CACHESTACK_RETRY_TIMEOUT", str(PATRONI_RETRY_TIMEOUT)),
+            ("CACHESTACK_SYNCHRONOUS", SYNCHRONOUS_MODE),
+        ),
+        secrets=_mounts(POSTGRES_UID, *POSTGRES_ROLE_SECRETS, "postgres_replication_password",
+                        "postgres_rewind_password", "patroni_api_password", cert.cert,
+                        cert.key, CA_CERT),
+        # backend: the service and `migrate` reach Postgres; dcs: etcd, and the members' REST
+        # APIs, which answer only a client with a certificate of the project CA.
+        networks=("backend", "dcs"),
+        volumes=((f"{name}-data", "/var/lib/postgresql/data"),),
+        healthcheck=HealthCheck(POSTGRES_HEALTH),
+        hardening=Hardening(tmpfs=_postgres_tmpfs(), mem_limit="512m", pids_limit=256),
+    )
+
+
 def postgres_services(ha: bool) -> tuple[Service, ...]:
-    """The database: one Postgres (with --ha too, until its Patroni cluster is built)."""
+    """The database: one Postgres, or (`ha`) three etcd members and the three members of a
+    Patroni cluster, which keeps its state in them."""
+    if ha:
+        return (*(etcd_service(name) for name in ETCD_MEMBERS),
+                *(patroni_service(name) for name in PATRONI_MEMBERS))
     return (postgres_service(),)
+
+
+def database_certificates(ha: bool) -> tuple[Certificate, ...]:
+    """The certificates the database's servers present: the single Postgres's, or each
+    member's of the Patroni cluster and of etcd."""
+    if ha:
+        return tuple(member_certificate(name) for name in (*PATRONI_MEMBERS, *ETCD_MEMBERS))
+    return (POSTGRES_CERT,)
+
+
+def database_networks(ha: bool) -> tuple[Network, ...]:
+    """With `ha`, the network of Patroni's members and etcd, which nothing else joins."""
+    return (Network("dcs", internal=True),) if ha else ()
 
 
 def redis_services(ha: bool) -> tuple[Service, ...]:
@@ -682,7 +838,7 @@ def describe_stack(
     is published on 127.0.0.1:`port` (with `tls`, speaking TLS only, with PROXY_CERT), and
     with a `monitoring_port`, Prometheus published there; with `ha`, Postgres and Redis
     highly available. Its services start in this order."""
-    services = (*postgres_services(ha), *redis_services(ha), migrate_service(),
+    services = (*postgres_services(ha), *redis_services(ha), migrate_service(ha),
                 replicas_service(replicas, ha), stream_service(ha), proxy_service(port, tls))
     if monitoring_port is not None:
         services += (prometheus_service(monitoring_port),)
@@ -691,10 +847,11 @@ def describe_stack(
         project=project,
         services=services,
         networks=(Network("backend", internal=True), Network("frontend", internal=True),
-                  Network("edge", internal=False)),
+                  Network("edge", internal=False), *database_networks(ha)),
         volumes=tuple(v for s in services for v, _ in s.volumes),
         secrets=tuple(mounted),
-        certificates=tuple(c for c in CERTIFICATES if c.cert in mounted),
+        certificates=tuple(dict.fromkeys(c for c in (*database_certificates(ha), *CERTIFICATES)
+                                         if c.cert in mounted)),
         images={key: IMAGES[key] for key in dict.fromkeys(s.image for s in services)},
     )
 

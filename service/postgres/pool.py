@@ -43,6 +43,18 @@ COOLDOWN_SECONDS = 1.0
 ANSWER_MARGIN_SECONDS = 0.5
 # How libpq reports a login whose password the server refused (no error code comes with it).
 PASSWORD_REFUSED = "password authentication failed"
+# How a login finds servers that are there but take no writes just now, in libpq's and
+# Postgres's words: a replica (with target_session_attrs=read-write), a leader stopping or
+# starting, a port closed or a name gone while its server restarts. A planned switchover
+# hands the lead over in a second or two and a single Postgres restarts as fast, so a login
+# that finds only such servers tries again, one login of the pool at a time, for up to
+# HANDOVER_SECONDS; longer, and Postgres is down (a failover is under way, say): statements
+# fail at once for COOLDOWN_SECONDS, as after a timeout.
+HANDOVER = ("read-only", "hot standby", "starting up", "shutting down",
+            "not yet accepting connections", "Connection refused",
+            "could not translate host name")
+HANDOVER_SECONDS = 3.0
+HANDOVER_RETRY_SECONDS = 0.2
 
 
 
@@ -78,7 +90,7 @@ class Database:
         not `counted` leaves db_queries (what requests cost) alone, and one that does not
         `report` says nothing when Postgres comes and goes (another pool of the process
         does)."""
-        self._dsn = settings.url
+        self._hosts = each_host(settings.url)
         self._password = settings.password.read if settings.password else None
         self._last_login: str | None = None  # the last password that logged in; never logged
         self._connect_timeout = settings.connect_timeout
@@ -102,12 +114,13 @@ class Database:
         self._problem: str | None = None  # why the database was unavailable when last used
         self._down_until = 0.0  # statements fail at once until then (COOLDOWN_SECONDS)
         self._trying = threading.Lock()  # held by the one statement that tries Postgres again
+        self._logging_in = threading.Lock()  # one login at a time (see HANDOVER)
 
     def _connect(self) -> Connection:
         """A new session, on a schema that has every migration, with the hot statements
         prepared."""
         try:
-            conn = self._login()
+            conn = self._login_to_leader()
             try:
                 cur = _Cursor(conn, self._statement_timeout)
                 if not self._schema_ready:
@@ -122,35 +135,59 @@ class Database:
         self._report(None)
         return conn
 
+    def _login_to_leader(self) -> Connection:
+        """A new session; while the servers answer but none takes writes (HANDOVER), tried
+        again until HANDOVER_SECONDS have passed, by one login of the pool at a time."""
+        deadline = time.monotonic() + HANDOVER_SECONDS
+        if not self._logging_in.acquire(timeout=HANDOVER_SECONDS):
+            raise NoAnswer(f"no login finished within {HANDOVER_SECONDS:g} s")
+        try:
+            while True:
+                try:
+                    return self._login()
+                except psycopg2.OperationalError as exc:
+                    if not handing_over(exc) or \
+                            time.monotonic() + HANDOVER_RETRY_SECONDS > deadline:
+                        raise
+                time.sleep(HANDOVER_RETRY_SECONDS)
+        finally:
+            self._logging_in.release()
+
     def _login(self) -> Connection:
         """A new session, logged in with the password as it is now.
 
         A rotation writes the new password file a moment before Postgres (which keeps one
         password per role) is given it, so a login refused with the file's password is tried
         once more, at once, with the last password that logged in."""
-        if self._password is None:
-            return self._connected(psycopg2.connect(self._dsn, **self._connect_args))
-        password = self._password()
+        password = self._password() if self._password else None
         try:
-            conn = self._connected(psycopg2.connect(self._dsn, password=password,
-                                                    **self._connect_args))
+            conn = self._open(password)
         except psycopg2.OperationalError as exc:
             earlier = self._last_login
             if earlier is None or earlier == password or PASSWORD_REFUSED not in str(exc):
                 raise
-            return self._connected(psycopg2.connect(self._dsn, password=earlier,
-                                                    **self._connect_args))
+            return self._open(earlier)
         self._last_login = password
         return conn
 
-    def _connected(self, conn: Connection) -> Connection:
-        """`conn` once its login is done, within the connect timeout."""
+    def _open(self, password: str | None) -> Connection:
+        """A session on the first server the URL names that takes it (with
+        target_session_attrs=read-write, the one that takes writes), within the connect
+        timeout. Every server is asked at once: libpq, asked in asynchronous mode, tries them
+        in turn with no timeout of its own, so one that stopped answering (a paused container,
+        whose port still takes the connection) would hold up the login to the others."""
+        login = {} if password is None else {"password": password}
+        attempts: list[Connection] = []
+        winner = None
         try:
-            wait(conn, self._connect_timeout, "log in")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+            for dsn in self._hosts:
+                attempts.append(psycopg2.connect(dsn, **login, **self._connect_args))
+            winner = first_logged_in(attempts, self._connect_timeout)
+            return winner
+        finally:
+            for conn in attempts:
+                if conn is not winner:
+                    conn.close()
 
     def _check_schema(self, cur: Any) -> None:
         """Refuse a database that lacks a packaged migration; asked again on every new
@@ -166,7 +203,7 @@ class Database:
         return DatabaseUnavailable(problem)
 
     def _lost(self, exc: psycopg2.OperationalError) -> DatabaseUnavailable:
-        if isinstance(exc, NoAnswer):
+        if isinstance(exc, NoAnswer) or handing_over(exc):
             self._down_until = time.monotonic() + COOLDOWN_SECONDS
         return self._unavailable(f"database unavailable: {first_line(exc)}")
 
@@ -224,26 +261,39 @@ class Database:
         if not self._slots.acquire(timeout=self._connect_timeout):
             raise DatabaseUnavailable("all database connections are busy")
         try:
-            conn = self._take()
             try:
-                cur = _Cursor(conn, self._statement_timeout)
-                if self._counted:
-                    metrics.DB_QUERIES.inc()
-                result = work(cur)
-            except psycopg2.errors.UniqueViolation as exc:
-                self._give_back(conn)
-                field = UNIQUE_CONSTRAINTS.get(exc.diag.constraint_name, "value")
-                raise Conflict(field) from None
-            except psycopg2.OperationalError as exc:
-                conn.close()
-                raise self._lost(exc) from None
-            except BaseException:
-                conn.close()
-                raise
-            self._give_back(conn)
-            return result
+                return self._run_on_a_session(work)
+            except EndedBeforeCommit:
+                # Nothing was done (a leader handing over, a Postgres stopping): the statement
+                # runs again on a new session, with the next leader.
+                try:
+                    return self._run_on_a_session(work)
+                except EndedBeforeCommit as exc:
+                    raise self._lost(exc) from None
         finally:
             self._slots.release()
+
+    def _run_on_a_session(self, work: Callable[[Any], T]) -> T:
+        conn = self._take()
+        try:
+            cur = _Cursor(conn, self._statement_timeout)
+            if self._counted:
+                metrics.DB_QUERIES.inc()
+            result = work(cur)
+        except psycopg2.errors.UniqueViolation as exc:
+            self._give_back(conn)
+            field = UNIQUE_CONSTRAINTS.get(exc.diag.constraint_name, "value")
+            raise Conflict(field) from None
+        except psycopg2.OperationalError as exc:
+            conn.close()
+            if ended_before_commit(exc, conn.notices):
+                raise EndedBeforeCommit(str(exc)) from None
+            raise self._lost(exc) from None
+        except BaseException:
+            conn.close()
+            raise
+        self._give_back(conn)
+        return result
 
     def ping(self) -> None:
         self.run(lambda cur: cur.execute("SELECT 1"))
@@ -261,6 +311,77 @@ def first_line(exc: Exception) -> str:
 
 class NoAnswer(psycopg2.OperationalError):
     """Postgres did not answer within the time it was given."""
+
+
+class Unconfirmed(psycopg2.OperationalError):
+    """Postgres committed, but its synchronous standby never confirmed the commit: the change
+    is on the leader alone, and a failover may lose it. Not an acknowledged write."""
+
+
+class EndedBeforeCommit(psycopg2.OperationalError):
+    """The server ended the session while a statement ran, before its transaction committed."""
+
+
+def ended_before_commit(exc: Exception, notices: list[str]) -> bool:
+    """Whether the server ended the session by an administrator's command (a shutdown, which
+    a switchover is) while the statement ran, before its transaction committed: unless it
+    was waiting for the synchronous standby, committed already (which Postgres then says in
+    a warning first)."""
+    return ("terminating connection due to administrator command" in str(exc)
+            and not any("synchronous replication" in notice for notice in notices))
+
+
+def handing_over(exc: Exception) -> bool:
+    """Whether a login failed because no server takes writes just now (HANDOVER)."""
+    return any(words in str(exc) for words in HANDOVER)
+
+
+def each_host(url: str) -> list[str]:
+    """The connection string once for each server a URL names (libpq's multi-host form,
+    host1:port1,host2:port2,...), each naming that server alone, the rest as the URL has it;
+    a URL of one server as it is."""
+    params = psycopg2.extensions.parse_dsn(url)
+    hosts = params.get("host", "").split(",")
+    if len(hosts) < 2:
+        return [url]
+    ports = params.get("port", "").split(",")
+    ports = ports * len(hosts) if len(ports) == 1 else ports
+    return [psycopg2.extensions.make_dsn(**{**params, "host": host, "port": port or None})
+            for host, port in zip(hosts, ports, strict=True)]
+
+
+def first_logged_in(attempts: list[Connection], timeout: float) -> Connection:
+    """The first of `attempts` (asynchronous connections, logging in) whose login is done,
+    within `timeout` seconds (then NoAnswer); the last failure when every one failed."""
+    deadline = time.monotonic() + timeout
+    pending, failure = list(attempts), None
+    while pending:
+        readers, writers = [], []
+        for conn in list(pending):
+            try:
+                state = conn.poll()
+            except psycopg2.OperationalError as exc:
+                pending.remove(conn)
+                failure = exc
+                continue
+            if state == psycopg2.extensions.POLL_OK:
+                return conn
+            (readers if state == psycopg2.extensions.POLL_READ else writers).append(conn)
+        left = deadline - time.monotonic()
+        if pending and (left <= 0 or not any(select.select(readers, writers, [], left))):
+            raise NoAnswer(f"postgres did not log in within {timeout:g} s")
+    assert failure is not None
+    raise failure
+
+
+def unconfirmed(notices: list[str]) -> None:
+    """Raise Unconfirmed when Postgres's notices say that a commit's wait for the synchronous
+    standby was cancelled (which Postgres reports as a warning, and then as done); forget
+    the notices either way."""
+    said = "".join(notices)
+    del notices[:]
+    if "synchronous replication" in said:
+        raise Unconfirmed("postgres committed without its synchronous standby's confirmation")
 
 
 def wait(conn: Connection, timeout: float, what: str) -> None:
@@ -287,6 +408,8 @@ class _Cursor:
     def execute(self, sql: str, args: Any = None) -> None:
         self._cursor.execute(sql, args)
         wait(self._conn, self._timeout, "answer")
+        if self._conn.notices:
+            unconfirmed(self._conn.notices)
 
     def fetchone(self) -> Any:
         return self._cursor.fetchone()

@@ -72,7 +72,8 @@ def _urls(env: Mapping[str, str]) -> tuple[str, str]:
     password = read_setting(env, "DATABASE_PASSWORD")
     try:
         database_url = with_password(database_url, password)
-        urlsplit(database_url).port  # noqa: B018 - raises ValueError for a port that is not one
+        for host in urlsplit(database_url).netloc.rpartition("@")[2].split(","):
+            urlsplit(f"//{host}").port  # noqa: B018 - raises ValueError for a port that is not one
         psycopg2.extensions.parse_dsn(database_url)
     except (psycopg2.ProgrammingError, ValueError):
         raise ConfigError("DATABASE_URL is not a URL libpq takes (postgresql://user@host:port/"

@@ -22,7 +22,7 @@ from orchestrate.secretfiles import ensure_secrets, secret_path
 from orchestrate.stack import DEFAULT_MONITORING_PORT, Stack, describe_stack
 from tests.support import REPO, docker_engine, run
 
-from .helpers import SECRET_NAMES, tool
+from .helpers import HA_SECRET_NAMES, SECRET_NAMES, tool
 
 
 @pytest.fixture(scope="session")
@@ -52,25 +52,44 @@ def secret_files() -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="session")
-def k8s_rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """k8s/ rendered by kustomize into one file, with throwaway secret files so a clean clone
-    works.
-
-    The kustomization is copied to a temporary directory, so the repository's own k8s/secrets/
-    (real passwords, if any) is neither read nor touched.
-    """
-    kubectl = tool("kubectl")
+def k8s_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """k8s/ copied to a temporary directory with throwaway secret files beside each
+    kustomization that generates Secrets, so a clean clone works, and the repository's own
+    secrets/ folders there (real passwords, if any) are neither read nor touched."""
     root = tmp_path_factory.mktemp("k8s") / "k8s"
     shutil.copytree(REPO / "k8s", root, ignore=shutil.ignore_patterns("secrets"))
-    (root / "secrets").mkdir(mode=0o700)
-    for name in SECRET_NAMES:
-        (root / "secrets" / name).write_text(f"test-{name}")
-    rendered = root.parent / "rendered.yaml"
-    rendered.write_text(run(kubectl, "kustomize", str(root), timeout=60).stdout)
+    for folder, names in ((root, SECRET_NAMES), (root / "overlays" / "ha", HA_SECRET_NAMES)):
+        (folder / "secrets").mkdir(mode=0o700)
+        for name in names:
+            (folder / "secrets" / name).write_text(f"test-{name}")
+    return root
+
+
+def kustomized(folder: Path) -> Path:
+    """The kustomization in `folder` rendered into one file beside it."""
+    rendered = folder / "rendered.yaml"
+    rendered.write_text(run(tool("kubectl"), "kustomize", str(folder), timeout=60).stdout)
     return rendered
+
+
+@pytest.fixture(scope="session")
+def k8s_rendered(k8s_copy: Path) -> Path:
+    """k8s/ rendered by kustomize into one file."""
+    return kustomized(k8s_copy)
 
 
 @pytest.fixture(scope="session")
 def k8s_objects(k8s_rendered: Path) -> list[dict[str, Any]]:
     """Every object of the rendered manifests."""
     return [doc for doc in yaml.safe_load_all(k8s_rendered.read_text()) if doc]
+
+
+@pytest.fixture(scope="session")
+def k8s_ha_rendered(k8s_copy: Path) -> Path:
+    """The overlay k8s/overlays/ha/ (`up --ha`) rendered into one file."""
+    return kustomized(k8s_copy / "overlays" / "ha")
+
+
+@pytest.fixture(scope="session")
+def k8s_ha_objects(k8s_ha_rendered: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(k8s_ha_rendered.read_text()) if doc]

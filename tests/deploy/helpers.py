@@ -12,8 +12,10 @@ import requests
 from orchestrate.stack import describe_stack
 from tests.support import require
 
-# Every secret a format may mount: k8s/ holds the proxy's TLS certificate of `up --tls`.
+# Every secret a format may mount: k8s/ holds the proxy's TLS certificate of `up --tls`, and
+# k8s/overlays/ha/ the database's of `up --ha` too.
 SECRET_NAMES = describe_stack(tls=True).secrets
+HA_SECRET_NAMES = describe_stack(tls=True, ha=True).secrets
 READY_TIMEOUT_S = 180
 
 

@@ -25,8 +25,10 @@ from orchestrate.stack import (
     DEFAULT_MONITORING_PORT,
     DEFAULT_PROJECT,
     DNS_OPTIONS,
+    ETCD_MEMBERS,
     IMAGES,
     MAX_REPLICAS,
+    PATRONI_MEMBERS,
     PROJECT_LABEL,
     PROXY_TLS_SETTING,
     SECRETS_DIR,
@@ -34,6 +36,7 @@ from orchestrate.stack import (
     SERVICE_LABEL,
     HealthCheck,
     Service,
+    Stack,
     describe_stack,
 )
 from service import probe
@@ -49,6 +52,8 @@ TLS = describe_stack(tls=True)  # `up --tls`
 HA = describe_stack(ha=True)  # `up --ha`
 # The Redis servers and Sentinels of `up --ha`, which take the place of the one Redis.
 HA_REDIS = [s.name for s in HA.services if s.image == "redis"]
+# What `up --ha` changes: the database's services, and the URLs of those that reach it.
+HA_SERVICES = [s.name for s in HA.services if s.name not in SERVICES or s != STACK.service(s.name)]
 # Kubernetes has its own proxy: the Service object balances over the pods that are ready.
 K8S_SERVICES = [name for name in SERVICES if name != "proxy"]
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
@@ -144,14 +149,14 @@ def image_name(ref: str) -> str:
     return ref.rsplit(":", 1)[0]
 
 
-def start_order() -> dict[str, dict[str, str]]:
+def start_order(stack: Stack = STACK) -> dict[str, dict[str, str]]:
     """What each service waits for, by the orchestrator's rule (engine.realise): a task waits
     until the services before it are healthy, and the services after a task wait for it to
     have succeeded."""
     waits: dict[str, dict[str, str]] = {}
     before: list[str] = []
     task = None
-    for service in STACK.services:
+    for service in stack.services:
         if service.once:
             waits[service.name] = {name: "service_healthy" for name in before}
             before, task = [], service.name
@@ -177,11 +182,13 @@ def compose_view(doc: dict[str, Any], name: str) -> View:
         "command": unescape(svc["command"]),
         "environment": svc.get("environment", {}),
         "secrets": sorted(f"{SECRETS_TARGET_DIR}/{s['target']}" for s in svc.get("secrets", [])),
-        "data": sorted(tuple(v.split(":")[:2]) for v in svc["volumes"] if not v.startswith("/"))
-        if "volumes" in svc
-        else [],
+        # Compose v2 writes volumes in their long form.
+        "data": sorted(tuple(v.split(":")[:2]) if isinstance(v, str) else (v["source"], v["target"])
+                       for v in svc.get("volumes", [])
+                       if not (v if isinstance(v, str) else v["source"]).startswith("/")),
         "health": unescape(svc["healthcheck"]["test"]) if "healthcheck" in svc else None,
-        "ports": [int(p.split(":")[2].split("/")[0]) for p in svc.get("ports", [])],
+        "ports": [int(p.split(":")[2].split("/")[0]) if isinstance(p, str) else p["target"]
+                  for p in svc.get("ports", [])],
         "read_only": svc["read_only"],
         "cap_drop": svc["cap_drop"],
         "memory": to_bytes(svc["mem_limit"]),
@@ -210,6 +217,44 @@ def test_compose_agrees(compose: dict[str, Any], name: str) -> None:
     waits = {dep: how["condition"] for dep, how in svc.get("depends_on", {}).items()}
     assert waits == start_order()[name]
     assert svc.get("scale", 1) == service.replicas
+
+
+@pytest.fixture(scope="module")
+def compose_ha() -> dict[str, Any]:
+    """`up --ha` as compose.ha.yml renders it: Compose v2 (its `!override`)."""
+    return render(tool("docker"), "compose", "--project-name", DEFAULT_PROJECT, "-f",
+                  "docker-compose.yml", "-f", "compose.ha.yml", "config")
+
+
+@pytest.mark.parametrize("name", HA_SERVICES)
+def test_compose_ha_override_is_up_ha(compose_ha: dict[str, Any], name: str) -> None:
+    """-f compose.ha.yml runs what `up --ha` runs in place of the one Postgres, as the
+    orchestrator runs it, and points the service and `migrate` at every member."""
+    service = HA.service(name)
+    assert compose_view(compose_ha, name) == expected(service)
+    svc = compose_ha["services"][name]
+    if service.healthcheck:
+        assert rendered_timing(svc["healthcheck"]) == health_timing(service.healthcheck)
+    assert sorted(svc["tmpfs"]) == sorted(f"{p}:{o}" for p, o in service.hardening.tmpfs)
+    assert svc["pids_limit"] == service.hardening.pids_limit
+    assert svc["restart"] == service.hardening.restart
+    assert ("no-new-privileges:true" in svc["security_opt"]) == service.hardening.no_new_privileges
+    assert sorted(svc["networks"]) == sorted(service.networks)
+    assert svc["labels"] == {**STACK.labels(), SERVICE_LABEL: name}
+    assert_staged(compose_ha, service)
+    waits = {dep: how["condition"] for dep, how in svc.get("depends_on", {}).items()}
+    assert waits == start_order(HA)[name]
+
+
+def test_compose_ha_runs_no_other_postgres_or_redis(compose_ha: dict[str, Any]) -> None:
+    """The one Postgres is left to a profile nothing starts, the one Redis is gone; the rest is
+    as without them."""
+    assert set(compose_ha["services"]) == {s.name for s in HA.services}
+    assert {n.name: n.internal for n in HA.networks} == {
+        name: bool(net.get("internal")) for name, net in compose_ha["networks"].items()}
+    assert sorted(compose_ha["volumes"]) == sorted(HA.volumes)
+    for name in set(SERVICES) - set(HA_SERVICES) - {"postgres", "redis"}:
+        assert compose_view(compose_ha, name) == expected(HA.service(name))
 
 
 def assert_staged(compose: dict[str, Any], service: Service) -> None:
@@ -241,27 +286,10 @@ def test_compose_tls_override_is_up_tls(
         compose["services"][name]["networks"])
 
 
-@pytest.fixture(scope="module")
-def compose_ha() -> dict[str, Any]:
-    """compose.ha.yml needs docker compose v2 (its !reset and !override tags); -p, because v2
-    sets COMPOSE_PROJECT_NAME to the folder's name otherwise."""
-    return render(tool("docker"), "compose", "-p", DEFAULT_PROJECT, "-f", "docker-compose.yml",
-                  "-f", "compose.ha.yml", "config")
-
-
 @pytest.mark.parametrize("name", HA_REDIS)
-def test_compose_ha_override_runs_the_redis_of_up_ha(compose_ha: dict[str, Any],
-                                                     name: str) -> None:
-    service = HA.service(name)
-    assert compose_view(compose_ha, name) == expected(service)
-    svc = compose_ha["services"][name]
-    assert rendered_timing(svc["healthcheck"]) == health_timing(service.healthcheck)
-    assert svc["labels"] == {**HA.labels(), SERVICE_LABEL: name}
-    assert svc["restart"] == service.hardening.restart
-    assert svc["pids_limit"] == service.hardening.pids_limit
-    assert svc["dns_opt"] == list(DNS_OPTIONS)
-    assert list(svc["networks"]) == list(service.networks)
-    assert_staged(compose_ha, service)
+def test_compose_ha_redis_servers_and_sentinels_ask_dns_as_the_orchestrator_does(
+        compose_ha: dict[str, Any], name: str) -> None:
+    assert compose_ha["services"][name]["dns_opt"] == list(DNS_OPTIONS)
 
 
 def test_compose_ha_override_replaces_redis_and_points_its_clients_at_the_sentinels(
@@ -428,30 +456,38 @@ def swarm_ha() -> dict[str, Any]:
     return render(tool("docker"), "stack", "config", "-c", "stack.yml", "-c", "stack.ha.yml")
 
 
-@pytest.mark.parametrize("name", HA_REDIS)
-def test_swarm_ha_override_runs_the_redis_of_up_ha(swarm_ha: dict[str, Any], name: str) -> None:
+@pytest.mark.parametrize("name", HA_SERVICES)
+def test_swarm_ha_override_is_up_ha(swarm_ha: dict[str, Any], name: str) -> None:
+    """-c stack.ha.yml runs what `up --ha` runs, each member a service of one task, and
+    points the service and `migrate` at every member."""
     service = HA.service(name)
     assert swarm_view(swarm_ha, name) == expected(service)
     svc = swarm_ha["services"][name]
-    assert rendered_timing(svc["healthcheck"]) == health_timing(service.healthcheck)
-    assert svc["deploy"]["restart_policy"]["condition"] == "any"
+    if service.healthcheck:
+        assert rendered_timing(svc["healthcheck"]) == health_timing(service.healthcheck)
     assert svc["deploy"]["replicas"] == service.replicas
-    assert svc["deploy"]["update_config"]["order"] == service.update_order
+    if not service.once:
+        assert svc["deploy"]["update_config"]["order"] == service.update_order
     assert svc["deploy"]["resources"]["limits"]["pids"] == service.hardening.pids_limit
-    assert svc["networks"] == {network: None for network in service.networks}
-    assert svc["labels"] == {**HA.labels(), SERVICE_LABEL: name}
+    assert sorted(svc["networks"]) == sorted(service.networks)
+    assert svc["labels"] == {**STACK.labels(), SERVICE_LABEL: name}
     assert swarm_secrets(svc) == {(m.secret, m.target, m.uid, m.gid, m.mode)
                                   for m in service.secrets}
 
 
-def test_swarm_ha_override_leaves_redis_no_task_and_points_its_clients_at_the_sentinels(
-        swarm_ha: dict[str, Any]) -> None:
-    assert swarm_ha["services"]["redis"]["deploy"]["replicas"] == 0
+def test_swarm_ha_runs_no_task_of_the_single_postgres_and_redis(swarm_ha: dict[str, Any]) -> None:
+    """Swarm keeps the services of every file it is given: the one Postgres and the one Redis
+    run no task; the service and the stream find Redis through the Sentinels."""
+    for name in ("postgres", "redis"):
+        assert swarm_ha["services"][name]["deploy"]["replicas"] == 0
+    assert set(swarm_ha["services"]) == {s.name for s in HA.services} | {"postgres", "redis"}
+    assert {n.name for n in HA.networks} == set(swarm_ha["networks"])
+    assert set(HA.volumes) <= set(swarm_ha["volumes"])
+    assert {name: Path(s["file"]) for name, s in swarm_ha["secrets"].items()} == {
+        name: REPO / SECRETS_DIR / name for name in dict.fromkeys((*STACK.secrets, *HA.secrets))}
     for name in ("service", "stream"):
         assert swarm_ha["services"][name]["environment"] == dict(HA.service(name).environment)
-    assert {name: Path(s["file"]) for name, s in swarm_ha["secrets"].items()}.items() >= {
-        name: REPO / SECRETS_DIR / name for name in HA.secrets}.items()
-    # Each server and Sentinel writes its own files to /data: a volume each.
+    # Each Redis server and Sentinel writes its own files to /data: a volume each.
     data = {next(m["source"] for m in swarm_ha["services"][name]["volumes"]
                  if m["target"] == "/data") for name in HA_REDIS}
     assert len(data) == len(HA_REDIS)
@@ -503,7 +539,7 @@ def k8s_health(container: dict[str, Any]) -> list[str] | None:
     return ["CMD-SHELL", command[2]] if command[:2] == ["sh", "-c"] else ["CMD", *command]
 
 
-def k8s_view(objects: list[dict[str, Any]], name: str) -> View:
+def k8s_view(objects: list[dict[str, Any]], name: str, stack: Stack = STACK) -> View:
     workload = workload_of(objects, name)
     pod = workload["spec"]["template"]["spec"]
     container = container_of(objects, name)
@@ -520,10 +556,11 @@ def k8s_view(objects: list[dict[str, Any]], name: str) -> View:
     data = {o["metadata"]["name"]: o["data"] for o in objects if o["kind"] == "Secret"}
     keys = sorted(key for secret in secret_names for key in data[secret])
     environment = {e["name"]: e["value"] for e in container.get("env", [])}
-    if name == "postgres":
+    if "PGDATA" in environment:
         # A fresh volume claim may hold lost+found, which initdb refuses: data go one level down.
-        assert environment.pop("PGDATA").startswith(dict(STACK.service(name).environment)["PGDATA"])
-        environment["PGDATA"] = dict(STACK.service(name).environment)["PGDATA"]
+        wanted = dict(stack.service(name).environment)["PGDATA"]
+        assert environment.pop("PGDATA").startswith(wanted)
+        environment["PGDATA"] = wanted
     security = pod["securityContext"]
     return {
         "image": image_name(container["image"]),
@@ -633,24 +670,32 @@ def test_kubernetes_service_stands_where_the_proxy_does(k8s_objects: list[dict[s
         p.container for p in proxy.ports]
 
 
-def egress(k8s_objects: list[dict[str, Any]], name: str) -> set[tuple[str, int]]:
-    """Where the NetworkPolicies let the pods of workload `name` open connections: (the app
-    name of the peer pods, or "dns" for the cluster's DNS, port)."""
-    labels = workload_of(k8s_objects, name)["spec"]["template"]["metadata"]["labels"]
-    allowed = set()
-    for policy in (o for o in k8s_objects if o["kind"] == "NetworkPolicy"):
+def servers_named(url: str) -> set[tuple[str, int]]:
+    """(host, port) of each server a URL names, libpq's multi-host URLs included."""
+    hosts = urlsplit(url).netloc.rpartition("@")[2].split(",")
+    return {(host.rpartition(":")[0], int(host.rpartition(":")[2])) for host in hosts}
+
+
+def admitted(objects: list[dict[str, Any]], labels: dict[str, str], way: str
+             ) -> set[tuple[str, int]]:
+    """Who the NetworkPolicies let connect to pods with `labels` (way="ingress"), or where they
+    let those pods connect (way="egress"): (the peers' app name or component, or "dns", port)."""
+    peers = "from" if way == "ingress" else "to"
+    found = set()
+    for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):
         selector = policy["spec"]["podSelector"].get("matchLabels", {})
         if not all(labels.get(k) == v for k, v in selector.items()):
             continue
-        for rule in policy["spec"].get("egress", []):
-            assert rule.get("to") and rule.get("ports"), f"{policy['metadata']['name']}: open"
-            for peer in rule["to"]:
+        for rule in policy["spec"].get(way, []):
+            assert rule.get(peers) and rule.get("ports"), f"{policy['metadata']['name']}: open"
+            for peer in rule[peers]:
+                match = peer.get("podSelector", {}).get("matchLabels", {})
                 kube_dns = peer.get("namespaceSelector", {}).get("matchLabels") == {
                     "kubernetes.io/metadata.name": "kube-system"}
-                app = "dns" if kube_dns else peer["podSelector"]["matchLabels"][
-                    "app.kubernetes.io/name"]
-                allowed |= {(app, port["port"]) for port in rule["ports"]}
-    return allowed
+                who = ("dns" if kube_dns else match.get("app.kubernetes.io/name")
+                       or match["app.kubernetes.io/component"])
+                found |= {(who, port["port"]) for port in rule["ports"]}
+    return found
 
 
 @pytest.mark.parametrize("name", K8S_SERVICES)
@@ -667,7 +712,57 @@ def test_kubernetes_pods_reach_only_the_servers_their_settings_name(
         if "://" in setting.get("value", "")
         for url in [urlsplit(setting["value"])]
     }
-    assert egress(k8s_objects, name) == {("dns", 53)} | named
+    labels = workload_of(k8s_objects, name)["spec"]["template"]["metadata"]["labels"]
+    assert admitted(k8s_objects, labels, "egress") == {("dns", 53)} | named
+
+
+@pytest.mark.parametrize("name", HA_SERVICES)
+def test_kubernetes_ha_overlay_is_up_ha(k8s_ha_objects: list[dict[str, Any]], name: str) -> None:
+    """k8s/overlays/ha/ runs what `up --ha` runs: each member a StatefulSet of one pod, the
+    service and `migrate` pointed at every member."""
+    service = HA.service(name)
+    assert k8s_view(k8s_ha_objects, name, HA) == expected(service)
+    workload = workload_of(k8s_ha_objects, name)
+    pod = workload["spec"]["template"]["spec"]
+    assert {m.gid for m in service.secrets} == {pod["securityContext"]["fsGroup"]}
+    assert pod["automountServiceAccountToken"] is False
+    if not service.once:
+        assert workload["spec"]["replicas"] == service.replicas
+
+
+def test_kubernetes_ha_needs_no_access_to_the_kubernetes_api(
+        k8s_ha_objects: list[dict[str, Any]]) -> None:
+    """Patroni keeps its state in etcd, not in the Kubernetes API: no pod holds a token, and
+    there is no role to grant. And the one Postgres is gone."""
+    kinds = {o["kind"] for o in k8s_ha_objects}
+    assert not kinds & {"ServiceAccount", "Role", "RoleBinding", "ClusterRole",
+                        "ClusterRoleBinding"}
+    workloads = [o for o in k8s_ha_objects if o["kind"] in ("Deployment", "StatefulSet")]
+    assert all(w["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+               for w in workloads)
+    assert {c["name"] for w in workloads for c in containers_of(w)} == {
+        s.name for s in HA.services if s.name != "proxy"}
+
+
+def test_kubernetes_ha_members_reach_each_other_and_etcd_only(
+        k8s_ha_objects: list[dict[str, Any]]) -> None:
+    """The service pods and the change stream's reach each member's Postgres (and nothing of
+    Patroni's or etcd's); the members reach each other's Postgres and REST API, and etcd; etcd
+    its peers."""
+    def labels(name: str) -> dict[str, str]:
+        return workload_of(k8s_ha_objects, name)["spec"]["template"]["metadata"]["labels"]
+
+    for client in ("service", "stream"):
+        url = dict(HA.service(client).environment)["DATABASE_URL"]
+        assert admitted(k8s_ha_objects, labels(client), "egress") == {
+            ("dns", 53), ("redis", 6379), *servers_named(url)}
+    member, etcd = labels(PATRONI_MEMBERS[0]), labels(ETCD_MEMBERS[0])
+    assert admitted(k8s_ha_objects, member, "ingress") == {
+        ("service", 5432), ("stream", 5432), ("patroni", 5432), ("patroni", 8008)}
+    assert admitted(k8s_ha_objects, member, "egress") == {
+        ("dns", 53), ("patroni", 5432), ("patroni", 8008), ("etcd", 2379)}
+    assert admitted(k8s_ha_objects, etcd, "ingress") == {("patroni", 2379), ("etcd", 2380)}
+    assert admitted(k8s_ha_objects, etcd, "egress") == {("dns", 53), ("etcd", 2380)}
 
 
 def test_kubernetes_ingress_serves_tls_with_the_proxys_certificate(
@@ -747,6 +842,10 @@ def test_secrets_in_k8s_are_generated_from_the_same_files() -> None:
     kustomization = yaml.safe_load((REPO / "k8s" / "kustomization.yaml").read_text())
     files = dict(f.split("=") for g in kustomization["secretGenerator"] for f in g["files"])
     assert sorted(files.values()) == sorted(f"{SECRETS_DIR}/{name}" for name in TLS.secrets)
+    overlay = yaml.safe_load((REPO / "k8s" / "overlays" / "ha" / "kustomization.yaml").read_text())
+    files = dict(f.split("=") for g in overlay["secretGenerator"] for f in g["files"])
+    assert sorted(files.values()) == sorted(
+        f"{SECRETS_DIR}/{name}" for name in describe_stack(tls=True, ha=True).secrets)
     assert all(key == Path(path).name for key, path in files.items()
                if key not in ("tls.crt", "tls.key"))
     assert run("git", "check-ignore", "-q", "k8s/secrets/x", check=False).returncode == 0

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from orchestrate.stack import ETCD_MEMBERS, PATRONI_MEMBERS
 from tests.support import require
 
 from .helpers import SECRET_NAMES
@@ -19,6 +20,7 @@ WORKLOADS = {"postgres": "StatefulSet", "redis": "StatefulSet", "service": "Depl
              "stream": "Deployment"}
 # The pods that log in to Postgres and Redis: the service's, and the change stream's readers.
 CLIENTS = ("service", "stream")
+HA_MEMBERS = (*PATRONI_MEMBERS, *ETCD_MEMBERS)  # k8s/overlays/ha/: a StatefulSet each
 
 Obj = dict[str, Any]
 
@@ -43,7 +45,7 @@ def containers(spec: Obj) -> list[Obj]:
     return spec.get("initContainers", []) + spec["containers"]
 
 
-def test_every_object_passes_strict_schema_validation(k8s_objects: list[Obj]) -> None:
+def assert_valid(objects: list[Obj]) -> None:
     try:
         import kubernetes_validate
     except ImportError:
@@ -51,8 +53,17 @@ def test_every_object_passes_strict_schema_validation(k8s_objects: list[Obj]) ->
     require(
         kubernetes_validate is not None, "kubernetes-validate (pip install kubernetes-validate)"
     )
-    for obj in k8s_objects:
+    for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_every_object_passes_strict_schema_validation(k8s_objects: list[Obj]) -> None:
+    assert_valid(k8s_objects)
+
+
+def test_every_object_of_the_ha_overlay_passes_strict_schema_validation(
+        k8s_ha_objects: list[Obj]) -> None:
+    assert_valid(k8s_ha_objects)
 
 
 def test_everything_lives_in_the_namespace(k8s_objects: list[Obj]) -> None:
@@ -77,7 +88,18 @@ def test_secrets_come_from_the_generator_with_the_file_contents(k8s_objects: lis
 
 @pytest.mark.parametrize("app", sorted(WORKLOADS))
 def test_pods_are_hardened(k8s_objects: list[Obj], app: str) -> None:
-    spec = pod_spec(k8s_objects, app)
+    assert_hardened(pod_spec(k8s_objects, app), app)
+
+
+@pytest.mark.parametrize("app", sorted(HA_MEMBERS))
+def test_the_ha_members_are_hardened_and_hold_secrets_only_as_files(
+        k8s_ha_objects: list[Obj], app: str) -> None:
+    spec = one(k8s_ha_objects, "StatefulSet", app)["spec"]["template"]["spec"]
+    assert_hardened(spec, app)
+    assert_secrets_are_files(spec)
+
+
+def assert_hardened(spec: Obj, app: str) -> None:
     pod_sc = spec["securityContext"]
     assert pod_sc["runAsNonRoot"] is True
     assert pod_sc["runAsUser"] != 0
@@ -99,7 +121,10 @@ def test_pods_are_hardened(k8s_objects: list[Obj], app: str) -> None:
 
 @pytest.mark.parametrize("app", sorted(WORKLOADS))
 def test_secrets_are_read_only_files_never_env(k8s_objects: list[Obj], app: str) -> None:
-    spec = pod_spec(k8s_objects, app)
+    assert_secrets_are_files(pod_spec(k8s_objects, app))
+
+
+def assert_secrets_are_files(spec: Obj) -> None:
     secret_volumes = {}
     for volume in spec["volumes"]:
         if "secret" in volume:

@@ -73,5 +73,7 @@ def test_checkov_finds_nothing_in_the_dockerfiles() -> None:
     assert_clean(checkov("--framework", "dockerfile", *(f"--file={f}" for f in DOCKERFILES)))
 
 
-def test_checkov_finds_nothing_in_the_kubernetes_manifests(k8s_rendered: Path) -> None:
-    assert_clean(checkov("--framework", "kubernetes", f"--file={k8s_rendered}"))
+def test_checkov_finds_nothing_in_the_kubernetes_manifests(k8s_rendered: Path,
+                                                            k8s_ha_rendered: Path) -> None:
+    for rendered in (k8s_rendered, k8s_ha_rendered):
+        assert_clean(checkov("--framework", "kubernetes", f"--file={rendered}"))

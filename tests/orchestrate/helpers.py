@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import os
+import signal
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,3 +145,45 @@ def until(condition: Callable[[], bool], what: str, seconds: float = 120) -> Non
     while not condition():
         assert time.monotonic() < deadline, f"no {what} within {seconds:.0f} s"
         time.sleep(0.1)
+
+
+def kill_main_process(container: Container) -> float:
+    """SIGKILL the container's main process from the host, as a crash would (the restart
+    policy applies; `docker kill` would count as a manual stop); returns when."""
+    container.reload()
+    os.kill(container.attrs["State"]["Pid"], signal.SIGKILL)
+    return time.monotonic()
+
+
+def absent(postgres: Container, ids: list[int]) -> list[int]:
+    """Those of `ids` that no row of users has, asked of `postgres`."""
+    if not ids:
+        return []
+    listed = ",".join(map(str, ids))
+    rows = psql(postgres, f"SELECT id FROM users WHERE id = ANY('{{{listed}}}'::bigint[])")
+    return sorted(set(ids) - {int(row[0]) for row in rows})
+
+
+def derived_image(client: docker.DockerClient, base: str, tag: str) -> str:
+    """`base` plus one layer: to the orchestrator, an image of new code."""
+    recipe = f"FROM {base}\nLABEL org.cachestack.test-generation={time.time_ns()}\n".encode()
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(recipe)
+        tar.addfile(info, io.BytesIO(recipe))
+    context.seek(0)
+    image, _ = client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True)
+    return image.id
+
+
+def not_as_written(postgres: Container, final: dict[int, str]) -> list[int]:
+    """The users whose row in `postgres` is gone or has another display name than `final`
+    says it must."""
+    if not final:
+        return []
+    listed = ",".join(map(str, final))
+    rows = psql(postgres, "SELECT id, display_name FROM users "
+                          f"WHERE id = ANY('{{{listed}}}'::bigint[])")
+    found = {int(row[0]): row[1] for row in rows}
+    return sorted(user for user, name in final.items() if found.get(user) != name)

@@ -4,10 +4,6 @@ requests each costs. Tests run in file order on one stack."""
 
 from __future__ import annotations
 
-import io
-import os
-import signal
-import tarfile
 import time
 from typing import Any
 
@@ -19,34 +15,13 @@ from orchestrate.secretfiles import api_token
 from orchestrate.stack import REPLICA_LABEL, SERVICE_LABEL, describe_stack
 from tests.steady_load import SteadyLoad
 
-from .helpers import Project, until
+from .helpers import Project, derived_image, kill_main_process, until
 
 
 def running(client: docker.DockerClient, project: Project, service: str) -> list[Any]:
     found = client.containers.list(ignore_removed=True, filters={"label": [
         f"org.cachestack.project={project.name}", f"{SERVICE_LABEL}={service}"]})
     return sorted(found, key=lambda c: int(c.labels.get(REPLICA_LABEL, 0)))
-
-
-def derived_image(client: docker.DockerClient, base: str, tag: str) -> str:
-    """`base` plus one layer: to the orchestrator, an image of new code."""
-    recipe = f"FROM {base}\nLABEL org.cachestack.test-generation={time.time_ns()}\n".encode()
-    context = io.BytesIO()
-    with tarfile.open(fileobj=context, mode="w") as tar:
-        info = tarfile.TarInfo("Dockerfile")
-        info.size = len(recipe)
-        tar.addfile(info, io.BytesIO(recipe))
-    context.seek(0)
-    image, _ = client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True)
-    return image.id
-
-
-def kill_main_process(container: Any) -> float:
-    """SIGKILL the container's main process from the host, as a crash would (the restart
-    policy applies; `docker kill` would count as a manual stop); returns when."""
-    container.reload()
-    os.kill(container.attrs["State"]["Pid"], signal.SIGKILL)
-    return time.monotonic()
 
 
 def test_new_code_replaces_the_replicas_one_by_one_without_a_failed_request(

@@ -243,6 +243,21 @@ def test_a_url_given_apart_from_its_password_is_checked_all_the_same(env: dict,
     assert named in refusal({**WITH_SECRETS, **env})
 
 
+MULTI_HOST = ("postgresql://u@db-1:5432,db-2:5432,db-3/cachestack"
+              "?target_session_attrs=read-write")
+
+
+def test_a_url_of_several_hosts_is_taken_as_libpq_takes_it() -> None:
+    """`up --ha`: the URL names each member of the cluster, and libpq finds the leader."""
+    settings = Settings.from_env({"DATABASE_URL": MULTI_HOST, "DATABASE_PASSWORD": SECRET})
+    assert settings.postgres.url == MULTI_HOST.replace("u@", f"u:{SECRET}@")
+
+
+def test_each_port_of_a_url_of_several_hosts_is_checked() -> None:
+    assert "DATABASE_URL" in refusal({**WITH_SECRETS, "DATABASE_URL": MULTI_HOST.replace(
+        "db-2:5432", "db-2:port")})
+
+
 def test_sentinels_need_the_name_of_what_they_watch() -> None:
     base = {"DATABASE_URL": DATABASE_URL, "REDIS_SENTINELS": "127.0.0.1:26379"}
     assert Settings.from_env(base).redis.sentinel_master == "cachestack"
