@@ -31,8 +31,12 @@ from orchestrate.stack import (
     PATRONI_MEMBERS,
     PROJECT_LABEL,
     PROXY_TLS_SETTING,
+    REDIS_PORT,
+    REDIS_SERVERS,
     SECRETS_DIR,
     SECRETS_TARGET_DIR,
+    SENTINEL_PORT,
+    SENTINELS,
     SERVICE_LABEL,
     HealthCheck,
     Service,
@@ -747,15 +751,15 @@ def test_kubernetes_ha_needs_no_access_to_the_kubernetes_api(
 def test_kubernetes_ha_members_reach_each_other_and_etcd_only(
         k8s_ha_objects: list[dict[str, Any]]) -> None:
     """The service pods and the change stream's reach each member's Postgres (and nothing of
-    Patroni's or etcd's); the members reach each other's Postgres and REST API, and etcd; etcd
-    its peers."""
+    Patroni's or etcd's) and the Redis servers and Sentinels; the members reach each other's
+    Postgres and REST API, and etcd; etcd its peers."""
     def labels(name: str) -> dict[str, str]:
         return workload_of(k8s_ha_objects, name)["spec"]["template"]["metadata"]["labels"]
 
     for client in ("service", "stream"):
         url = dict(HA.service(client).environment)["DATABASE_URL"]
         assert admitted(k8s_ha_objects, labels(client), "egress") == {
-            ("dns", 53), ("redis", 6379), *servers_named(url)}
+            ("dns", 53), *servers_named(url), *redis_ha_named(HA.service(client))}
     member, etcd = labels(PATRONI_MEMBERS[0]), labels(ETCD_MEMBERS[0])
     assert admitted(k8s_ha_objects, member, "ingress") == {
         ("service", 5432), ("stream", 5432), ("patroni", 5432), ("patroni", 8008)}
@@ -763,6 +767,34 @@ def test_kubernetes_ha_members_reach_each_other_and_etcd_only(
         ("dns", 53), ("patroni", 5432), ("patroni", 8008), ("etcd", 2379)}
     assert admitted(k8s_ha_objects, etcd, "ingress") == {("patroni", 2379), ("etcd", 2380)}
     assert admitted(k8s_ha_objects, etcd, "egress") == {("dns", 53), ("etcd", 2380)}
+
+
+def redis_ha_named(client: Service) -> set[tuple[str, int]]:
+    """(host, port) of every Redis server and Sentinel a client of `up --ha` may reach: the
+    Sentinels its settings name, and each server, which they may name the primary."""
+    sentinels = dict(client.environment)["REDIS_SENTINELS"].split(",")
+    return {(name, REDIS_PORT) for name in REDIS_SERVERS} | {
+        (address.rpartition(":")[0], int(address.rpartition(":")[2])) for address in sentinels}
+
+
+def test_kubernetes_ha_redis_servers_and_sentinels_reach_each_other_only(
+        k8s_ha_objects: list[dict[str, Any]]) -> None:
+    """Only the service pods, the change stream's, the Redis servers and the Sentinels reach a
+    server (6379) or a Sentinel (26379); servers and Sentinels reach each other and nothing
+    else. The base's one Redis is gone."""
+    def labels(name: str) -> dict[str, str]:
+        return workload_of(k8s_ha_objects, name)["spec"]["template"]["metadata"]["labels"]
+
+    server, sentinel = labels(REDIS_SERVERS[0]), labels(SENTINELS[0])
+    roles = {server["app.kubernetes.io/component"]: REDIS_PORT,
+             sentinel["app.kubernetes.io/component"]: SENTINEL_PORT}
+    assert {labels(name)["app.kubernetes.io/component"] for name in HA_REDIS} == set(roles)
+    for pod, port in ((server, REDIS_PORT), (sentinel, SENTINEL_PORT)):
+        assert admitted(k8s_ha_objects, pod, "ingress") == {
+            (peer, port) for peer in ("service", "stream", *roles)}
+        assert admitted(k8s_ha_objects, pod, "egress") == {("dns", 53), *roles.items()}
+    names = {(o["kind"], o["metadata"]["name"]) for o in k8s_ha_objects}
+    assert not names & {("StatefulSet", "redis"), ("Service", "redis")}
 
 
 def test_kubernetes_ingress_serves_tls_with_the_proxys_certificate(

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from orchestrate.stack import ETCD_MEMBERS, PATRONI_MEMBERS
+from orchestrate.stack import ETCD_MEMBERS, PATRONI_MEMBERS, REDIS_SERVERS, SENTINELS
 from tests.support import require
 
 from .helpers import SECRET_NAMES
@@ -20,7 +20,8 @@ WORKLOADS = {"postgres": "StatefulSet", "redis": "StatefulSet", "service": "Depl
              "stream": "Deployment"}
 # The pods that log in to Postgres and Redis: the service's, and the change stream's readers.
 CLIENTS = ("service", "stream")
-HA_MEMBERS = (*PATRONI_MEMBERS, *ETCD_MEMBERS)  # k8s/overlays/ha/: a StatefulSet each
+# k8s/overlays/ha/: a StatefulSet each
+HA_MEMBERS = (*PATRONI_MEMBERS, *ETCD_MEMBERS, *REDIS_SERVERS, *SENTINELS)
 
 Obj = dict[str, Any]
 
