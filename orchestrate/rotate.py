@@ -31,7 +31,7 @@ import hashlib
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from docker.models.containers import Container
 
@@ -61,7 +61,13 @@ from .stack import (
     PATRONI_MEMBERS,
     PROXY_CERT,
     REDIS_HEALTH_USER,
+    REDIS_PORT,
+    REDIS_SERVERS,
     REDIS_SERVICE_USER,
+    SENTINEL_PORT,
+    SENTINELS,
+    SERVICE_LABEL,
+    Certificate,
     Stack,
     database_hosts,
     secret_target,
@@ -73,8 +79,9 @@ REDIS_USERS = {"redis_service_password": REDIS_SERVICE_USER,
                "redis_health_password": REDIS_HEALTH_USER, "redis_admin_password": "admin"}
 ROTATABLE = (*ROLES, *REDIS_USERS, API_TOKENS, CA_CERT)
 # Run in a replica, the CA on standard input and each Postgres (host:port) as an argument:
-# TLS handshakes with each Postgres (after its SSLRequest) and Redis that trust only that CA;
-# prints whether all succeed.
+# TLS handshakes with each Postgres (after its SSLRequest) and each Redis server and Sentinel
+# that trust only that CA (arguments postgres=host:port, redis=host:port); prints whether all
+# succeed.
 PRESENTS_CERTIFICATES = """\
 import socket, ssl, sys
 context = ssl.create_default_context(cadata=sys.stdin.read())
@@ -87,12 +94,16 @@ def verified(host, port, ssl_request):
         except ssl.SSLCertVerificationError:
             return False
     return True
-databases = [server.rpartition(":") for server in sys.argv[1:]]
-print(all(verified(host, int(port), True) for host, _, port in databases)
-      and verified("redis", 6379, False))
+servers = [(kind, *server.rpartition(":")) for kind, server in
+           (argument.split("=", 1) for argument in sys.argv[1:])]
+print(all(verified(host, int(port), kind == "postgres") for kind, host, _, port in servers))
 """
 # How long clients of the API get to pick up a new token before the old one is refused.
 TOKEN_GRACE_S = 3.0
+# Each worker of a replica looks at the token file at most a second after its last look
+# (service/web/auth.py, CHECK_EVERY_SECONDS): once one worker of every replica answers with the
+# new file, the others have it this much later.
+WORKERS_FOLLOW_S = 1.5
 DEADLINE_S = 30.0
 
 
@@ -108,12 +119,12 @@ class Running:
                      if c.status == "running"]
             if found:
                 self.containers[service.name] = found
-        for needed in ("redis", "service"):
-            if needed not in self.containers:
-                raise OrchestrateError(f"project {stack.project} has no running {needed}: "
-                                       "rotate applies secrets to a running stack")
         # The Postgres that takes writes (the cluster's leader), where a role changes.
         self.database = patroni.database(client, stack.project)
+        for needed, names in (("redis", ("redis", *REDIS_SERVERS)), ("service", ("service",))):
+            if not self.all_of(names):
+                raise OrchestrateError(f"project {stack.project} has no running {needed}: "
+                                       "rotate applies secrets to a running stack")
 
     def one(self, service: str) -> Container:
         return self.containers[service][0]
@@ -135,17 +146,28 @@ class Running:
                               "--quiet", "--set=ON_ERROR_STOP=1"],
                    postgres.attrs["Config"]["User"], [script.encode()])
 
-    def redis_admin(self, *commands: str) -> str:
-        """Commands for redis-cli as the admin user, on its standard input (so that no value
-        is on a command line); the admin's password is read from its file in the container."""
-        redis = self.one("redis")
-        login = ('REDISCLI_AUTH="$(cat /run/secrets/redis_admin_password)" redis-cli --tls '
-                 "--cacert /run/secrets/ca.crt --user admin -h 127.0.0.1 --no-auth-warning")
-        output = exec_input(redis, ["sh", "-c", login], redis.attrs["Config"]["User"],
-                            ["".join(f"{c}\n" for c in commands).encode()]).decode()
-        if "ERR" in output or "NOPERM" in output or "WRONGPASS" in output:
-            raise OrchestrateError(f"redis refused the rotation: {output.strip()}")
-        return output
+    def redis(self) -> list[tuple[Container, int]]:
+        """Every Redis server and Sentinel, with the port it serves on: each keeps its own
+        users (neither replication nor the Sentinels share them)."""
+        return [*((c, REDIS_PORT) for c in self.all_of(("redis", *REDIS_SERVERS))),
+                *((c, SENTINEL_PORT) for c in self.all_of(SENTINELS))]
+
+    def redis_admin(self, *commands: str) -> None:
+        """`commands` as the admin user on every Redis server and Sentinel."""
+        for redis, port in self.redis():
+            redis_cli(redis, port, commands)
+
+
+def redis_cli(redis: Container, port: int, commands: Iterable[str]) -> None:
+    """Commands for redis-cli as the admin user, on its standard input (so that no value is on
+    a command line); the admin's password is read from its file in the container."""
+    login = ('REDISCLI_AUTH="$(cat /run/secrets/redis_admin_password)" redis-cli --tls '
+             f"--cacert /run/secrets/ca.crt --user admin -h 127.0.0.1 -p {port} "
+             "--no-auth-warning")
+    output = exec_input(redis, ["sh", "-c", login], redis.attrs["Config"]["User"],
+                        ["".join(f"{c}\n" for c in commands).encode()]).decode()
+    if "ERR" in output or "NOPERM" in output or "WRONGPASS" in output:
+        raise OrchestrateError(f"{redis.name} refused the rotation: {output.strip()}")
 
 
 def rotate_role(running: Running, secret: str) -> None:
@@ -196,24 +218,37 @@ def rotate_tokens(running: Running) -> None:
     running.stage(API_TOKENS)
     wait_for(lambda: all(accepted(c, new) for c in replicas),
              "the replicas did not take the new token")
+    time.sleep(WORKERS_FOLLOW_S)
     write_secret(API_TOKENS, "\n".join([new, *old]).encode() + b"\n")  # clients take the first
     time.sleep(TOKEN_GRACE_S)
     write_secret(API_TOKENS, new.encode() + b"\n")
     running.stage(API_TOKENS)
     wait_for(lambda: not any(accepted(c, token) for c in replicas for token in old),
              "the replicas kept accepting the old token")
+    time.sleep(WORKERS_FOLLOW_S)
 
 
 def reload_servers(running: Running) -> None:
-    """Postgres, etcd and Redis read their certificate files again (for new connections)."""
+    """Postgres, etcd, Redis and the Sentinels read their certificate files again (for new
+    connections)."""
     members = running.all_of(PATRONI_MEMBERS)
     if not members:
         running.psql("SELECT pg_reload_conf();\n")
     for member in members:  # Patroni reloads its REST API's certificate, and Postgres
         member.kill(signal="SIGHUP")
     restart_etcd(running)
-    running.redis_admin("CONFIG SET tls-cert-file /run/secrets/redis.crt "
-                        "tls-key-file /run/secrets/redis.key")
+    for redis, port in running.redis():
+        if port == REDIS_PORT:  # a server takes the files it names again
+            cert = certificate_of(running.stack, redis.labels[SERVICE_LABEL])
+            redis_cli(redis, port, [f"CONFIG SET tls-cert-file {secret_target(cert.cert)} "
+                                    f"tls-key-file {secret_target(cert.key)}"])
+    restart_sentinels(running)
+
+
+def certificate_of(stack: Stack, name: str) -> Certificate:
+    """The server certificate the service `name` mounts."""
+    mounted = {mount.secret for mount in stack.service(name).secrets}
+    return next(cert for cert in stack.certificates if cert.cert in mounted)
 
 
 def restart_etcd(running: Running) -> None:
@@ -222,6 +257,14 @@ def restart_etcd(running: Running) -> None:
     for member in running.all_of(ETCD_MEMBERS):
         member.restart(timeout=30)
         wait_healthy(member)
+
+
+def restart_sentinels(running: Running) -> None:
+    """A Sentinel reads its certificate only at start: one at a time, each healthy before the
+    next stops, so that two of three always agree on the primary."""
+    for sentinel in running.all_of(SENTINELS):
+        sentinel.restart(timeout=30)
+        wait_healthy(sentinel)
 
 
 def renewed_at_proxy(running: Running) -> bool:
@@ -264,7 +307,9 @@ def present_certificates_of(running: Running, ca_cert: bytes) -> bool:
     may still meet the old certificate, and the old CA must stay trusted."""
     replica = running.one("service")
     databases = database_hosts(any(s.name in PATRONI_MEMBERS for s in running.stack.services))
-    reply = exec_input(replica, ["python", "-c", PRESENTS_CERTIFICATES, *databases.split(",")],
+    servers = [*(f"postgres={host}" for host in databases.split(",")),
+               *(f"redis={redis.labels[SERVICE_LABEL]}:{port}" for redis, port in running.redis())]
+    reply = exec_input(replica, ["python", "-c", PRESENTS_CERTIFICATES, *servers],
                        replica.attrs["Config"]["User"], [ca_cert]).decode().strip()
     return reply == "True"
 
