@@ -52,6 +52,10 @@ class Keys:
         return self.namespace + "epoch"
 
     @property
+    def timeline(self) -> str:
+        return self.namespace + "timeline"
+
+    @property
     def changes(self) -> str:
         return self.namespace + "changed:"
 

@@ -202,16 +202,19 @@ class UserCache:
             if near is not None:
                 near.put(lookup.value, reply[1], generation)
             return Answer(HIT, entry.user_json(reply[1]))
+        # Postgres is read on the timeline of the newest write acknowledged, or a later one:
+        # never on a leader deposed since (a failover), whatever its sessions still answer.
+        self.database.follow_timeline(int(reply[1]))
         return self._load_and_fill(lookup, load, token if reply[0] == LEASED else "", epoch)
 
     def _get_or_lease(self, lookup: Lookup, token: str) -> tuple[list, Epoch]:
         """READ (by id) or FOLLOW (by username or email) the lookup's key: [FOUND, value],
-        [LEASED] when this reader took its lease, [BUSY] when another reader held it all
-        along; and the epoch that answered."""
+        [LEASED, timeline] when this reader took its lease, [BUSY, timeline] when another
+        reader held it all along; and the epoch that answered."""
         key = _lookup_key(lookup)
 
         def keys(names: Keys) -> list[str]:
-            return [names.prefix + key, names.lease(names.prefix + key)]
+            return [names.prefix + key, names.lease(names.prefix + key), names.timeline]
 
         def ask() -> tuple[list, Epoch]:
             if lookup.field == "id":
@@ -352,12 +355,14 @@ class UserCache:
             self.trust.write_lost(epoch, lambda: self._write(puts, token))
 
     def _write(self, puts: list[Put], token: str) -> None:
-        """One WRITE: store or delete `puts`, dropping their leases, and announce every user
-        among them to the near caches."""
+        """One WRITE: store or delete `puts`, dropping their leases, announce every user
+        among them to the near caches, and record the Postgres timeline the write committed
+        on (the newest the pool knows), which every later miss reads on or after (read)."""
         ids = [put.key.removeprefix("id:") for put in puts if put.key.startswith("id:")]
 
         def keys(names: Keys) -> list[str]:
             entries = [names.prefix + put.key for put in puts]
-            return [*entries, *map(names.lease, entries), *(names.changes + i for i in ids)]
+            return [names.timeline, *entries, *map(names.lease, entries),
+                    *(names.changes + i for i in ids)]
 
-        self.trust.call(WRITE, keys, [token, *put_argv(puts)])
+        self.trust.call(WRITE, keys, [token, self.database.timeline, *put_argv(puts)])

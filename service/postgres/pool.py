@@ -55,7 +55,10 @@ HANDOVER = ("read-only", "hot standby", "starting up", "shutting down",
             "could not translate host name")
 HANDOVER_SECONDS = 3.0
 HANDOVER_RETRY_SECONDS = 0.2
-
+# What timeline the server is on (every promotion begins a new one), asked of each new session:
+# the first 8 hex digits of the WAL file it writes; 0 on a replica, which has no such file.
+CURRENT_TIMELINE = ("SELECT CASE WHEN pg_is_in_recovery() THEN '0' "
+                    "ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END")
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -71,6 +74,12 @@ class Conflict(ValueError):
         self.field = field
 
 
+class Session(psycopg2.extensions.connection):
+    """A pooled connection, which knows the timeline of its server (CURRENT_TIMELINE)."""
+
+    timeline = 0
+
+
 class Database:
     """A LIFO pool of at most `size` connections; callers block while all are busy.
 
@@ -80,6 +89,12 @@ class Database:
     asynchronous connections, which this pool waits on itself, so that no login outlasts the
     connect timeout and no statement the statement timeout, even on a Postgres that stopped
     answering (a hung process, a stalled disk), whose own statement_timeout never fires.
+
+    A session runs statements only while its server is on the newest Postgres timeline the
+    pool knows of (`timeline`; `follow_timeline` tells it of newer ones). A leader cut off
+    (paused, partitioned) while a replica was promoted onto the next timeline still takes
+    sessions and answers reads, with what it had, until Patroni demotes it: a session on it,
+    kept from before or newly logged in, is given up as one that found no leader (HANDOVER).
     """
 
     def __init__(self, settings: PostgresSettings, prepared: Mapping[str, str] | None = None,
@@ -102,12 +117,13 @@ class Database:
             "options": f"-c statement_timeout={settings.statement_timeout_ms} -c timezone=UTC "
                        "-c cachestack.writer=service",
             "application_name": name,
+            "connection_factory": Session,
         }
-        self._prepare = ";".join(f"PREPARE {name} AS {sql}"
-                                 for name, sql in (prepared or {}).items())
+        self._prepare = "".join(f"PREPARE {name} AS {sql};"
+                                for name, sql in (prepared or {}).items())
         self._counted = counted
         self._reports = reports
-        self._idle: list[Connection] = []
+        self._idle: list[Session] = []
         self._slots = threading.BoundedSemaphore(size or settings.pool_size)
         self._lock = threading.Lock()
         self._schema_ready = False
@@ -115,36 +131,39 @@ class Database:
         self._down_until = 0.0  # statements fail at once until then (COOLDOWN_SECONDS)
         self._trying = threading.Lock()  # held by the one statement that tries Postgres again
         self._logging_in = threading.Lock()  # one login at a time (see HANDOVER)
+        self._timeline = 0  # the newest Postgres timeline known; older sessions are given up
 
-    def _connect(self) -> Connection:
-        """A new session, on a schema that has every migration, with the hot statements
-        prepared."""
+    @property
+    def timeline(self) -> int:
+        """The newest Postgres timeline this pool knows of: of a session it opened, or told."""
+        return self._timeline
+
+    def follow_timeline(self, timeline: int) -> None:
+        """From now on, run statements only on a server of `timeline` or a later one (the
+        cache knows of writes acknowledged on it)."""
+        if timeline > self._timeline:
+            with self._lock:
+                self._timeline = max(self._timeline, timeline)
+
+    def _connect(self) -> Session:
         try:
             conn = self._login_to_leader()
-            try:
-                cur = _Cursor(conn, self._statement_timeout)
-                if not self._schema_ready:
-                    self._check_schema(cur)
-                if self._prepare:
-                    cur.execute(self._prepare)
-            except BaseException:
-                conn.close()
-                raise
         except psycopg2.OperationalError as exc:
             raise self._lost(exc) from None
         self._report(None)
         return conn
 
-    def _login_to_leader(self) -> Connection:
-        """A new session; while the servers answer but none takes writes (HANDOVER), tried
-        again until HANDOVER_SECONDS have passed, by one login of the pool at a time."""
+    def _login_to_leader(self) -> Session:
+        """A new session; while the servers answer but none takes writes, or only a deposed
+        leader does (HANDOVER), tried again until HANDOVER_SECONDS have passed, by one login
+        of the pool at a time."""
         deadline = time.monotonic() + HANDOVER_SECONDS
         if not self._logging_in.acquire(timeout=HANDOVER_SECONDS):
             raise NoAnswer(f"no login finished within {HANDOVER_SECONDS:g} s")
         try:
             while True:
                 try:
-                    return self._login()
+                    return self._new_session()
                 except psycopg2.OperationalError as exc:
                     if not handing_over(exc) or \
                             time.monotonic() + HANDOVER_RETRY_SECONDS > deadline:
@@ -153,7 +172,26 @@ class Database:
         finally:
             self._logging_in.release()
 
-    def _login(self) -> Connection:
+    def _new_session(self) -> Session:
+        """A session, on a schema that has every migration, with the hot statements prepared,
+        on a server of the newest timeline known (else Deposed)."""
+        conn = self._login()
+        try:
+            cur = _Cursor(conn, self._statement_timeout)
+            if not self._schema_ready:
+                self._check_schema(cur)
+            cur.execute(self._prepare + CURRENT_TIMELINE)
+            conn.timeline = int(cur.fetchone()[0], 16)
+            if conn.timeline < self._timeline:
+                raise Deposed(f"a server on timeline {conn.timeline}, older than "
+                              f"{self._timeline} (a deposed leader), took the login")
+            self.follow_timeline(conn.timeline)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _login(self) -> Session:
         """A new session, logged in with the password as it is now.
 
         A rotation writes the new password file a moment before Postgres (which keeps one
@@ -170,14 +208,14 @@ class Database:
         self._last_login = password
         return conn
 
-    def _open(self, password: str | None) -> Connection:
+    def _open(self, password: str | None) -> Session:
         """A session on the first server the URL names that takes it (with
         target_session_attrs=read-write, the one that takes writes), within the connect
         timeout. Every server is asked at once: libpq, asked in asynchronous mode, tries them
         in turn with no timeout of its own, so one that stopped answering (a paused container,
         whose port still takes the connection) would hold up the login to the others."""
         login = {} if password is None else {"password": password}
-        attempts: list[Connection] = []
+        attempts: list[Session] = []
         winner = None
         try:
             for dsn in self._hosts:
@@ -220,8 +258,8 @@ class Database:
         elif was:
             log.info("database available again")
 
-    def _take(self) -> Connection:
-        """An idle connection that is still alive, or a new one.
+    def _take(self) -> Session:
+        """An idle connection that is still alive and on the newest timeline, or a new one.
 
         An idle connection has nothing to read unless the server has closed it (as
         Postgres does to every session when it restarts), so one poll finds dead ones
@@ -232,11 +270,12 @@ class Database:
                 conn = self._idle.pop() if self._idle else None
             if conn is None:
                 return self._connect()
-            if not conn.closed and not select.select([conn], [], [], 0)[0]:
+            if conn.timeline >= self._timeline and not conn.closed \
+                    and not select.select([conn], [], [], 0)[0]:
                 return conn
             conn.close()
 
-    def _give_back(self, conn: Connection) -> None:
+    def _give_back(self, conn: Session) -> None:
         with self._lock:
             self._idle.append(conn)
 
@@ -318,6 +357,10 @@ class Unconfirmed(psycopg2.OperationalError):
     is on the leader alone, and a failover may lose it. Not an acknowledged write."""
 
 
+class Deposed(psycopg2.OperationalError):
+    """The server is on an older timeline than the newest known: a leader since replaced."""
+
+
 class EndedBeforeCommit(psycopg2.OperationalError):
     """The server ended the session while a statement ran, before its transaction committed."""
 
@@ -332,8 +375,9 @@ def ended_before_commit(exc: Exception, notices: list[str]) -> bool:
 
 
 def handing_over(exc: Exception) -> bool:
-    """Whether a login failed because no server takes writes just now (HANDOVER)."""
-    return any(words in str(exc) for words in HANDOVER)
+    """Whether a login failed because no server takes writes just now, or only a deposed
+    leader does (HANDOVER)."""
+    return isinstance(exc, Deposed) or any(words in str(exc) for words in HANDOVER)
 
 
 def each_host(url: str) -> list[str]:

@@ -54,9 +54,10 @@ def test_a_function_called_by_the_service_user_cannot_reach_other_keys(
     admin.set("cs:t:epoch", "e")
     admin.set("cs:t:e:username:ann", "7")
     with pytest.raises(redis.ResponseError, match="can't access"):
-        as_user(redis_up, "service").fcall("cachestack_follow", 3, "cs:t:epoch",
+        as_user(redis_up, "service").fcall("cachestack_follow", 4, "cs:t:epoch",
                                            "cs:t:e:username:ann", "cs:t:e:lease:username:ann",
-                                           "e", "token", 1000, "elsewhere:", "username", "ann")
+                                           "cs:t:timeline", "e", "token", 1000, "elsewhere:",
+                                           "username", "ann")
 
 
 def test_the_service_user_may_call_the_cache_functions(redis_up: RedisServer) -> None:

@@ -92,17 +92,19 @@ def test_stale_index_entry_is_a_miss(
 
 
 def ttls(app: Flask, redis_up: RedisServer) -> dict[str, float]:
-    """The TTL of every key but the epoch key, which never expires (only an eviction takes it,
-    which begins a new epoch)."""
+    """The TTL of every key but the epoch and timeline keys, which never expire (only an
+    eviction takes them: which begins a new epoch, or leaves each worker's pool what it
+    knows of the timeline until the next write records it again)."""
     client = redis_up.client()
     return {key.decode(): client.pttl(key) / 1000 for key in client.scan_iter()
-            if key.decode() != keys(app).epoch}
+            if key.decode() not in (keys(app).epoch, keys(app).timeline)}
 
 
-def test_the_epoch_key_alone_never_expires(
+def test_the_epoch_and_timeline_keys_alone_never_expire(
         app: Flask, client: FlaskClient, redis_up: RedisServer) -> None:
     create(client)
     assert redis_up.client().pttl(keys(app).epoch) == -1
+    assert redis_up.client().pttl(keys(app).timeline) == -1
 
 
 def test_every_key_has_a_jittered_ttl(

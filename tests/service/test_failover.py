@@ -1,8 +1,9 @@
 """The service's pool when Postgres is a cluster whose leader changes (`up --ha`): its URL
 names every member, and it must find the one that takes writes, whatever the others do, ride
-out a planned handover, and never acknowledge a commit the synchronous standby did not confirm.
-Real servers: the test database, a proxy that stops answering, and a private Postgres whose
-synchronous standby never answers."""
+out a planned handover, never acknowledge a commit the synchronous standby did not confirm, and
+never answer a read from a leader deposed since a write was acknowledged (tests/orchestrate/
+test_ha.py pauses a real one). Real servers: the test database, a proxy that stops answering,
+and a private Postgres whose synchronous standby never answers."""
 
 from __future__ import annotations
 
@@ -17,14 +18,16 @@ from pathlib import Path
 
 import psycopg2
 import pytest
+from flask import Flask
 
 from service.postgres import schema
-from service.postgres.pool import Database, DatabaseUnavailable
+from service.postgres.pool import HANDOVER_SECONDS, Database, DatabaseUnavailable
 from service.settings import PostgresSettings
+from service.web.routes import users_of
 from tests.support import free_port, require
 
-from .helpers import query, via_proxy
-from .servers import TcpProxy, wait_until
+from .helpers import create, keys, query, read, send_fills, via_proxy
+from .servers import RedisServer, TcpProxy, wait_until
 
 
 def several(database_url: str, *ports: int) -> str:
@@ -129,6 +132,49 @@ def test_a_statement_cut_off_by_a_shutdown_runs_again(database_url: str) -> None
         assert done and done[0][1] == "slept"
     finally:
         database.close()
+
+
+def timeline_of(database_url: str) -> int:
+    """The timeline the server is on (1 until a promotion)."""
+    [(wal_file,)] = query(database_url, "SELECT pg_walfile_name(pg_current_wal_lsn())")
+    return int(wal_file[:8], 16)
+
+
+def test_a_session_on_an_older_timeline_than_known_is_given_up(database_url: str) -> None:
+    """A leader deposed by a failover (paused, say, while a replica was promoted onto the
+    next timeline) still answers, with what it had, until Patroni demotes it. Once the pool
+    knows of a newer timeline, neither its session kept from before nor a new login to that
+    server runs anything: as when no server takes writes, 503s after the handover wait."""
+    database = pool(database_url)
+    try:
+        database.ping()  # leaves a session idle in the pool
+        assert database.timeline == timeline_of(database_url)
+        database.follow_timeline(database.timeline + 1)
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable, match="deposed"):
+            database.ping()
+        assert HANDOVER_SECONDS - 0.5 < time.monotonic() - started < HANDOVER_SECONDS + 2
+    finally:
+        database.close()
+
+
+def test_a_miss_reads_postgres_on_no_older_timeline_than_a_write_committed_on(
+        app: Flask, redis_up: RedisServer) -> None:
+    """A write-through records the timeline its write committed on; a reader that then
+    misses reads Postgres on that timeline or a later one, in every worker: told of a later
+    one than its server's (a write acknowledged by a new leader), it answers 503, not the
+    deposed leader's row, and caches nothing."""
+    client = app.test_client()
+    user = create(client)
+    timeline = keys(app).timeline
+    assert int(redis_up.client().get(timeline)) == users_of(app).database.timeline >= 1
+    redis_up.client().incr(timeline)
+    users_of(app).cache.forget([keys(app).user(user["id"])])
+    assert read(client, f"/users/{user['id']}").status == 503
+    send_fills(client)
+    assert redis_up.client().get(keys(app).user(user["id"])) is None
+    redis_up.client().decr(timeline)
+    assert read(client, f"/users/{user['id']}").status == 503  # a timeline never goes back
 
 
 @pytest.fixture(scope="module")

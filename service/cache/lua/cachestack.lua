@@ -81,27 +81,36 @@ local function epoch(keys, args)
   return new
 end
 
--- read: a user's entry by id, or the lease to fill it. KEYS[2] the entry, KEYS[3] its lease;
--- ARGV[2] this reader's lease token, ARGV[3] how long a lease lasts, in ms. Answers
--- {'hit', value} when the entry is there (a user, a tombstone or nobody's); {'lease'} when
--- it is not and this reader took the lease (it reads Postgres, then fills); {'busy'} when
--- another reader holds the lease.
+-- A miss: {'lease', timeline} when this reader took the lease of the key (KEYS[3]), else
+-- {'busy', timeline}; the timeline is the newest Postgres timeline a write-through recorded
+-- (KEYS[4]; '0' for none), on which or a later one the reader must read Postgres: a server of
+-- an older one is a leader deposed since, which lacks acknowledged writes.
+local function missed(keys, args)
+  local timeline = redis.call('GET', keys[4]) or '0'
+  if take_lease(keys[3], args[2], args[3]) then return {'lease', timeline} end
+  return {'busy', timeline}
+end
+
+-- read: a user's entry by id, or the lease to fill it. KEYS[2] the entry, KEYS[3] its lease,
+-- KEYS[4] the timeline key; ARGV[2] this reader's lease token, ARGV[3] how long a lease
+-- lasts, in ms. Answers {'hit', value} when the entry is there (a user, a tombstone or
+-- nobody's); else {'lease', timeline} when this reader took the lease (it reads Postgres,
+-- then fills), {'busy', timeline} when another reader holds it (missed).
 local function read(keys, args)
   local stale = other_epoch(keys, args)
   if stale then return stale end
   local value = redis.call('GET', keys[2])
   if value then return {'hit', value} end
-  if take_lease(keys[3], args[2], args[3]) then return {'lease'} end
-  return {'busy'}
+  return missed(keys, args)
 end
 
 -- follow: a user by username or email, following the pointer to the user's entry; or the
 -- lease to fill the pointer. KEYS[2] the pointer (username:<lowered> or email:<lowered>,
--- holding an id, or '' for nobody), KEYS[3] its lease; ARGV[2] this reader's lease token,
+-- holding an id, or '' for nobody), KEYS[3] its lease, KEYS[4] the timeline key; ARGV[2] this reader's lease token,
 -- ARGV[3] how long a lease lasts in ms, ARGV[4] the prefix of the users' entries (...:id:),
 -- ARGV[5] the field, 'username' or 'email', ARGV[6] its lowered value. Answers {'hit', ''}
 -- when nobody has the value; {'hit', entry} when the pointer leads to a user who still has
--- it; else, as read, {'lease'} or {'busy'}. A pointer to an entry that is gone, or to a
+-- it; else, as read, {'lease', timeline} or {'busy', timeline}. A pointer to an entry that is gone, or to a
 -- user who no longer has the value, is a miss, never a wrong answer.
 local function follow(keys, args)
   local stale = other_epoch(keys, args)
@@ -115,8 +124,7 @@ local function follow(keys, args)
       return {'hit', row}
     end
   end
-  if take_lease(keys[3], args[2], args[3]) then return {'lease'} end
-  return {'busy'}
+  return missed(keys, args)
 end
 
 -- fill: store what a reader found in Postgres, only while its lease is still there (no
@@ -134,34 +142,39 @@ local function fill(keys, args)
 end
 
 -- write: a write-through (or the auditor's repair, or the change stream's invalidation):
--- write n entries, delete every lease on them, and announce each user it changed to the near
--- caches. KEYS[2..n+1] the entries, KEYS[n+2..2n+1] their leases in the same order,
--- KEYS[2n+2..] changed:<id> of each user among the entries, set and deleted at once (the near
--- caches' listeners hear of it, nothing is kept); ARGV[2] the writer's lease token on its user's entry ('' for none: a
--- create, a repair), ARGV[3..] mode, ttl in ms and value of each entry in turn. An entry to
--- 'store-unless-older' whose lease is no longer the writer's own is deleted instead (the
--- writer cannot know what came in between), unless all that came is the stream's mark of
--- this version or an older one. A 'delete-older' leaves the stream's mark on the entry's
--- lease for ttl ms. Answers 1.
+-- write n entries, delete every lease on them, announce each user it changed to the near
+-- caches, and record the Postgres timeline the writer committed on. KEYS[2] the timeline
+-- key, KEYS[3..n+2] the entries, KEYS[n+3..2n+2] their leases in the same order,
+-- KEYS[2n+3..] changed:<id> of each user among the entries, set and deleted at once (the
+-- near caches' listeners hear of it, nothing is kept); ARGV[2] the writer's lease token on
+-- its user's entry ('' for none: a create, a repair), ARGV[3] the writer's timeline (kept
+-- unless the key holds a later one), ARGV[4..] mode, ttl in ms and value of each entry in
+-- turn. An entry to 'store-unless-older' whose lease is no longer the writer's own is
+-- deleted instead (the writer cannot know what came in between), unless all that came is
+-- the stream's mark of this version or an older one. A 'delete-older' leaves the stream's
+-- mark on the entry's lease for ttl ms. Answers 1.
 local function write(keys, args)
   local stale = other_epoch(keys, args)
   if stale then return stale end
-  local n = (#args - 2) / 3
+  if tonumber(args[3]) > tonumber(redis.call('GET', keys[2]) or '0') then
+    redis.call('SET', keys[2], args[3])
+  end
+  local n = (#args - 3) / 3
   for i = 1, n do
-    local mode, ttl, value = args[3*i], args[3*i+1], args[3*i+2]
+    local mode, ttl, value = args[3*i+1], args[3*i+2], args[3*i+3]
     if mode == 'store-unless-older' and args[2] ~= '' then
-      local lease = redis.call('GET', keys[n+1+i])
+      local lease = redis.call('GET', keys[n+2+i])
       local mark = stream_mark(lease)
       if lease ~= args[2] and not (mark and mark <= version(value)) then mode = 'delete' end
     end
-    put(keys[1+i], mode, ttl, value)
+    put(keys[2+i], mode, ttl, value)
     if mode == 'delete-older' then
-      redis.call('SET', keys[n+1+i], 'stream ' .. version(value), 'PX', ttl)
+      redis.call('SET', keys[n+2+i], 'stream ' .. version(value), 'PX', ttl)
     else
-      redis.call('DEL', keys[n+1+i])
+      redis.call('DEL', keys[n+2+i])
     end
   end
-  for i = 2*n + 2, #keys do
+  for i = 2*n + 3, #keys do
     redis.call('SET', keys[i], '')
     redis.call('DEL', keys[i])
   end
