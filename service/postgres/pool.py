@@ -55,6 +55,9 @@ HANDOVER = ("read-only", "hot standby", "starting up", "shutting down",
             "could not translate host name")
 HANDOVER_SECONDS = 3.0
 HANDOVER_RETRY_SECONDS = 0.2
+# A deposed leader (see Database) answers logins as fast as its successor; it is passed over
+# for this long, by when Patroni has demoted it (its loop_wait is 10 s).
+DEPOSED_SECONDS = 10.0
 # What timeline the server is on (every promotion begins a new one), asked of each new session:
 # the first 8 hex digits of the WAL file it writes; 0 on a replica, which has no such file.
 CURRENT_TIMELINE = ("SELECT CASE WHEN pg_is_in_recovery() THEN '0' "
@@ -75,8 +78,10 @@ class Conflict(ValueError):
 
 
 class Session(psycopg2.extensions.connection):
-    """A pooled connection, which knows the timeline of its server (CURRENT_TIMELINE)."""
+    """A pooled connection, which knows its server (the connection string of it alone) and
+    the server's timeline (CURRENT_TIMELINE)."""
 
+    server = ""
     timeline = 0
 
 
@@ -132,6 +137,7 @@ class Database:
         self._trying = threading.Lock()  # held by the one statement that tries Postgres again
         self._logging_in = threading.Lock()  # one login at a time (see HANDOVER)
         self._timeline = 0  # the newest Postgres timeline known; older sessions are given up
+        self._deposed: dict[str, float] = {}  # server -> until when logins pass it over
 
     @property
     def timeline(self) -> int:
@@ -183,6 +189,7 @@ class Database:
             cur.execute(self._prepare + CURRENT_TIMELINE)
             conn.timeline = int(cur.fetchone()[0], 16)
             if conn.timeline < self._timeline:
+                self._deposed[conn.server] = time.monotonic() + DEPOSED_SECONDS
                 raise Deposed(f"a server on timeline {conn.timeline}, older than "
                               f"{self._timeline} (a deposed leader), took the login")
             self.follow_timeline(conn.timeline)
@@ -213,13 +220,17 @@ class Database:
         target_session_attrs=read-write, the one that takes writes), within the connect
         timeout. Every server is asked at once: libpq, asked in asynchronous mode, tries them
         in turn with no timeout of its own, so one that stopped answering (a paused container,
-        whose port still takes the connection) would hold up the login to the others."""
+        whose port still takes the connection) would hold up the login to the others; but a
+        deposed leader is not, while others are named."""
         login = {} if password is None else {"password": password}
+        now = time.monotonic()
+        servers = [dsn for dsn in self._hosts if self._deposed.get(dsn, 0) < now] or self._hosts
         attempts: list[Session] = []
         winner = None
         try:
-            for dsn in self._hosts:
+            for dsn in servers:
                 attempts.append(psycopg2.connect(dsn, **login, **self._connect_args))
+                attempts[-1].server = dsn
             winner = first_logged_in(attempts, self._connect_timeout)
             return winner
         finally:
