@@ -79,10 +79,11 @@ class Conflict(ValueError):
 
 class Session(psycopg2.extensions.connection):
     """A pooled connection, which knows its server (the connection string of it alone) and
-    the server's timeline (CURRENT_TIMELINE)."""
+    the server's timeline (CURRENT_TIMELINE); its one cursor serves every statement."""
 
     server = ""
     timeline = 0
+    statements: _Cursor
 
 
 class Database:
@@ -183,7 +184,7 @@ class Database:
         on a server of the newest timeline known (else Deposed)."""
         conn = self._login()
         try:
-            cur = _Cursor(conn, self._statement_timeout)
+            cur = conn.statements = _Cursor(conn, self._statement_timeout)
             if not self._schema_ready:
                 self._check_schema(cur)
             cur.execute(self._prepare + CURRENT_TIMELINE)
@@ -326,10 +327,9 @@ class Database:
     def _run_on_a_session(self, work: Callable[[Any], T]) -> T:
         conn = self._take()
         try:
-            cur = _Cursor(conn, self._statement_timeout)
             if self._counted:
                 metrics.DB_QUERIES.inc()
-            result = work(cur)
+            result = work(conn.statements)
         except psycopg2.errors.UniqueViolation as exc:
             self._give_back(conn)
             field = UNIQUE_CONSTRAINTS.get(exc.diag.constraint_name, "value")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..metrics import REQUEST_LATENCY
 
@@ -35,8 +35,14 @@ def timed(wsgi_app: WSGIApplication) -> WSGIApplication:
 
         body = wsgi_app(environ, remember_status)
         method = environ["REQUEST_METHOD"]
-        REQUEST_LATENCY.labels(method if method in METHODS else "other", status).observe(
-            time.perf_counter() - started)
+        series = (method if method in METHODS else "other", status)
+        histogram = histograms.get(series)
+        if histogram is None:
+            histogram = histograms[series] = REQUEST_LATENCY.labels(*series)
+        histogram.observe(time.perf_counter() - started)
         return body
 
+    # Each series' histogram, as labels() gives it (which takes a lock and builds its key on
+    # every call); as many as methods and statuses, which METHODS keeps few.
+    histograms: dict[tuple[str, str], Any] = {}
     return observed
