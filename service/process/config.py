@@ -137,8 +137,9 @@ class Settings:
     # Concurrent creates and reads by id of a process share their statements (batching.py);
     # BATCHING=0 sends each on its own, to compare.
     batching: bool = True
-    # Blocking threads per worker process (`python -m service --threads`).
-    threads: int = 4
+    # Blocking threads per worker process (`python -m service --threads`): enough that the
+    # batches of creates and misses fill while one is in flight (bench/RESULTS.md).
+    threads: int = 8
     # The roles the service and its change stream run as, which `python -m service migrate`
     # grants to (the stream's only when it exists).
     app_role: str = "cachestack_app"
@@ -160,7 +161,7 @@ class Settings:
         app_role = read_setting(env, "DATABASE_APP_ROLE", "cachestack_app") or ""
         if not app_role.strip():
             raise ConfigError("DATABASE_APP_ROLE must name a role")
-        threads = int(_number(env, "THREADS", 4, minimum=1))
+        threads = int(_number(env, "THREADS", cls.threads, minimum=1))
         sentinels = _sentinels(env)
         sentinel_master = (read_setting(env, "REDIS_SENTINEL_MASTER", "cachestack") or "").strip()
         if sentinels and not sentinel_master:
@@ -169,8 +170,11 @@ class Settings:
             postgres=PostgresSettings(
                 url=database_url,
                 password=SecretFile.of(env, "DATABASE_PASSWORD"),
-                # One connection per request a worker can have in flight, unless told otherwise.
-                pool_size=int(_number(env, "DB_POOL_SIZE", threads, minimum=1)),
+                # Fewer than threads: the creates and misses by id of a worker take one
+                # connection a batch, so that ten replicas of two workers stay within
+                # Postgres's 100 connections.
+                pool_size=int(_number(env, "DB_POOL_SIZE", PostgresSettings.pool_size,
+                                      minimum=1)),
                 connect_timeout=int(_number(env, "DB_CONNECT_TIMEOUT_SECONDS", 2, minimum=1)),
                 statement_timeout_ms=int(_number(env, "DB_STATEMENT_TIMEOUT_MS", 5000,
                                                  minimum=1)),

@@ -30,7 +30,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="worker processes (default: one per CPU)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="blocking threads per worker (default: THREADS, or 4)")
+                        help="blocking threads per worker (default: THREADS, or 8)")
     return parser.parse_args(argv)
 
 

@@ -39,7 +39,7 @@ def test_only_database_url_is_required_and_the_rest_has_defaults() -> None:
     assert settings.postgres == PostgresSettings(DATABASE_URL, None, 4, 2, 5000)
     assert settings.redis == RedisSettings("redis://127.0.0.1:6379/0", None, 0.1, (), "cachestack")
     assert settings.cache == CacheSettings(300.0, 0.1, 60.0, 1.0, 10_000, 1.0)
-    assert (settings.batching, settings.threads, settings.app_role) == (True, 4, "cachestack_app")
+    assert (settings.batching, settings.threads, settings.app_role) == (True, 8, "cachestack_app")
     assert (settings.api_tokens, settings.api_tokens_file) == (None, None)
 
 
@@ -51,20 +51,20 @@ def test_every_setting_takes_effect() -> None:
         "REDIS_SENTINEL_MASTER": "users", "CACHE_TTL_SECONDS": "60", "CACHE_TTL_JITTER": "0",
         "CACHE_NEGATIVE_TTL_SECONDS": "5", "CACHE_COOLDOWN_SECONDS": "0.5",
         "NEAR_CACHE_SIZE": "0", "CACHE_AUDIT_PER_SECOND": "2.5", "BATCHING": "off",
-        "THREADS": "8", "DATABASE_APP_ROLE": "users_app", "API_TOKENS": "t1\n# old\nt2\n",
+        "THREADS": "6", "DATABASE_APP_ROLE": "users_app", "API_TOKENS": "t1\n# old\nt2\n",
     })
     assert settings == Settings(
         postgres=PostgresSettings(DATABASE_URL, None, 7, 5, 250),
         redis=RedisSettings("rediss://cache.internal:6380/2", None, 0.04,
                             ("s1:26379", "[::1]:26380"), "users"),
         cache=CacheSettings(60.0, 0.0, 5.0, 0.5, 0, 2.5),
-        batching=False, threads=8, app_role="users_app", api_tokens=("t1", "t2"),
+        batching=False, threads=6, app_role="users_app", api_tokens=("t1", "t2"),
     )
 
 
-def test_the_pool_has_one_connection_per_thread_unless_told_otherwise() -> None:
-    env = {"DATABASE_URL": DATABASE_URL, "THREADS": "6"}
-    assert Settings.from_env(env).postgres.pool_size == 6
+def test_the_pool_size_does_not_follow_the_threads() -> None:
+    env = {"DATABASE_URL": DATABASE_URL, "THREADS": "16"}
+    assert Settings.from_env(env).postgres.pool_size == 4
     assert Settings.from_env({**env, "DB_POOL_SIZE": "2"}).postgres.pool_size == 2
 
 
