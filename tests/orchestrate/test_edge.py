@@ -41,7 +41,7 @@ DISGUISED_USERS = ["//users", "///users/1", "/./users", "/users/../users", "/%2F
                    "/users/", "/%75sers", "/users/%2e%2e/users/1", "/x/../../users"]
 DISGUISED_METRICS = ["/metrics", "/metrics/", "//metrics", "/./metrics", "/users/../metrics",
                      "/%6Detrics", "/%2e/metrics"]
-# Two replicas serve with 16 blocking threads in all (2 workers of 4 threads each).
+# Two replicas serve with 32 blocking threads in all (2 workers of 8 threads each).
 SLOW_BODIES = 48
 # More than the proxy's maxconn (and the 4,096 it had): one client address alone would hold
 # every connection the proxy takes.

@@ -25,6 +25,7 @@ import pytest
 from orchestrate.bench import REPORT_DIR
 from orchestrate.secretfiles import STAGE_ROOT
 from orchestrate.stack import PROJECT_LABEL, SERVICE_LABEL
+from service.process.config import Settings
 from tests.support import REPO, free_port
 
 from .helpers import Project, orchestrate
@@ -35,9 +36,8 @@ WORKLOADS = ("id", "id-cache-on", "id-near-off", "id-cache-off", "email", "creat
 # /readyz asks Postgres (the orchestrator's waits send some).
 OTHER_QUERIES = 50
 # Concurrent reads by id, or creates, of one worker share a statement
-# (service/usecases/batching.py): at most one per blocking thread (the service's default, 4)
-# in each.
-MOST_PER_QUERY = 4
+# (service/usecases/batching.py): at most one per blocking thread in each.
+MOST_PER_QUERY = Settings.threads
 BENCH_TIMEOUT_S = 600
 # This host's PATH without the folders that hold a wrk: bench must not need one.
 NO_WRK_PATH = os.pathsep.join(folder for folder in os.environ["PATH"].split(os.pathsep)
