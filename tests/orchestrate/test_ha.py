@@ -274,30 +274,36 @@ def test_two_etcd_members_away_stop_the_writes_until_one_returns(
     (never a 500, nothing acknowledged lost), cached reads go on; one member back, and a
     leader is elected again, on a new timeline: a failover for the cache (a new epoch)."""
     victims = [container(docker_client, ha, name) for name in ETCD_MEMBERS[:2]]
-    with UnderLoad(ha.url, api_token()) as load:
-        load.until_writes(200)
+    try:
+        with UnderLoad(ha.url, api_token()) as load:
+            load.until_writes(200)
+            for victim in victims:
+                victim.stop(timeout=5)
+            running = patroni.running_members(docker_client, ha.name)
+
+            def stepped_down() -> bool:
+                """No member takes writes, seen twice a second apart: a look that fails (a
+                member stopping, or a `docker exec` that failed under load) counts as not
+                writable."""
+                if any(writable(member) for member in running):
+                    return False
+                time.sleep(1)
+                return not any(writable(member) for member in running)
+
+            until(stepped_down, "the leader stepping down", 60)
+            written = load.acknowledged_writes()
+            time.sleep(3)  # how long the writes are watched failing: the fault, not a wait
+            assert load.acknowledged_writes() == written
+            victims[0].start()
+            load.until_writes(300)
+        outcome = judged(docker_client, ha, load, "two etcd members stopped, then one back",
+                         FAILOVER_CACHED_FLOOR)
+        assert outcome.statuses.get("503", 0) > 0
+    finally:  # whatever failed, the tests after this one find etcd whole
         for victim in victims:
-            victim.stop(timeout=5)
-        running = patroni.running_members(docker_client, ha.name)
-
-        def stepped_down() -> bool:
-            """No member takes writes, seen twice a second apart: a look that fails (a member
-            stopping, or a `docker exec` that failed under load) counts as not writable."""
-            if any(writable(member) for member in running):
-                return False
-            time.sleep(1)
-            return not any(writable(member) for member in running)
-
-        until(stepped_down, "the leader stepping down", 60)
-        written = load.acknowledged_writes()
-        time.sleep(3)  # how long the writes are watched failing: the fault, not a wait
-        assert load.acknowledged_writes() == written
-        victims[0].start()
-        load.until_writes(300)
-    outcome = judged(docker_client, ha, load, "two etcd members stopped, then one back",
-                     FAILOVER_CACHED_FLOOR)
-    assert outcome.statuses.get("503", 0) > 0
-    victims[1].start()
+            victim.reload()
+            if victim.status != "running":
+                victim.start()
     settled(docker_client, ha)
 
 
