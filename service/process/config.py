@@ -170,11 +170,10 @@ class Settings:
             postgres=PostgresSettings(
                 url=database_url,
                 password=SecretFile.of(env, "DATABASE_PASSWORD"),
-                # Fewer than threads: the creates and misses by id of a worker take one
-                # connection a batch, so that ten replicas of two workers stay within
-                # Postgres's 100 connections.
-                pool_size=int(_number(env, "DB_POOL_SIZE", PostgresSettings.pool_size,
-                                      minimum=1)),
+                # One connection per request a worker can have in flight, unless told
+                # otherwise: no thread waits for a connection while another waits out a
+                # handover of the lead.
+                pool_size=int(_number(env, "DB_POOL_SIZE", threads, minimum=1)),
                 connect_timeout=int(_number(env, "DB_CONNECT_TIMEOUT_SECONDS", 2, minimum=1)),
                 statement_timeout_ms=int(_number(env, "DB_STATEMENT_TIMEOUT_MS", 5000,
                                                  minimum=1)),

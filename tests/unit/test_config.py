@@ -33,10 +33,10 @@ def refusal(env: dict[str, str]) -> str:
 def test_only_database_url_is_required_and_the_rest_has_defaults() -> None:
     settings = Settings.from_env({"DATABASE_URL": DATABASE_URL})
     assert settings == Settings(
-        postgres=PostgresSettings(url=DATABASE_URL),
+        postgres=PostgresSettings(url=DATABASE_URL, pool_size=8),
         redis=RedisSettings(url="redis://127.0.0.1:6379/0"),
     )
-    assert settings.postgres == PostgresSettings(DATABASE_URL, None, 4, 2, 5000)
+    assert settings.postgres == PostgresSettings(DATABASE_URL, None, 8, 2, 5000)
     assert settings.redis == RedisSettings("redis://127.0.0.1:6379/0", None, 0.1, (), "cachestack")
     assert settings.cache == CacheSettings(300.0, 0.1, 60.0, 1.0, 10_000, 1.0)
     assert (settings.batching, settings.threads, settings.app_role) == (True, 8, "cachestack_app")
@@ -62,9 +62,9 @@ def test_every_setting_takes_effect() -> None:
     )
 
 
-def test_the_pool_size_does_not_follow_the_threads() -> None:
-    env = {"DATABASE_URL": DATABASE_URL, "THREADS": "16"}
-    assert Settings.from_env(env).postgres.pool_size == 4
+def test_the_pool_has_one_connection_per_thread_unless_told_otherwise() -> None:
+    env = {"DATABASE_URL": DATABASE_URL, "THREADS": "6"}
+    assert Settings.from_env(env).postgres.pool_size == 6
     assert Settings.from_env({**env, "DB_POOL_SIZE": "2"}).postgres.pool_size == 2
 
 
