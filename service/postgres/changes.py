@@ -6,7 +6,7 @@ The slot keeps the changes nobody confirmed yet: a reader that stops and starts 
 them again from the last position it confirmed. Postgres lets one reader at a time read a
 slot, which is how the stream's readers take turns (SlotBusy). A slot that is missing, or
 that lost the WAL it kept (max_slot_wal_keep_size), is made anew at the current position, and
-the changes from before then are lost to it (start() says so).
+the changes from before then are lost to it (start() says so, before the slot is read).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import select
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg2
@@ -50,9 +50,12 @@ class ChangeStream:
         # promotes a replica onto a new timeline; a server made anew has another identifier.
         self.source = ""
 
-    def start(self) -> bool:
-        """Take the slot and start reading it; True when it had to be made anew (a gap: the
-        changes before now are lost to it). Raises SlotBusy or DatabaseUnavailable."""
+    def start(self, before_reading: Callable[[bool], None]) -> None:
+        """Take the slot and start reading it. `before_reading(made_anew)` is called once the
+        server is known (`source`) and again if the slot had to be made anew (a gap: the
+        changes before now are lost to it), each time before the slot is read: Postgres shows
+        the slot read from then on, so whatever waits for that sees what it did. Raises
+        SlotBusy or DatabaseUnavailable, and what `before_reading` raises."""
         self.close()
         self._confirmed = 0
         try:
@@ -67,7 +70,8 @@ class ChangeStream:
             self._cursor.execute("IDENTIFY_SYSTEM")
             system, timeline, *_ = self._cursor.fetchone()
             self.source = f"{system}:{timeline}"
-            return self._start_or_remake()
+            before_reading(False)
+            self._start_or_remake(before_reading)
         except psycopg2.errors.ObjectInUse:
             self.close()
             raise SlotBusy(f"replication slot {self._slot} is read by another") from None
@@ -75,17 +79,17 @@ class ChangeStream:
             self.close()
             raise DatabaseUnavailable(f"change stream: {first_line(exc)}") from None
 
-    def _start_or_remake(self) -> bool:
+    def _start_or_remake(self, before_reading: Callable[[bool], None]) -> None:
         try:
             self._start()
-            return False
+            return
         except psycopg2.errors.UndefinedObject:  # no such slot
             pass
         except psycopg2.errors.ObjectNotInPrerequisiteState:  # it lost the WAL it kept
             self._cursor.drop_replication_slot(self._slot)
         self._cursor.create_replication_slot(self._slot, output_plugin="pgoutput")
+        before_reading(True)
         self._start()
-        return True
 
     def _start(self) -> None:
         self._cursor.start_replication(

@@ -91,13 +91,7 @@ class StreamReader:
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                if self.stream.start():
-                    self._begin_anew("the replication slot was made anew")
-                if self.cache.source(self.stream.source) != self.stream.source:
-                    # Another server or timeline than the cache was filled from (a failover):
-                    # commits the cache saw may be lost to this one.
-                    self._begin_anew(f"postgres is now {self.stream.source}")
-                    self.cache.source(self.stream.source, replace=True)
+                self.stream.start(self._before_reading)
                 self._say("")
                 self.reading = self.settled = True
                 self._read(stop)
@@ -111,6 +105,17 @@ class StreamReader:
                 self.reading = False
                 self.stream.close()
             stop.wait(RETRY_SECONDS)
+
+    def _before_reading(self, made_anew: bool) -> None:
+        """What the stream cannot have given: the changes before a slot made anew, or those a
+        server other than the one the cache was filled from may lack (a failover's new
+        timeline). Done before the slot is read, so that a reader seen reading has done it."""
+        if made_anew:
+            self._begin_anew("the replication slot was made anew")
+        source = self.stream.source
+        if self.cache.source(source) != source:
+            self._begin_anew(f"postgres is now {source}")
+            self.cache.source(source, replace=True)
 
     def _read(self, stop: threading.Event) -> None:
         decoder = Decoder()

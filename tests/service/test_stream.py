@@ -346,6 +346,23 @@ def test_a_slot_made_anew_begins_a_new_epoch_before_anything_is_read(
         second.close()
 
 
+def test_a_reader_begins_its_new_epochs_before_postgres_shows_the_slot_read(
+        app: Flask, stream_url: str, stream_redis: RedisServer, slot: str) -> None:
+    """What waits for the slot to be read (the service's /readyz asks Postgres, and compose's
+    users wait for that) must find the new epochs begun: here two, for a cache filled from no
+    server yet and a slot made anew."""
+    reader = Reader(stream_url, stream_redis.url, slot)
+    begin, readers_seen = reader.cache.trust.begin_new_epoch, []
+
+    def look_then_begin(why: str) -> None:
+        readers_seen.append(reading(stream_url, slot))
+        begin(why)
+
+    reader.cache.trust.begin_new_epoch = look_then_begin  # type: ignore[method-assign]
+    reader.start().close()
+    assert readers_seen == [None, None]
+
+
 def test_a_change_committed_while_redis_is_down_is_applied_when_it_is_back(
         app: Flask, reader: Reader, owner_url: str, stream_redis: RedisServer,
         stream_url: str, slot: str) -> None:
