@@ -22,7 +22,7 @@ import psycopg2.errors
 import psycopg2.extras
 
 from ..settings import PostgresSettings
-from .pool import DatabaseUnavailable, first_line
+from .pool import DatabaseUnavailable, PasswordLogin, first_line
 
 # Made by migrations 004 and 005, as the table's owner: users' updates, deletes and truncates,
 # and the inserts of every writer but the service.
@@ -42,6 +42,7 @@ class ChangeStream:
     def __init__(self, settings: PostgresSettings, slot: str,
                  publication: str = PUBLICATIONS) -> None:
         self._settings = settings
+        self._login = PasswordLogin(settings.password)
         self._slot, self._publication = slot, publication
         self._conn: Any = None
         self._cursor: Any = None
@@ -59,13 +60,11 @@ class ChangeStream:
         self.close()
         self._confirmed = 0
         try:
-            self._conn = psycopg2.connect(
+            self._conn = self._login(lambda login: psycopg2.connect(
                 self._settings.url, connection_factory=psycopg2.extras.LogicalReplicationConnection,
                 connect_timeout=self._settings.connect_timeout,
                 options=f"-c wal_sender_timeout={SENDER_TIMEOUT}",
-                application_name=f"cachestack-stream {os.getpid()}",
-                **({"password": self._settings.password.read()} if self._settings.password
-                   else {}))
+                application_name=f"cachestack-stream {os.getpid()}", **login))
             self._cursor = self._conn.cursor()
             self._cursor.execute("IDENTIFY_SYSTEM")
             system, timeline, *_ = self._cursor.fetchone()

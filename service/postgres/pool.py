@@ -24,6 +24,7 @@ import psycopg2.errors
 import psycopg2.extensions
 
 from .. import metrics
+from ..files import SecretFile
 from ..settings import PostgresSettings
 from . import schema
 
@@ -77,6 +78,34 @@ class Conflict(ValueError):
         self.field = field
 
 
+class PasswordLogin:
+    """Logs in with the password as the file holds it now (or the URL's, without a file).
+
+    A rotation writes the new password file a moment before Postgres (which keeps one
+    password per role) is given it, so a login refused with the file's password is tried
+    once more, at once, with the last password that logged in. Not thread-safe: each user
+    logs in one at a time."""
+
+    def __init__(self, password: SecretFile | None) -> None:
+        self._read = password.read if password else None
+        self._last: str | None = None  # the last password that logged in; never logged
+
+    def __call__(self, connect: Callable[[dict[str, str]], T]) -> T:
+        """`connect(login)`, login being the keyword arguments that give the password."""
+        if self._read is None:
+            return connect({})
+        password = self._read()
+        try:
+            connection = connect({"password": password})
+        except psycopg2.OperationalError as exc:
+            earlier = self._last
+            if earlier is None or earlier == password or PASSWORD_REFUSED not in str(exc):
+                raise
+            return connect({"password": earlier})
+        self._last = password
+        return connection
+
+
 class Session(psycopg2.extensions.connection):
     """A pooled connection, which knows its server (the connection string of it alone) and
     the server's timeline (CURRENT_TIMELINE); its one cursor serves every statement."""
@@ -112,8 +141,7 @@ class Database:
         `report` says nothing when Postgres comes and goes (another pool of the process
         does)."""
         self._hosts = each_host(settings.url)
-        self._password = settings.password.read if settings.password else None
-        self._last_login: str | None = None  # the last password that logged in; never logged
+        self._login = PasswordLogin(settings.password)
         self._connect_timeout = settings.connect_timeout
         self._statement_timeout = settings.statement_timeout_ms / 1000 + ANSWER_MARGIN_SECONDS
         self._connect_args = {
@@ -182,7 +210,7 @@ class Database:
     def _new_session(self) -> Session:
         """A session, on a schema that has every migration, with the hot statements prepared,
         on a server of the newest timeline known (else Deposed)."""
-        conn = self._login()
+        conn = self._login(self._open)
         try:
             cur = conn.statements = _Cursor(conn, self._statement_timeout)
             if not self._schema_ready:
@@ -199,31 +227,13 @@ class Database:
             raise
         return conn
 
-    def _login(self) -> Session:
-        """A new session, logged in with the password as it is now.
-
-        A rotation writes the new password file a moment before Postgres (which keeps one
-        password per role) is given it, so a login refused with the file's password is tried
-        once more, at once, with the last password that logged in."""
-        password = self._password() if self._password else None
-        try:
-            conn = self._open(password)
-        except psycopg2.OperationalError as exc:
-            earlier = self._last_login
-            if earlier is None or earlier == password or PASSWORD_REFUSED not in str(exc):
-                raise
-            return self._open(earlier)
-        self._last_login = password
-        return conn
-
-    def _open(self, password: str | None) -> Session:
+    def _open(self, login: dict[str, str]) -> Session:
         """A session on the first server the URL names that takes it (with
         target_session_attrs=read-write, the one that takes writes), within the connect
         timeout. Every server is asked at once: libpq, asked in asynchronous mode, tries them
         in turn with no timeout of its own, so one that stopped answering (a paused container,
         whose port still takes the connection) would hold up the login to the others; but a
         deposed leader is not, while others are named."""
-        login = {} if password is None else {"password": password}
         now = time.monotonic()
         servers = [dsn for dsn in self._hosts if self._deposed.get(dsn, 0) < now] or self._hosts
         attempts: list[Session] = []

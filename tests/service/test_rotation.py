@@ -20,8 +20,11 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
+from service.files import SecretFile
+from service.postgres.changes import ChangeStream
 from service.process.config import Settings, with_password
 from service.process.factory import create_app
+from service.settings import PostgresSettings
 from service.web.routes import users_of
 
 from .helpers import Read, create, empty_database, private_redis, query, read, running_and_empty
@@ -110,6 +113,27 @@ def test_the_rotations_order_file_then_role_fails_no_request(
     assert role_password.refuses(old)
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
     assert old not in caplog.text and new not in caplog.text
+
+
+def test_a_change_stream_reader_starting_mid_rotation_logs_in(
+        stream_url: str, slot: str, tmp_path: Path) -> None:
+    """The stream's role rotates as the service's does, file first: a reader that starts
+    before Postgres is given the new password logs in with the last one that worked. (A
+    REPLICATION role's password takes a superuser to change: the new one is refused here.)"""
+    role, new = RolePassword(stream_url), secrets.token_urlsafe(24)
+    path = tmp_path / "postgres_stream_password"
+    path.write_text(role.original + "\n")
+    stream = ChangeStream(PostgresSettings(
+        url=without_password(stream_url),
+        password=SecretFile("DATABASE_PASSWORD", str(path), role.original)), slot)
+    try:
+        stream.start(lambda made_anew: None)
+        stream.close()
+        path.write_text(new + "\n")
+        stream.start(lambda made_anew: None)
+    finally:
+        stream.close()
+    assert role.refuses(new)
 
 
 def test_the_role_first_then_the_file_fails_no_request(
