@@ -47,6 +47,7 @@ class ChangeStream:
         self._conn: Any = None
         self._cursor: Any = None
         self._confirmed = 0  # the last position confirmed in this session
+        self._idle_confirmed_at = 0.0  # when an idle reader last confirmed all it was sent
         # The server it reads: '<system identifier>:<timeline>' (IDENTIFY_SYSTEM). A failover
         # promotes a replica onto a new timeline; a server made anew has another identifier.
         self.source = ""
@@ -114,11 +115,19 @@ class ChangeStream:
             raise DatabaseUnavailable(f"change stream: {first_line(exc)}") from None
 
     def confirm(self, lsn: int | None = None) -> None:
-        """Tell Postgres that everything up to `lsn` (by default, all it sent so far, when
-        nothing read is left to apply) was applied: it need not be kept or sent again. Only a
-        position past the last one confirmed is sent (an idle reader's would otherwise call
-        for the server's answer, then answer that, without end)."""
-        lsn = self._cursor.wal_end if lsn is None else lsn
+        """Tell Postgres that everything up to `lsn` was applied: it need not be kept or sent
+        again. Only a position past the last one confirmed is sent (an idle reader's would
+        otherwise call for the server's answer, then answer that, without end).
+
+        With no `lsn` (an idle reader: all it was sent is applied), all sent so far, at most
+        once per STATUS_INTERVAL: the server sends a keepalive whenever the WAL moved past the
+        reader's position, as every commit of what it does not send (the service's own
+        creates) moves it, and a confirmation of each cost both processes as much again."""
+        if lsn is None:
+            now = time.monotonic()
+            if now < self._idle_confirmed_at + STATUS_INTERVAL:
+                return
+            self._idle_confirmed_at, lsn = now, self._cursor.wal_end
         if lsn <= self._confirmed:
             return
         try:

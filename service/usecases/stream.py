@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
+import time
 
 from .. import metrics
 from ..cache.keys import Lookup
@@ -120,6 +121,7 @@ class StreamReader:
     def _read(self, stop: threading.Event) -> None:
         decoder = Decoder()
         batch = Batch()
+        idle_at = 0.0  # when the last read that found no message ended
         while not stop.is_set():
             idle = True
             for payload in self.stream.messages(WAIT_SECONDS, LINGER_SECONDS):
@@ -144,6 +146,12 @@ class StreamReader:
             self._apply(batch)
             if idle:
                 self.stream.confirm()  # everything sent so far is applied
+                # Woken by keepalives alone, one on the heels of another (every commit the
+                # stream is not sent brings one: the service's own creates, in a flood): let
+                # the next ones gather instead of waking for each.
+                if time.monotonic() - idle_at < LINGER_SECONDS:
+                    stop.wait(LINGER_SECONDS)
+                idle_at = time.monotonic()
 
     def _apply(self, batch: Batch) -> None:
         """Invalidate what is pending, then confirm the last commit seen: changes reach the
