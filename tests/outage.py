@@ -35,6 +35,10 @@ class Outcome:
     statuses: collections.Counter
     cached_reads: int
     cached_answered: int
+    # The cached reads not answered: their statuses (0: no answer) and the seconds from the
+    # start of the load of the first and the last of them.
+    cached_unanswered: collections.Counter
+    cached_unanswered_span: tuple[float, float] | None
     longest_write_gap: float  # seconds with no write acknowledged
     created: list[int]  # acknowledged creates no delete touched
     # The display name each user must have in the database at the end: that of its last
@@ -49,9 +53,18 @@ class Outcome:
         return (f"{self.operations} operations, {len(self.violations)} stale or wrong reads, "
                 f"{len(self.failures)} failures other than 503 "
                 f"({self.statuses.get('503', 0)} 503s); cached reads answered "
-                f"{self.cached_answered}/{self.cached_reads} ({self.cached_share:.2%}); "
+                f"{self.cached_answered}/{self.cached_reads} ({self.cached_share:.2%}"
+                f"{self._unanswered()}); "
                 f"longest write outage {self.longest_write_gap:.1f} s; "
                 f"{len(self.created)} acknowledged creates")
+
+    def _unanswered(self) -> str:
+        if self.cached_unanswered_span is None:
+            return ""
+        first, last = self.cached_unanswered_span
+        statuses = ", ".join(f"{count} x {status or 'no answer'}"
+                             for status, count in sorted(self.cached_unanswered.items()))
+        return f"; not: {statuses}, from {first:.1f} s to {last:.1f} s"
 
 
 @dataclass
@@ -68,7 +81,7 @@ class UnderLoad:
     history: History = field(default_factory=lambda: History(f"o{random.getrandbits(32):08x}"))
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
-    _cached_results: list[int] = field(default_factory=list)
+    _cached_results: list[tuple[int, int]] = field(default_factory=list)  # (when, status)
     _created: list[int] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _started: int = 0
@@ -130,7 +143,7 @@ class UnderLoad:
                 except requests.RequestException:
                     status = 0
                 with self._lock:
-                    self._cached_results.append(status)
+                    self._cached_results.append((time.monotonic_ns(), status))
 
     def _create(self) -> None:
         session = requests.Session()
@@ -163,6 +176,10 @@ class UnderLoad:
             assert time.monotonic() < deadline, f"no {count} acknowledged writes in {deadline_s} s"
             time.sleep(0.1)
 
+    def elapsed(self) -> float:
+        """Seconds since the load began (what the outcome's times count from)."""
+        return (time.monotonic_ns() - self._started) / NS
+
     def acknowledged_writes(self) -> int:
         with self.history.lock:
             return sum(1 for write in self.history.writes if write.ack != FOREVER)
@@ -179,9 +196,13 @@ class UnderLoad:
         acks = sorted([self._started] + [w.ack for w in history.writes if w.ack != FOREVER])
         gap = max((later - earlier for earlier, later in zip(acks, acks[1:], strict=False)),
                   default=0)
+        unanswered = [(at, status) for at, status in self._cached_results if status != 200]
+        span = ((unanswered[0][0] - self._started) / NS, (unanswered[-1][0] - self._started) / NS
+                ) if unanswered else None
         return Outcome(sum(history.statuses.values()), violations, failures, statuses,
                        len(self._cached_results),
-                       sum(1 for status in self._cached_results if status == 200),
+                       len(self._cached_results) - len(unanswered),
+                       collections.Counter(status for _, status in unanswered), span,
                        gap / NS, sorted(history.live | set(self._created)),
                        final_states(history.writes))
 

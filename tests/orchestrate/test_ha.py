@@ -242,6 +242,7 @@ def test_the_leader_paused_comes_back_as_a_replica(
     victim = with_role(docker_client, ha, patroni.LEADER)
     with UnderLoad(ha.url, api_token()) as load:
         load.until_writes(200)
+        print(f"leader paused at {load.elapsed():.1f} s of the load")
         victim.pause()
         try:
             time.sleep(PAUSE_S)
