@@ -50,7 +50,9 @@ PASSWORD_REFUSED = "password authentication failed"
 # hands the lead over in a second or two and a single Postgres restarts as fast, so a login
 # that finds only such servers tries again, one login of the pool at a time, for up to
 # HANDOVER_SECONDS; longer, and Postgres is down (a failover is under way, say): statements
-# fail at once for COOLDOWN_SECONDS, as after a timeout.
+# fail at once for HANDOVER_RETRY_SECONDS, and then one at a time tries it again (a try costs
+# little, unlike one that waits on a silent server: so that the new leader is found as soon
+# as it is promoted).
 HANDOVER = ("read-only", "hot standby", "starting up", "shutting down",
             "not yet accepting connections", "Connection refused",
             "could not translate host name")
@@ -234,20 +236,14 @@ class Database:
         in turn with no timeout of its own, so one that stopped answering (a paused container,
         whose port still takes the connection) would hold up the login to the others; but a
         deposed leader is not, while others are named."""
+        def connect(dsn: str) -> Session:
+            conn = psycopg2.connect(dsn, **login, **self._connect_args)
+            conn.server = dsn
+            return conn
+
         now = time.monotonic()
         servers = [dsn for dsn in self._hosts if self._deposed.get(dsn, 0) < now] or self._hosts
-        attempts: list[Session] = []
-        winner = None
-        try:
-            for dsn in servers:
-                attempts.append(psycopg2.connect(dsn, **login, **self._connect_args))
-                attempts[-1].server = dsn
-            winner = first_logged_in(attempts, self._connect_timeout)
-            return winner
-        finally:
-            for conn in attempts:
-                if conn is not winner:
-                    conn.close()
+        return first_logged_in(servers, connect, self._connect_timeout)
 
     def _check_schema(self, cur: Any) -> None:
         """Refuse a database that lacks a packaged migration; asked again on every new
@@ -263,8 +259,10 @@ class Database:
         return DatabaseUnavailable(problem)
 
     def _lost(self, exc: psycopg2.OperationalError) -> DatabaseUnavailable:
-        if isinstance(exc, NoAnswer) or handing_over(exc):
+        if isinstance(exc, NoAnswer):
             self._down_until = time.monotonic() + COOLDOWN_SECONDS
+        elif handing_over(exc):
+            self._down_until = time.monotonic() + HANDOVER_RETRY_SECONDS
         return self._unavailable(f"database unavailable: {first_line(exc)}")
 
     def _report(self, problem: str | None) -> None:
@@ -295,6 +293,16 @@ class Database:
             if conn.timeline >= self._timeline and not conn.closed \
                     and not select.select([conn], [], [], 0)[0]:
                 return conn
+            conn.close()
+
+    def _forget(self, server: str) -> None:
+        """Close the idle sessions on `server`, which stopped answering: each would keep a
+        statement waiting for its timeout in turn (a leader paused while its successor is
+        promoted, which a new login would find)."""
+        with self._lock:
+            gone = [conn for conn in self._idle if conn.server == server]
+            self._idle = [conn for conn in self._idle if conn.server != server]
+        for conn in gone:
             conn.close()
 
     def _give_back(self, conn: Session) -> None:
@@ -346,6 +354,8 @@ class Database:
             raise Conflict(field) from None
         except psycopg2.OperationalError as exc:
             conn.close()
+            if isinstance(exc, NoAnswer):
+                self._forget(conn.server)
             if ended_before_commit(exc, conn.notices):
                 raise EndedBeforeCommit(str(exc)) from None
             raise self._lost(exc) from None
@@ -415,28 +425,54 @@ def each_host(url: str) -> list[str]:
             for host, port in zip(hosts, ports, strict=True)]
 
 
-def first_logged_in(attempts: list[Connection], timeout: float) -> Connection:
-    """The first of `attempts` (asynchronous connections, logging in) whose login is done,
-    within `timeout` seconds (then NoAnswer); the last failure when every one failed."""
+def first_logged_in(servers: list[str], connect: Callable[[str], Session],
+                    timeout: float) -> Session:
+    """The first of `servers` whose login (`connect(server)`: an asynchronous connection) is
+    done within `timeout` seconds. While one keeps the login waiting (a leader that stopped
+    answering), those that refused it for now (HANDOVER: a replica, before the leader's
+    successor is promoted) are asked again every HANDOVER_RETRY_SECONDS, so that the successor
+    is found at once. When every one failed, the last failure; when the time is up, NoAnswer,
+    or the last handover if there was one (so that the caller keeps trying, as on one)."""
     deadline = time.monotonic() + timeout
-    pending, failure = list(attempts), None
-    while pending:
-        readers, writers = [], []
-        for conn in list(pending):
-            try:
-                state = conn.poll()
-            except psycopg2.OperationalError as exc:
-                pending.remove(conn)
-                failure = exc
-                continue
-            if state == psycopg2.extensions.POLL_OK:
-                return conn
-            (readers if state == psycopg2.extensions.POLL_READ else writers).append(conn)
-        left = deadline - time.monotonic()
-        if pending and (left <= 0 or not any(select.select(readers, writers, [], left))):
-            raise NoAnswer(f"postgres did not log in within {timeout:g} s")
-    assert failure is not None
-    raise failure
+    asking: dict[str, float] = dict.fromkeys(servers, 0.0)  # server -> when it is asked (again)
+    made: list[Session] = []
+    pending: list[Session] = []
+    failure: Exception | None = None
+    winner = None
+    try:
+        while True:
+            now = time.monotonic()
+            for server in [server for server, at in asking.items() if at <= now]:
+                del asking[server]
+                made.append(connect(server))
+                pending.append(made[-1])
+            readers, writers = [], []
+            for conn in list(pending):
+                try:
+                    state = conn.poll()
+                except psycopg2.OperationalError as exc:
+                    pending.remove(conn)
+                    failure = exc
+                    if handing_over(exc):
+                        asking[conn.server] = now + HANDOVER_RETRY_SECONDS
+                    continue
+                if state == psycopg2.extensions.POLL_OK:
+                    winner = conn
+                    return conn
+                (readers if state == psycopg2.extensions.POLL_READ else writers).append(conn)
+            if not pending:
+                assert failure is not None
+                raise failure
+            left = min([deadline, *asking.values()]) - time.monotonic()
+            if time.monotonic() >= deadline:
+                if failure is not None and handing_over(failure):
+                    raise failure
+                raise NoAnswer(f"postgres did not log in within {timeout:g} s")
+            select.select(readers, writers, [], max(0.0, left))
+    finally:
+        for conn in made:
+            if conn is not winner:
+                conn.close()
 
 
 def unconfirmed(notices: list[str]) -> None:

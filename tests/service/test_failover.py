@@ -95,6 +95,54 @@ def test_a_login_waits_out_a_handover_of_the_lead(
         database.close()
 
 
+def test_a_member_promoted_while_another_keeps_the_login_waiting_is_found_at_once(
+        database_url: str, read_only_for_a_while: threading.Event) -> None:
+    """A failover from a leader that stopped answering: the first member named hangs, the
+    other refuses writes until it is promoted, half a second in. The login takes it then, not
+    once the hung one's connect timeout (2 s) is up."""
+    hung = TcpProxy(5432)
+    hung.hold()
+    database = pool(several(database_url, hung.port, 5432))
+    timer = threading.Timer(0.5, read_only_for_a_while.set)
+    try:
+        started = time.monotonic()
+        timer.start()
+        database.ping()  # on the code before: DatabaseUnavailable after 2 s
+        assert time.monotonic() - started < 1.5
+    finally:
+        timer.cancel()
+        database.close()
+        hung.close()
+
+
+def test_a_member_that_stopped_answering_a_statement_keeps_no_idle_session(
+        database_url: str) -> None:
+    """Each idle session on a server that stopped answering would hold a statement for its
+    timeout in turn, while its successor may be promoted: one that did not answer in time
+    closes them all."""
+    server = TcpProxy(5432)
+    database = pool(several(database_url, server.port), statement_timeout_ms=300, pool_size=3)
+    sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'failover-test'"
+    try:
+        threads = [threading.Thread(target=database.run,
+                                    args=(lambda cur: cur.execute("SELECT pg_sleep(0.1)"),))
+                   for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert query(database_url, sessions) == [(3,)]
+        server.hold()
+        with pytest.raises(DatabaseUnavailable, match="did not answer"):
+            database.ping()
+        server.flow()
+        wait_until(lambda: query(database_url, sessions) == [(0,)], 5,
+                   "the idle sessions to be closed")  # on the code before: 2 stayed
+    finally:
+        database.close()
+        server.close()
+
+
 def test_a_handover_that_lasts_fails_fast_after_a_few_seconds(
         database_url: str, read_only_for_a_while: threading.Event) -> None:
     """No member takes writes for longer than a handover takes (a failover is under way):
