@@ -79,10 +79,12 @@ def main() -> int:
     args = parser.parse_args()
     stacks = [Stack("default"), Stack("ha", "--ha")]
     for stack in stacks:  # each alone, idle
-        stack.up()
-        time.sleep(IDLE_SECONDS)
-        print(f"{stack.label:8s} alone and idle: host busy {host_busy(IDLE_SECONDS):.1f}%")
-        stack.down()
+        try:
+            stack.up()
+            time.sleep(IDLE_SECONDS)
+            print(f"{stack.label:8s} alone and idle: host busy {host_busy(IDLE_SECONDS):.1f}%")
+        finally:
+            stack.down()
     token = api_token()
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
