@@ -245,14 +245,16 @@ def recreate_database(name: str) -> str:
 
 
 def drop_database(name: str) -> None:
-    """Drop database NAME, its change stream's slot first (Postgres refuses otherwise)."""
+    """Drop database NAME, its change stream's slot first (Postgres refuses otherwise), once
+    the sessions of the processes just stopped are gone (this role may not end them)."""
     deadline = time.monotonic() + 10
     while _stream_query("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                         "WHERE slot_name = %s AND NOT active", stream_slot(name)) or \
             _stream_query("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
-                          stream_slot(name)):
-        if time.monotonic() > deadline:  # a reader still has it
-            raise RuntimeError(f"the slot of {name} is still read")
+                          stream_slot(name)) or \
+            _stream_query("SELECT 1 FROM pg_stat_activity WHERE datname = %s", name):
+        if time.monotonic() > deadline:  # a reader or a session still has it
+            raise RuntimeError(f"the slot of {name}, or a session on it, is still there")
         time.sleep(0.1)
     _administer(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

@@ -17,7 +17,7 @@ import docker
 import docker.errors
 from docker.models.containers import Container
 
-from . import images, patroni, record, rollout, smoke
+from . import images, patroni, record, rollout, sentinels, smoke
 from .containers import (
     config_hash,
     connect,
@@ -46,7 +46,9 @@ from .stack import (
     ETCD_MEMBERS,
     PATRONI_MEMBERS,
     PROJECT_LABEL,
+    REDIS_SERVERS,
     REPLICA_LABEL,
+    SENTINELS,
     SERVICE_LABEL,
     Port,
     Service,
@@ -138,6 +140,7 @@ def ensure_container(
                 return old, "started"
             return old, "unchanged"
         patroni.before_replacing(client, stack.project, service, old)
+        sentinels.before_replacing(client, stack, service, old)
         remove(old)
         action = "recreated"
     name = stack.container_name(service.name)
@@ -207,6 +210,10 @@ def running_proxy(client: docker.DockerClient, stack: Stack) -> Proxy | None:
     return Proxy(found[0]) if found else None
 
 
+# The members of `up --ha`'s clusters: replaced one at a time, each back before the next.
+CLUSTER_MEMBERS = (*PATRONI_MEMBERS, *ETCD_MEMBERS, *REDIS_SERVERS, *SENTINELS)
+
+
 def realise(
     client: docker.DockerClient, stack: Stack, refs: dict[str, str], timings: dict[str, float]
 ) -> dict[str, list[Container]]:
@@ -238,11 +245,13 @@ def realise(
                 container, action = ensure_container(client, stack, service, ref)
                 containers[service.name] = [container]
                 say(f"{container.name}: {action} ({container.short_id}, {ref})")
-                if action == "recreated" and service.name in (*PATRONI_MEMBERS, *ETCD_MEMBERS):
+                if action == "recreated" and service.name in CLUSTER_MEMBERS:
                     # One member of a cluster at a time: the next waits until this one is back.
                     wait_running(container, service)
                     if service.name in PATRONI_MEMBERS:
                         patroni.wait_rejoined(client, stack.project, service.name)
+                    elif service.name in (*REDIS_SERVERS, *SENTINELS):
+                        sentinels.wait_rejoined(client, stack, service.name)
                 else:
                     waiting.append(service)
         for started in waiting:

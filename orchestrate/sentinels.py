@@ -10,11 +10,15 @@ command line or the output.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import docker
 from docker.models.containers import Container
 
 from .containers import connect, exec_output, project_containers
 from .errors import OrchestrateError
+from .output import say
 from .stack import (
     CA_CERT,
     DB_NAME,
@@ -24,9 +28,16 @@ from .stack import (
     SENTINEL_PORT,
     SENTINELS,
     SERVICE_LABEL,
+    Service,
     Stack,
     secret_target,
 )
+
+# How long a planned failover, or a server or Sentinel replaced, may take to settle: the
+# Sentinels' failover-timeout (docker/redis/sentinel.conf) and a replica's first full sync.
+SETTLE_S = 60
+POLL_S = 0.5
+QUORUM = "OK 3 usable"  # what SENTINEL CKQUORUM says when every Sentinel is there
 
 ADMIN = (f'REDISCLI_AUTH="$(cat {secret_target("redis_admin_password")})" timeout 5 '
          f"redis-cli --tls --cacert {secret_target(CA_CERT)} --user admin -h 127.0.0.1 "
@@ -92,6 +103,57 @@ def epoch(client: docker.DockerClient, stack: Stack, server: Container) -> str:
     namespace = out.decode().strip()
     found = admin(server, REDIS_PORT, "GET", f"cs:1:{namespace}:epoch")
     return found[0] if found and found[0] else "none yet"
+
+
+def _until(check: Callable[[], bool], what: str) -> None:
+    """Until `check()` holds (not while what it asks does not answer); fail with `what`."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        try:
+            if check():
+                return
+        except OrchestrateError:
+            pass
+        if time.monotonic() > deadline:
+            raise OrchestrateError(f"{what} within {SETTLE_S}s")
+        time.sleep(POLL_S)
+
+
+def _running_sentinels(client: docker.DockerClient, stack: Stack) -> list[Container]:
+    return [c for c in (_running(client, stack, name) for name in SENTINELS) if c is not None]
+
+
+def before_replacing(client: docker.DockerClient, stack: Stack, service: Service,
+                     container: Container) -> None:
+    """Ready a Redis server of `up --ha` to be removed: the primary hands its role to its
+    replica first (SENTINEL FAILOVER, which the service follows as any failover: a new
+    epoch), so that the cache is never without a primary for longer than a failover."""
+    if service.name not in REDIS_SERVERS or container.status != "running" \
+            or primary(client, stack) != service.name:
+        return
+    sentinels = _running_sentinels(client, stack)
+    try:
+        admin(sentinels[0], SENTINEL_PORT, "SENTINEL", "FAILOVER", SENTINEL_MASTER)
+    except OrchestrateError as exc:  # no replica fit to take over: nothing to hand over to
+        say(f"{service.name}: replaced while the primary ({exc.message})")
+        return
+    _until(lambda: all(sentinel_view(s)[0] != service.name for s in sentinels),
+           f"the Sentinels did not fail {service.name} over")
+    say(f"{service.name}: handed the primary's role to {primary(client, stack)}")
+
+
+def wait_rejoined(client: docker.DockerClient, stack: Stack, name: str) -> None:
+    """Until the Redis server `name`, made anew, replicates from the primary, or the Sentinel
+    `name` names the primary with every Sentinel there: the next may be replaced then."""
+    container = _running(client, stack, name)
+    if container is None:
+        raise OrchestrateError(f"{name} is not running")
+    if name in REDIS_SERVERS:
+        _until(lambda: server_role(container) == f"replica of {primary(client, stack)}, link up",
+               f"{name} did not replicate from the primary")
+    else:
+        _until(lambda: sentinel_view(container)[2].startswith(QUORUM),
+               f"{name} did not join the other Sentinels")
 
 
 def status_lines(stack: Stack) -> list[str]:

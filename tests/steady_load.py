@@ -9,6 +9,7 @@ a test can rotate it underneath.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import random
 import threading
@@ -36,6 +37,8 @@ class SteadyLoad:
     workers: int = 4
     failures: list[Failure] = field(default_factory=list)
     requests_sent: int = 0
+    # The X-Cache header of the reads answered: HIT, MISS, BYPASS (Redis not in use).
+    cache_answers: collections.Counter = field(default_factory=collections.Counter)
     _users: list[dict] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -89,6 +92,9 @@ class SteadyLoad:
             return
         if reply.status_code != want:
             self._failed(f"{method} {path} -> {reply.status_code} {reply.text[:120]}")
+        elif method == "GET":
+            with self._lock:
+                self.cache_answers[reply.headers.get("X-Cache", "")] += 1
         elif method == "POST":
             with self._lock:
                 self._users.append(reply.json()["data"])

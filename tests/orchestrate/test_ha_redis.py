@@ -14,11 +14,15 @@ import pytest
 from docker.models.containers import Container
 
 from bench.stack_faults import FAILOVER_WITHIN, Target, judge
+from orchestrate import engine
 from orchestrate.errors import OrchestrateError
+from orchestrate.secretfiles import api_token
 from orchestrate.sentinels import server_role
+from orchestrate.stack import PROJECT_LABEL, SERVICE_LABEL, describe_stack
+from tests.steady_load import SteadyLoad
 from tests.support import free_port
 
-from .helpers import Api, Project, sweep, until
+from .helpers import Api, Project, derived_image, sweep, until
 
 pytestmark = pytest.mark.usefixtures("docker_client")
 
@@ -69,6 +73,32 @@ def test_up_ha_comes_up_and_follows_the_sentinels_when_the_primary_is_killed(
     old.start()
     until(lambda: role(old) == f"replica of {target.primary()}, link up",
           "the old primary a replica", FAILOVER_WITHIN)
+
+
+def test_a_new_redis_image_rolls_over_the_servers_and_sentinels_without_a_failed_request(
+        ha_stack: Project, docker_client: docker.DockerClient) -> None:
+    """What `up` does when the Redis image changes (a patch release): every server and
+    Sentinel replaced, under load, no request failing; then a primary with its replica, and
+    every Sentinel naming it with a quorum."""
+    stack = describe_stack(ha_stack.name, ha_stack.port, ha=True)
+    running = docker_client.containers.list(ignore_removed=True, filters={
+        "label": f"{PROJECT_LABEL}={ha_stack.name}"})
+    refs = {stack.service(c.labels[SERVICE_LABEL]).image: c.image.id for c in running}
+    refs["redis"] = derived_image(docker_client, refs["redis"], f"cachestack/redis:{ha_stack.name}")
+    with SteadyLoad(ha_stack.url, api_token) as load:
+        engine.realise(docker_client, stack, refs, {})
+        until(lambda: "quorum: OK 3 usable" in ha_stack.run("status").stdout,
+              "the Sentinels' quorum", FAILOVER_WITHIN)
+    print(f"rolling update of Redis under load: {load.requests_sent} requests, "
+          f"{len(load.failures)} failed; reads answered {dict(load.cache_answers)}")
+    assert load.failures == []
+    renewed = [c for c in docker_client.containers.list(filters={
+        "label": f"{PROJECT_LABEL}={ha_stack.name}"}) if stack.service(
+            c.labels[SERVICE_LABEL]).image == "redis"]
+    assert len(renewed) == 5 and {c.image.id for c in renewed} == {refs["redis"]}
+    status = ha_stack.run("status").stdout
+    assert "primary, 1 replica(s) connected" in status and ", link up" in status, status
+    assert status.count("quorum: OK 3 usable") == 3, status
 
 
 def role(server: Container) -> str:
