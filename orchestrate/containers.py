@@ -11,7 +11,6 @@ import json
 import os
 import socket
 import ssl
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -34,11 +33,11 @@ from .stack import (
     Service,
     Stack,
 )
+from .waits import until
 
 HEALTH_DEADLINE_S = 120.0
 READY_DEADLINE_S = 90.0
 LOG_TAIL = 20
-POLL_S = 0.25
 NS = 1_000_000_000
 
 
@@ -203,16 +202,12 @@ def wait_for(container: Container, check: Callable[[str], str | None], deadline_
     """Until `check` (given the container's health status) returns None, check on the
     container and try again: fail at once when it breaks, or with `what` and the last state
     `check` returned once `deadline_s` passed."""
-    deadline = time.monotonic() + deadline_s
     # A container kept from before may have been restarted by Docker long ago (a Postgres
     # member that crashed and came back): only a restart while waiting counts.
     container.reload()
     restarts = container.attrs.get("RestartCount", 0)
-    while (state := check(fail_if_broken(container, restarts))) is not None:
-        if time.monotonic() > deadline:
-            raise OrchestrateError(f"{what} after {deadline_s:.0f}s ({state})",
-                                   last_logs(container))
-        time.sleep(POLL_S)
+    until(lambda: check(fail_if_broken(container, restarts)), deadline_s, what,
+          logs=lambda: last_logs(container))
 
 
 def wait_healthy(container: Container, deadline_s: float = HEALTH_DEADLINE_S) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import docker
 import docker.errors
 from docker.models.containers import Container
+from docker.models.networks import Network
 
 from . import images, patroni, record, rollout, sentinels, smoke
 from .containers import (
@@ -31,7 +32,7 @@ from .containers import (
     wait_answering,
     wait_healthy,
 )
-from .errors import OrchestrateError
+from .errors import OrchestrateError, reason
 from .output import say, step
 from .proxy import Proxy
 from .secretfiles import (
@@ -55,8 +56,10 @@ from .stack import (
     Settings,
     Stack,
 )
+from .waits import until
 
 TASK_DEADLINE_S = 180.0
+NETWORK_DEADLINE_S = 30.0
 
 __all__ = ["connect", "down", "logs", "realise", "service_context", "service_url", "status",
            "up"]
@@ -310,6 +313,22 @@ def up(stack: Stack, settings: Settings) -> dict[str, float]:
     return timings
 
 
+def remove_network(network: Network) -> None:
+    """Remove `network`, asking again while Docker 20.10 still counts an endpoint of a container
+    it has just removed (moby/moby#43286: "has active endpoints", gone a moment later)."""
+
+    def pending() -> str | None:
+        try:
+            network.remove()
+        except docker.errors.APIError as exc:
+            if "active endpoints" not in str(exc):
+                raise
+            return reason(exc)
+        return None
+
+    until(pending, NETWORK_DEADLINE_S, f"network {network.name} was not removed")
+
+
 def down(project: str, volumes: bool) -> list[str]:
     """Remove every container (with its anonymous volumes) and network of `project`, its
     record, and with `volumes` its named volumes."""
@@ -319,7 +338,7 @@ def down(project: str, volumes: bool) -> list[str]:
         remove(container)
         removed.append(f"container {container.name} (made by {made_by(container)})")
     for network in client.networks.list(filters=project_filter(project)):
-        network.remove()
+        remove_network(network)
         removed.append(f"network {network.name}")
     forgotten = record.forget(client, project)
     if forgotten:

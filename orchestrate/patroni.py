@@ -16,7 +16,6 @@ so that the leader always has a synchronous standby to hand over to.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from .containers import exec_output, project_containers
 from .errors import OrchestrateError
 from .output import say
 from .stack import ETCD_MEMBERS, PATRONI_MEMBERS, Service
+from .waits import until
 
 DEADLINE_S = 120.0
 POLL_S = 0.5
@@ -121,21 +121,19 @@ def status_lines(client: docker.DockerClient, project: str) -> list[str]:
 
 
 def wait_for(client: docker.DockerClient, project: str, done: str,
-             check: Callable[[list[Member]], bool], deadline_s: float = DEADLINE_S
-             ) -> list[Member]:
+             check: Callable[[list[Member]], bool], deadline_s: float = DEADLINE_S) -> None:
     """Until `check(members)` holds; fail with `done` (what did not happen) at the deadline."""
-    deadline = time.monotonic() + deadline_s
-    while True:
+
+    def pending() -> str | None:
         try:
             members = cluster(client, project)
-            if check(members):
-                return members
         except OrchestrateError:
-            members = []
-        if time.monotonic() > deadline:
-            state = ", ".join(f"{m.name} {m.role} {m.state}" for m in members) or "no answer"
-            raise OrchestrateError(f"{done} within {deadline_s:.0f}s ({state})")
-        time.sleep(POLL_S)
+            return "no answer"
+        if check(members):
+            return None
+        return ", ".join(f"{m.name} {m.role} {m.state}" for m in members) or "no members"
+
+    until(pending, deadline_s, done, poll_s=POLL_S)
 
 
 def switchover(client: docker.DockerClient, project: str, to: str | None = None) -> tuple[str, str]:

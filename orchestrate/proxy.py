@@ -9,13 +9,13 @@ with `docker exec`: the API is never on a network.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from docker.models.containers import Container
 
 from .errors import OrchestrateError
+from .waits import until
 
 SOCKET = "/tmp/haproxy.sock"
 BACKEND = "replicas"
@@ -95,11 +95,7 @@ class Proxy:
 
     def _wait(self, done: Callable[[dict[str, Slot]], bool], failure: str,
               deadline_s: float) -> None:
-        deadline = time.monotonic() + deadline_s
-        while not done(self.slots()):
-            if time.monotonic() > deadline:
-                raise OrchestrateError(f"{failure} within {deadline_s:.0f}s")
-            time.sleep(0.2)
+        until(lambda: None if done(self.slots()) else "", deadline_s, failure, poll_s=0.2)
 
     @staticmethod
     def _table(text: str, skip: int) -> list[dict[str, str]]:

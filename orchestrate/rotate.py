@@ -31,7 +31,7 @@ import hashlib
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from docker.models.containers import Container
 
@@ -72,6 +72,7 @@ from .stack import (
     database_hosts,
     secret_target,
 )
+from .waits import unless, until
 
 ROLES = {"postgres_password": "postgres", "postgres_owner_password": DB_OWNER,
          "postgres_app_password": DB_APP, "postgres_stream_password": DB_STREAM}
@@ -202,29 +203,21 @@ def accepted(container: Container, token: str) -> bool:
     return reply != "401"
 
 
-def wait_for(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not check():
-        if time.monotonic() > deadline:
-            raise OrchestrateError(f"{what} within {DEADLINE_S:.0f}s")
-        time.sleep(0.2)
-
-
 def rotate_tokens(running: Running) -> None:
     old = secret_path(API_TOKENS).read_text().split()
     new = new_token().decode()
     replicas = running.containers["service"]
     write_secret(API_TOKENS, "\n".join([*old, new]).encode() + b"\n")
     running.stage(API_TOKENS)
-    wait_for(lambda: all(accepted(c, new) for c in replicas),
-             "the replicas did not take the new token")
+    until(unless(lambda: all(accepted(c, new) for c in replicas)), DEADLINE_S,
+          "the replicas did not take the new token")
     time.sleep(WORKERS_FOLLOW_S)
     write_secret(API_TOKENS, "\n".join([new, *old]).encode() + b"\n")  # clients take the first
     time.sleep(TOKEN_GRACE_S)
     write_secret(API_TOKENS, new.encode() + b"\n")
     running.stage(API_TOKENS)
-    wait_for(lambda: not any(accepted(c, token) for c in replicas for token in old),
-             "the replicas kept accepting the old token")
+    until(unless(lambda: not any(accepted(c, token) for c in replicas for token in old)),
+          DEADLINE_S, "the replicas kept accepting the old token")
     time.sleep(WORKERS_FOLLOW_S)
 
 
@@ -329,9 +322,9 @@ def rotate_certificates(running: Running) -> None:
     proxy = renewed_at_proxy(running)
     if proxy:
         reload_proxy(running)
-    wait_for(lambda: present_certificates_of(running, ca.cert) and (
-        not proxy or proxy_presents_certificate_of(running, ca.cert)),
-        "the servers did not present the new certificates")
+    until(unless(lambda: present_certificates_of(running, ca.cert) and (
+        not proxy or proxy_presents_certificate_of(running, ca.cert))), DEADLINE_S,
+          "the servers did not present the new certificates")
     write_secret(CA_CERT, ca.cert)
     running.stage(CA_CERT)
     restart_etcd(running)

@@ -10,9 +10,6 @@ command line or the output.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import docker
 from docker.models.containers import Container
 
@@ -32,11 +29,11 @@ from .stack import (
     Stack,
     secret_target,
 )
+from .waits import unless, until
 
 # How long a planned failover, or a server or Sentinel replaced, may take to settle: the
 # Sentinels' failover-timeout (docker/redis/sentinel.conf) and a replica's first full sync.
 SETTLE_S = 60
-POLL_S = 0.5
 QUORUM = "OK 3 usable"  # what SENTINEL CKQUORUM says when every Sentinel is there
 
 ADMIN = (f'REDISCLI_AUTH="$(cat {secret_target("redis_admin_password")})" timeout 5 '
@@ -57,6 +54,10 @@ def _running(client: docker.DockerClient, stack: Stack, name: str) -> Container 
     return found[0] if found else None
 
 
+def _running_sentinels(client: docker.DockerClient, stack: Stack) -> list[Container]:
+    return [c for c in (_running(client, stack, name) for name in SENTINELS) if c is not None]
+
+
 def sentinel_view(sentinel: Container) -> tuple[str, str, str]:
     """(the primary the Sentinel names, its flags for it, its quorum check): e.g. ('redis-1',
     'master', 'OK 3 usable Sentinels. Quorum and failover authorization can be reached')."""
@@ -71,12 +72,9 @@ def sentinel_view(sentinel: Container) -> tuple[str, str, str]:
 
 def primary(client: docker.DockerClient, stack: Stack) -> str:
     """The server the first Sentinel that answers names the primary."""
-    for name in SENTINELS:
-        container = _running(client, stack, name)
-        if container is None:
-            continue
+    for sentinel in _running_sentinels(client, stack):
         try:
-            return sentinel_view(container)[0]
+            return sentinel_view(sentinel)[0]
         except OrchestrateError:
             continue
     raise OrchestrateError(f"no Sentinel of project {stack.project} answers")
@@ -105,24 +103,6 @@ def epoch(client: docker.DockerClient, stack: Stack, server: Container) -> str:
     return found[0] if found and found[0] else "none yet"
 
 
-def _until(check: Callable[[], bool], what: str) -> None:
-    """Until `check()` holds (not while what it asks does not answer); fail with `what`."""
-    deadline = time.monotonic() + SETTLE_S
-    while True:
-        try:
-            if check():
-                return
-        except OrchestrateError:
-            pass
-        if time.monotonic() > deadline:
-            raise OrchestrateError(f"{what} within {SETTLE_S}s")
-        time.sleep(POLL_S)
-
-
-def _running_sentinels(client: docker.DockerClient, stack: Stack) -> list[Container]:
-    return [c for c in (_running(client, stack, name) for name in SENTINELS) if c is not None]
-
-
 def before_replacing(client: docker.DockerClient, stack: Stack, service: Service,
                      container: Container) -> None:
     """Ready a Redis server of `up --ha` to be removed: the primary hands its role to its
@@ -137,8 +117,8 @@ def before_replacing(client: docker.DockerClient, stack: Stack, service: Service
     except OrchestrateError as exc:  # no replica fit to take over: nothing to hand over to
         say(f"{service.name}: replaced while the primary ({exc.message})")
         return
-    _until(lambda: all(sentinel_view(s)[0] != service.name for s in sentinels),
-           f"the Sentinels did not fail {service.name} over")
+    until(unless(lambda: all(sentinel_view(s)[0] != service.name for s in sentinels)), SETTLE_S,
+          f"the Sentinels did not fail {service.name} over")
     say(f"{service.name}: handed the primary's role to {primary(client, stack)}")
 
 
@@ -149,11 +129,13 @@ def wait_rejoined(client: docker.DockerClient, stack: Stack, name: str) -> None:
     if container is None:
         raise OrchestrateError(f"{name} is not running")
     if name in REDIS_SERVERS:
-        _until(lambda: server_role(container) == f"replica of {primary(client, stack)}, link up",
-               f"{name} did not replicate from the primary")
+        joined = unless(
+            lambda: server_role(container) == f"replica of {primary(client, stack)}, link up")
+        what = f"{name} did not replicate from the primary"
     else:
-        _until(lambda: sentinel_view(container)[2].startswith(QUORUM),
-               f"{name} did not join the other Sentinels")
+        joined = unless(lambda: sentinel_view(container)[2].startswith(QUORUM))
+        what = f"{name} did not join the other Sentinels"
+    until(joined, SETTLE_S, what)
 
 
 def status_lines(stack: Stack) -> list[str]:
