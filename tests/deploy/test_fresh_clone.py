@@ -135,12 +135,25 @@ def clone(tmp_path: Path) -> Path:
 
 
 def compose(binary: str, clone: Path, env: dict[str, str], *args: str,
-            timeout: float = 900) -> subprocess.CompletedProcess[str]:
+            timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess[str]:
     command = [*COMPOSES[binary], *args]
     result = subprocess.run(command, cwd=clone, capture_output=True, text=True, timeout=timeout,
                             env={**os.environ, **env}, check=False)
-    assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0 or not check, \
+        f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
+
+
+def compose_down(binary: str, clone: Path, env: dict[str, str], files: list[str]) -> None:
+    """`down --volumes`, asked again while Docker 20.10 still counts an endpoint of a container
+    it has just removed ("has active endpoints", moby/moby#43286: the engine's race, which
+    compose v1 does not wait out)."""
+    deadline = time.monotonic() + 30
+    while (result := compose(binary, clone, env, *files, "down", "--volumes", "--timeout", "10",
+                             check=False)).returncode != 0:
+        assert "has active endpoints" in result.stderr and time.monotonic() < deadline, \
+            f"down failed\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        time.sleep(1)
 
 
 def token_of(clone: Path) -> str:
@@ -154,7 +167,7 @@ def smoke_and_down(binary: str, clone: Path, env: dict[str, str], files: list[st
         lines: list[str] = []
         assert run_smoke(url, token_of(clone), out=lines.append), "\n".join(lines)
     finally:
-        compose(binary, clone, env, *files, "down", "--volumes", "--timeout", "10")
+        compose_down(binary, clone, env, files)
 
 
 def up(binary: str, clone: Path, env: dict[str, str], files: list[str], *options: str) -> float:
