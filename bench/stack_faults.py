@@ -33,9 +33,9 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import random
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import docker
 import requests
 
+from bench.background import Background
 from bench.consistency import Faults, Report, container_pid, run_checker
 from orchestrate import record, sentinels
 from orchestrate.engine import service_url
@@ -204,32 +205,20 @@ def fmt(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.1f}"
 
 
-class Readers:
+class Readers(Background):
     """Threads reading `users` by id at random through the proxy, each read recorded as
     (time, user id, status, X-Cache)."""
 
     def __init__(self, url: str, users: list[dict], threads: int = READERS) -> None:
         self.url, self.users = url, users
         self.seen: list[tuple[float, int, int, str]] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._read, args=(n,), daemon=True)
-                         for n in range(threads)]
-
-    def __enter__(self) -> Readers:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
+        super().__init__(functools.partial(self._read, n) for n in range(threads))
 
     def _read(self, number: int) -> None:
         rng = random.Random(number)
         with requests.Session() as session:
             session.headers["Authorization"] = f"Bearer {api_token()}"
-            while not self._stop.is_set():
+            while not self.stop.is_set():
                 user = rng.choice(self.users)
                 try:
                     reply = session.get(f"{self.url}/users/{user['id']}", timeout=10)

@@ -22,6 +22,7 @@ Every process it starts is stopped on the way out, and the database dropped.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import statistics
 import sys
@@ -31,6 +32,7 @@ import time
 
 import psycopg2
 import requests
+from background import Background
 from processes import Processes, drop_database, recreate_database, stream_caught_up
 
 DATABASE = "bench_stream"
@@ -54,27 +56,21 @@ def seed(owner_url: str, base: str, users: int) -> list[int]:
     return ids
 
 
-class Updates:
+class Updates(Background):
     """WRITERS threads updating random users of `ids` by plain SQL, `rate` a second in all."""
 
     def __init__(self, owner_url: str, ids: list[int], rate: float) -> None:
         self.owner_url, self.ids, self.rate = owner_url, ids, rate
         self.done = 0
-        self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True)
-                         for n in range(WRITERS)]
+        super().__init__(functools.partial(self._run, n) for n in range(WRITERS))
 
     def __enter__(self) -> Updates:
         self.started = time.monotonic()
-        for thread in self._threads:
-            thread.start()
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
+        super().__exit__(*exc_info)
         self.seconds = time.monotonic() - self.started
 
     def _run(self, number: int) -> None:
@@ -85,7 +81,7 @@ class Updates:
         try:
             with conn.cursor() as cur:
                 for n in itertools.count():
-                    if self._stop.wait(max(0.0, due - time.monotonic())):
+                    if self.stop.wait(max(0.0, due - time.monotonic())):
                         return
                     cur.execute("UPDATE users SET display_name = %s WHERE id = %s",
                                 (f"w{number}-{n}", self.ids[(n * WRITERS + number) * 7919

@@ -19,13 +19,13 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import docker
 import pytest
 import requests
 
+from bench.background import Background
 from orchestrate.proxy import Proxy
 from orchestrate.secretfiles import api_token, secret_path
 from orchestrate.stack import CA_CERT, PROJECT_LABEL, PROXY_CERT, SERVICE_LABEL
@@ -85,31 +85,17 @@ def test_metrics_is_not_served_through_the_published_port(stack: Project) -> Non
     assert raw_status(stack.port, "GET", "/readyz") == 200  # the port itself serves
 
 
-@dataclass
-class SlowBodies:
+class SlowBodies(Background):
     """`count` connections through the published port that each send a POST's headers (with
     a valid token) and then its body one byte at a time, reconnecting when the proxy cuts
     them, until stopped."""
 
-    port: int
-    count: int
-    stop: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    open_now: int = 0
-    answers: list[bytes] = field(default_factory=list)
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    def __enter__(self) -> SlowBodies:
-        self.threads = [threading.Thread(target=self._trickle, daemon=True)
-                        for _ in range(self.count)]
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=10)
+    def __init__(self, port: int, count: int) -> None:
+        self.port, self.count = port, count
+        self.lock = threading.Lock()
+        self.open_now = 0
+        self.answers: list[bytes] = []
+        super().__init__([self._trickle] * count, join_s=10)
 
     def wait_all_open(self, deadline_s: float = 30) -> None:
         deadline = time.monotonic() + deadline_s

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import collections
 import itertools
-import threading
 from collections.abc import Iterator
 
 import pytest
 
+from bench.background import Background
 from bench.consistency import OUTSIDE_ROWS, Faults, Outside, run_checker
 
 from .helpers import ApiTokens, counter, private_redis, serve, streaming
@@ -77,38 +77,29 @@ def service_on_evicting_redis(database_url: str, owner_url: str,
     yield from serve(database_url, owner_url, evicting_redis)
 
 
-class Pressure:
+class Pressure(Background):
     """Keeps a Redis at its maxmemory with filler keys (written as the admin), and counts
     which of the service's keys it evicts, by kind (id, username, lease...)."""
 
     def __init__(self, server: RedisServer) -> None:
         self.admin = server.client()
         self.evicted: collections.Counter[str] = collections.Counter()
-        self._stop = threading.Event()
         self._events = self.admin.pubsub()
         self._events.subscribe("__keyevent@0__:evicted")
-        self._threads = [threading.Thread(target=self._fill, daemon=True),
-                         threading.Thread(target=self._count, daemon=True)]
-
-    def __enter__(self) -> Pressure:
-        for thread in self._threads:
-            thread.start()
-        return self
+        super().__init__([self._fill, self._count], join_s=5)
 
     def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(5)
+        super().__exit__(*exc_info)
         self._events.close()
 
     def _fill(self) -> None:
         for batch in itertools.count():
-            if self._stop.wait(0.005):
+            if self.stop.wait(0.005):
                 return
             self.admin.set(f"filler:{batch}", FILLER)
 
     def _count(self) -> None:
-        while not self._stop.is_set():
+        while not self.stop.is_set():
             message = self._events.get_message(timeout=0.1)
             if message and message["type"] == "message" and message["data"].startswith(b"cs:"):
                 # cs:1:<namespace>:<epoch name>:<kind>:..., or cs:1:<namespace>:epoch (whose
