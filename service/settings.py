@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 
 from .files import SecretFile
 
+# Blocking threads per worker process (`python -m service --threads`): as many as the
+# connections a worker serves at once under load, so that the batches of creates and misses
+# fill while one is in flight (bench/RESULTS.md); a worker's pool has a session for each.
+THREADS = 16
+
 
 @dataclass(frozen=True)
 class PostgresSettings:
@@ -19,7 +24,7 @@ class PostgresSettings:
 
     url: str = field(repr=False)
     password: SecretFile | None = None
-    pool_size: int = 4
+    pool_size: int = THREADS
     connect_timeout: int = 2
     statement_timeout_ms: int = 5000
 

@@ -18,7 +18,7 @@ import psycopg2.extensions
 import redis
 
 from ..files import ConfigError, SecretFile, parse_tokens, read_file
-from ..settings import CacheSettings, PostgresSettings, RedisSettings
+from ..settings import THREADS, CacheSettings, PostgresSettings, RedisSettings
 
 
 def read_setting(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
@@ -137,9 +137,7 @@ class Settings:
     # Concurrent creates and reads by id of a process share their statements (batching.py);
     # BATCHING=0 sends each on its own, to compare.
     batching: bool = True
-    # Blocking threads per worker process (`python -m service --threads`): enough that the
-    # batches of creates and misses fill while one is in flight (bench/RESULTS.md).
-    threads: int = 8
+    threads: int = THREADS
     # The roles the service and its change stream run as, which `python -m service migrate`
     # grants to (the stream's only when it exists).
     app_role: str = "cachestack_app"

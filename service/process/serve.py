@@ -17,6 +17,7 @@ import socket
 import sys
 import tempfile
 
+from ..settings import THREADS
 from . import logs
 from .config import ConfigError, Settings
 
@@ -30,7 +31,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="worker processes (default: one per CPU)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="blocking threads per worker (default: THREADS, or 8)")
+                        help=f"blocking threads per worker (default: THREADS, or {THREADS})")
     return parser.parse_args(argv)
 
 

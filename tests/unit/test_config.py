@@ -11,7 +11,7 @@ import pytest
 
 from service.files import ConfigError, SecretFile
 from service.process.config import MAX_AUDIT_PER_SECOND, Settings, with_password
-from service.settings import CacheSettings, PostgresSettings, RedisSettings
+from service.settings import THREADS, CacheSettings, PostgresSettings, RedisSettings
 
 SECRET = "do-not-print-this-3f9a"
 DATABASE_URL = "postgresql://svc@127.0.0.1:5432/users"
@@ -33,13 +33,14 @@ def refusal(env: dict[str, str]) -> str:
 def test_only_database_url_is_required_and_the_rest_has_defaults() -> None:
     settings = Settings.from_env({"DATABASE_URL": DATABASE_URL})
     assert settings == Settings(
-        postgres=PostgresSettings(url=DATABASE_URL, pool_size=8),
+        postgres=PostgresSettings(url=DATABASE_URL, pool_size=THREADS),
         redis=RedisSettings(url="redis://127.0.0.1:6379/0"),
     )
-    assert settings.postgres == PostgresSettings(DATABASE_URL, None, 8, 2, 5000)
+    assert settings.postgres == PostgresSettings(DATABASE_URL, None, THREADS, 2, 5000)
     assert settings.redis == RedisSettings("redis://127.0.0.1:6379/0", None, 0.1, (), "cachestack")
     assert settings.cache == CacheSettings(300.0, 0.1, 60.0, 1.0, 10_000, 1.0)
-    assert (settings.batching, settings.threads, settings.app_role) == (True, 8, "cachestack_app")
+    assert (settings.batching, settings.threads) == (True, THREADS)
+    assert settings.app_role == "cachestack_app"
     assert (settings.api_tokens, settings.api_tokens_file) == (None, None)
 
 
