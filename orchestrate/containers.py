@@ -151,6 +151,7 @@ def create_container(
         security_opt=["no-new-privileges:true"] if hard.no_new_privileges else None,
         mem_limit=hard.mem_limit,
         pids_limit=hard.pids_limit,
+        nano_cpus=int(hard.cpus * NS) if hard.cpus else None,
         restart_policy={"Name": hard.restart},
         privileged=hard.privileged,
         healthcheck=docker_healthcheck(service.healthcheck),

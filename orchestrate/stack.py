@@ -165,6 +165,10 @@ class Hardening:
     no_new_privileges: bool = True
     mem_limit: str = "256m"
     pids_limit: int = 128
+    # CPUs it may use (a CFS quota; None: any). The service starts a worker per CPU it may use
+    # (usable_cpus in service/process/serve.py): without a limit, one per CPU of the host, each
+    # with its own memory, whatever mem_limit says.
+    cpus: float | None = None
     restart: str = "unless-stopped"
     privileged: bool = False
 
@@ -592,6 +596,7 @@ def replicas_service(replicas: int, ha: bool = False) -> Service:
             tmpfs=(_private_tmp(SERVICE_UID, "64m"),),
             mem_limit="512m",
             pids_limit=256,
+            cpus=2.0,
         ),
         ready_path="/readyz",
         rotation_path="/healthz",

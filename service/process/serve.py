@@ -11,15 +11,40 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import socket
 import sys
 import tempfile
+from pathlib import Path
 
 from ..settings import THREADS
 from . import logs
 from .config import ConfigError, Settings
+
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def usable_cpus(cgroup: Path = CGROUP) -> int:
+    """The CPUs this process may keep busy: those it may run on, fewer under a CPU quota (a
+    container's `--cpus`, a pod's CPU limit; cgroup v2's cpu.max or v1's CFS quota), rounded
+    up, at least 1. A pod limited to one CPU on a 32-CPU node runs one worker, not 32 that
+    share that CPU and each hold a worker's memory."""
+    cpus = len(os.sched_getaffinity(0))
+    for quota_file, period_file in (("cpu.max", None),
+                                    ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            fields = (cgroup / quota_file).read_text().split()
+            if period_file is not None:
+                fields.append((cgroup / period_file).read_text().strip())
+            quota, period = fields[0], int(fields[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if quota not in ("max", "-1") and period > 0:
+            cpus = min(cpus, math.ceil(int(quota) / period))
+        break
+    return max(1, cpus)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -28,8 +53,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      "python -m service audit --help: one consistency pass")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="worker processes (default: one per CPU)")
+    parser.add_argument("--workers", type=int, default=usable_cpus(),
+                        help="worker processes (default: one per CPU it may use)")
     parser.add_argument("--threads", type=int, default=None,
                         help=f"blocking threads per worker (default: THREADS, or {THREADS})")
     return parser.parse_args(argv)

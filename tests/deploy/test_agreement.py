@@ -128,6 +128,7 @@ def expected(service: Service) -> View:
         "read_only": service.hardening.read_only,
         "cap_drop": list(service.hardening.cap_drop),
         "memory": to_bytes(service.hardening.mem_limit),
+        "cpus": service.hardening.cpus,
         "tmpfs": sorted(path for path, _ in service.hardening.tmpfs),
     }
 
@@ -196,6 +197,7 @@ def compose_view(doc: dict[str, Any], name: str) -> View:
         "read_only": svc["read_only"],
         "cap_drop": svc["cap_drop"],
         "memory": to_bytes(svc["mem_limit"]),
+        "cpus": float(svc["cpus"]) if "cpus" in svc else None,
         "tmpfs": sorted(t.split(":")[0] for t in svc["tmpfs"]),
     }
 
@@ -395,6 +397,8 @@ def swarm_view(doc: dict[str, Any], name: str) -> View:
         "read_only": svc["read_only"],
         "cap_drop": svc["cap_drop"],
         "memory": to_bytes(svc["deploy"]["resources"]["limits"]["memory"]),
+        "cpus": (float(svc["deploy"]["resources"]["limits"]["cpus"])
+                 if "cpus" in svc["deploy"]["resources"]["limits"] else None),
         # Swarm tmpfs mounts are root-owned, so a uid-owned one is a tmpfs-backed volume.
         "tmpfs": sorted(
             m["target"] for m in mounts if m["type"] == "tmpfs" or m.get("source") in tmpfs_volumes
@@ -543,6 +547,11 @@ def k8s_health(container: dict[str, Any]) -> list[str] | None:
     return ["CMD-SHELL", command[2]] if command[:2] == ["sh", "-c"] else ["CMD", *command]
 
 
+def k8s_cpus(quantity: str) -> float:
+    """A Kubernetes CPU quantity ("2", "500m") in CPUs."""
+    return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
 def k8s_view(objects: list[dict[str, Any]], name: str, stack: Stack = STACK) -> View:
     workload = workload_of(objects, name)
     pod = workload["spec"]["template"]["spec"]
@@ -582,6 +591,10 @@ def k8s_view(objects: list[dict[str, Any]], name: str, stack: Stack = STACK) -> 
         "read_only": container["securityContext"]["readOnlyRootFilesystem"],
         "cap_drop": container["securityContext"]["capabilities"]["drop"],
         "memory": to_bytes(container["resources"]["limits"]["memory"]),
+        # Every pod has a CPU limit (a scheduler wants one); the Docker stack limits the CPUs of
+        # the service alone, where the number of its workers follows it.
+        "cpus": (k8s_cpus(container["resources"]["limits"]["cpu"])
+                 if stack.service(name).hardening.cpus else None),
         "tmpfs": sorted(
             mounts[n] for n, v in volumes.items() if v.get("emptyDir", {}).get("medium") == "Memory"
         ),

@@ -118,6 +118,8 @@ def test_containers_are_hardened(docker_client: docker.DockerClient, stack: Proj
         assert host["CapDrop"] == ["ALL"] and not host["CapAdd"], name
         assert "no-new-privileges:true" in host["SecurityOpt"], name
         assert host["Memory"] > 0 and host["PidsLimit"] > 0, name
+        # The service's workers follow its CPUs (docs/deploy.md): limited, not the host's.
+        assert host["NanoCpus"] == (2 * 10**9 if name.startswith("service") else 0), name
         assert host["RestartPolicy"]["Name"] == "unless-stopped", name
         assert host["Privileged"] is False and host["NetworkMode"] != "host", name
         assert "/tmp" in host["Tmpfs"], name
