@@ -34,6 +34,7 @@ from .waits import unless, until
 # How long a planned failover, or a server or Sentinel replaced, may take to settle: the
 # Sentinels' failover-timeout (docker/redis/sentinel.conf) and a replica's first full sync.
 SETTLE_S = 60
+POLL_S = 0.5  # each poll is a docker exec of redis-cli in every Sentinel
 QUORUM = "OK 3 usable"  # what SENTINEL CKQUORUM says when every Sentinel is there
 
 ADMIN = (f'REDISCLI_AUTH="$(cat {secret_target("redis_admin_password")})" timeout 5 '
@@ -118,7 +119,7 @@ def before_replacing(client: docker.DockerClient, stack: Stack, service: Service
         say(f"{service.name}: replaced while the primary ({exc.message})")
         return
     until(unless(lambda: all(sentinel_view(s)[0] != service.name for s in sentinels)), SETTLE_S,
-          f"the Sentinels did not fail {service.name} over")
+          f"the Sentinels did not fail {service.name} over", poll_s=POLL_S)
     say(f"{service.name}: handed the primary's role to {primary(client, stack)}")
 
 
@@ -135,7 +136,7 @@ def wait_rejoined(client: docker.DockerClient, stack: Stack, name: str) -> None:
     else:
         joined = unless(lambda: sentinel_view(container)[2].startswith(QUORUM))
         what = f"{name} did not join the other Sentinels"
-    until(joined, SETTLE_S, what)
+    until(joined, SETTLE_S, what, poll_s=POLL_S)
 
 
 def status_lines(stack: Stack) -> list[str]:
