@@ -4,8 +4,10 @@ for a run, waiting for a stack to be ready; running tools is tests/support.py's 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import time
 import uuid
+from collections.abc import Callable
 
 import requests
 
@@ -25,6 +27,17 @@ def tool(name: str) -> str:
     require(path is not None, f"the {name} command")
     assert path is not None
     return path
+
+
+def compose_down(down: Callable[[], subprocess.CompletedProcess[str]],
+                 deadline_s: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run a compose `down` (`down()`), again while Docker 20.10 still counts an endpoint of a
+    container it has just removed ("has active endpoints", moby/moby#43286: the engine's race,
+    which compose v1 does not wait out); the last result."""
+    deadline = time.monotonic() + deadline_s
+    while "has active endpoints" in (result := down()).stderr and time.monotonic() < deadline:
+        time.sleep(1)
+    return result
 
 
 def unique_name(prefix: str) -> str:

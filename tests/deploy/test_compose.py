@@ -38,7 +38,7 @@ from orchestrate.stack import CA_CERT, IMAGES, Service, Stack, describe_stack
 from tests.stores import redis_cli
 from tests.support import REPO, free_port, run
 
-from .helpers import image_env, tool, unique_name, wait_ready
+from .helpers import compose_down, image_env, tool, unique_name, wait_ready
 
 FILES = ("docker-compose.yml", "compose.offline.yml")
 DEV_FILE = "compose.dev.yml"
@@ -135,14 +135,8 @@ def compose_up(
             time.sleep(0.5)
         yield running
     finally:
-        # Asked again while Docker 20.10 still counts an endpoint of a container it has just
-        # removed (moby/moby#43286): the engine's race, which compose v1 does not wait out.
-        deadline = time.monotonic() + 30
-        while ("has active endpoints" in run(*running.command, "down", "--volumes",
-                                             "--remove-orphans", "--timeout", "10", env=env,
-                                             check=False).stderr
-               and time.monotonic() < deadline):
-            time.sleep(1)
+        compose_down(lambda: run(*running.command, "down", "--volumes", "--remove-orphans",
+                                 "--timeout", "10", env=env, check=False))
         remove_staged(stack.project)
         left = leftovers(client, stack.project)
         assert not left, f"compose down left {left}"

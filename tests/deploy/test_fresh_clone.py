@@ -33,7 +33,7 @@ from orchestrate.smoke import run_smoke
 from orchestrate.stack import IMAGES
 from tests.support import REPO, free_port, require, run
 
-from .helpers import tool, unique_name, wait_ready
+from .helpers import compose_down, tool, unique_name, wait_ready
 
 DAEMON_JSON = Path("/etc/docker/daemon.json")
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -144,16 +144,10 @@ def compose(binary: str, clone: Path, env: dict[str, str], *args: str,
     return result
 
 
-def compose_down(binary: str, clone: Path, env: dict[str, str], files: list[str]) -> None:
-    """`down --volumes`, asked again while Docker 20.10 still counts an endpoint of a container
-    it has just removed ("has active endpoints", moby/moby#43286: the engine's race, which
-    compose v1 does not wait out)."""
-    deadline = time.monotonic() + 30
-    while (result := compose(binary, clone, env, *files, "down", "--volumes", "--timeout", "10",
-                             check=False)).returncode != 0:
-        assert "has active endpoints" in result.stderr and time.monotonic() < deadline, \
-            f"down failed\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-        time.sleep(1)
+def down(binary: str, clone: Path, env: dict[str, str], files: list[str]) -> None:
+    result = compose_down(lambda: compose(binary, clone, env, *files, "down", "--volumes",
+                                          "--timeout", "10", check=False))
+    assert result.returncode == 0, f"down failed\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
 
 
 def token_of(clone: Path) -> str:
@@ -167,7 +161,7 @@ def smoke_and_down(binary: str, clone: Path, env: dict[str, str], files: list[st
         lines: list[str] = []
         assert run_smoke(url, token_of(clone), out=lines.append), "\n".join(lines)
     finally:
-        compose_down(binary, clone, env, files)
+        down(binary, clone, env, files)
 
 
 def up(binary: str, clone: Path, env: dict[str, str], files: list[str], *options: str) -> float:
